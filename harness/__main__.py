@@ -1,0 +1,29 @@
+"""``python -m harness [overrides]`` runs one job; ``-m`` runs a sweep (see README)."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from harness.sweeps import register_sweeps
+
+register_sweeps()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from harness.config import ConfigError
+    from harness.run import run
+
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        # Refuse bad input with one clear message, not a traceback; nothing was trained.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

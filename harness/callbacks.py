@@ -1,0 +1,55 @@
+"""Hydra callbacks: tag the runs of one sweep, and print what happened when it ends."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+SWEEP_ENV = "HARNESS_SWEEP_ID"
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain aligned text table."""
+    cells = [[("" if r.get(c) is None else (f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])))
+              for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+class SweepSummary(Callback):
+    """Marks every run of a multirun with one sweep id, and lists those runs at the end."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Jobs inherit the environment (in-process, or through submitit/sbatch).
+        os.environ[SWEEP_ENV] = str(Path(config.hydra.sweep.dir).absolute())
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from harness.store import Store
+
+        store = Store(config.store.path)
+        sweep_id = os.environ.get(SWEEP_ENV)
+        rows = store.query(
+            "SELECT overrides, run_key, status, objective, error, log_dir FROM sweep_points"
+            " WHERE sweep_id = ? ORDER BY finished_at",
+            [sweep_id],
+        ) if sweep_id else []
+        print(f"\nSweep finished: {len(rows)} point(s).", file=sys.stderr)
+        if rows:
+            print(format_table(rows, ["overrides", "run_key", "status", "objective", "error", "log_dir"]),
+                  file=sys.stderr)
+        print(results_hint(store.path), file=sys.stderr)
+
+
+def results_hint(store_path: Path) -> str:
+    return (
+        f"\nResults: {store_path}\n"
+        f"  summary table:    python -m leaderboard show --db {store_path}\n"
+        f"  query it:         python -c \"import duckdb; print(duckdb.connect('{store_path}', read_only=True)"
+        f".sql('select * from evals'))\""
+    )

@@ -1,0 +1,162 @@
+"""Config checks and run keys.
+
+Every job validates its whole config before it loads data, trains or is submitted, and reports
+all problems at once, each naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Settings that say where and how a run executes, not what it computes: they stay out of the
+# run key, so moving a run to another machine or store does not make it a new run.
+NOT_IN_RUN_KEY = (
+    "force",
+    "name",
+    "tags",
+    "sweep",
+    "store",
+    "launcher",
+    "hydra",
+    "trainer.device",
+    "trainer.log_every",
+    "trainer.num_threads",
+    "trainer.compile",
+    "dataset.root",
+    "dataset.archive",
+    "dataset.download",
+    "dataset.cache_dir",
+    "eval.every",
+)
+
+
+class ConfigError(ValueError):
+    """One or more config values that are not allowed."""
+
+    def __init__(self, field: str, value: Any, allowed: str, more: list[ConfigError] | None = None):
+        self.problems = [(field, value, allowed)] + [p for e in more or [] for p in e.problems]
+        lines = [f"{f} = {v!r} is not allowed: expected {a}" for f, v, a in self.problems]
+        super().__init__("invalid config:\n  " + "\n  ".join(lines) if len(lines) > 1 else "invalid config: " + lines[0])
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if head not in tree:
+        return
+    if rest:
+        if isinstance(tree[head], dict):
+            _drop(tree[head], rest)
+    else:
+        del tree[head]
+
+
+def run_key(cfg: DictConfig) -> str:
+    """A stable hash of every config value that can change a run's result."""
+    tree = to_container(cfg)
+    for dotted in NOT_IN_RUN_KEY:
+        _drop(tree, dotted)
+    blob = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def import_target(path: str) -> Any:
+    """'pkg.module.Name' -> the object; raises ImportError/AttributeError if it is not there."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def instantiate(node, *args: Any) -> Any:
+    """Build the class named by ``node._target_`` with `args` and the node's other keys (not `name`)."""
+    kwargs = {k: v for k, v in node.items() if k not in ("_target_", "name")}
+    return import_target(node["_target_"])(*args, **kwargs)
+
+
+def _number(cfg: DictConfig, field: str, *, low: float | None = None, high: float | None = None,
+            strict_low: bool = False, integer: bool = False, optional: bool = False) -> ConfigError | None:
+    value = OmegaConf.select(cfg, field, default=None)
+    if value is None and optional:
+        return None
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) and not isinstance(value, bool) if integer else (
+        isinstance(value, (int, float)) and not isinstance(value, bool))
+    if ok and low is not None:
+        ok = value > low if strict_low else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if ok:
+        return None
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if strict_low else '>='} {low:g}")
+    if high is not None:
+        bounds.append(f"<= {high:g}")
+    text = f"{kind}{' ' + ' and '.join(bounds) if bounds else ''}{' or null' if optional else ''}"
+    return ConfigError(field, value, text)
+
+
+def _choice(cfg: DictConfig, field: str, allowed: tuple[str, ...]) -> ConfigError | None:
+    value = OmegaConf.select(cfg, field, default=None)
+    if value in allowed:
+        return None
+    return ConfigError(field, value, "one of " + ", ".join(allowed))
+
+
+OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+DATASETS = ("cifar10", "cifar100", "imagefolder")
+LR_SCALING = ("linear", "sqrt", "none")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing every problem in `cfg`, or return if there is none."""
+    errors: list[ConfigError | None] = [
+        _number(cfg, "seed", low=0, integer=True),
+        _number(cfg, "trainer.epochs", low=1, integer=True),
+        _number(cfg, "trainer.batch_size", low=2, integer=True),
+        _number(cfg, "trainer.lr", low=0, strict_low=True),
+        _number(cfg, "trainer.weight_decay", low=0),
+        _number(cfg, "trainer.warmup_epochs", low=0),
+        _number(cfg, "trainer.momentum", low=0, high=1),
+        _choice(cfg, "trainer.optimizer", OPTIMIZERS),
+        _choice(cfg, "trainer.device", DEVICES),
+        _choice(cfg, "trainer.lr_scaling", LR_SCALING),
+        _choice(cfg, "dataset.name", DATASETS),
+        _number(cfg, "dataset.train_size", low=1, integer=True, optional=True),
+        _number(cfg, "dataset.test_size", low=1, integer=True, optional=True),
+        _number(cfg, "dataset.val_size", low=0, integer=True, optional=True),
+        _number(cfg, "eval.every", low=0, integer=True),
+        _number(cfg, "positives.ratio", low=0, high=1, optional=True),
+    ]
+    for i, probe in enumerate(OmegaConf.select(cfg, "eval.knn", default=[]) or []):
+        errors.append(_number(cfg, f"eval.knn.{i}.k", low=1, integer=True))
+        errors.append(_number(cfg, f"eval.knn.{i}.T", low=0, strict_low=True))
+    for group in ("method", "backbone"):
+        target = OmegaConf.select(cfg, f"{group}._target_", default=None)
+        try:
+            import_target(str(target))
+        except (ImportError, AttributeError, ValueError):
+            errors.append(ConfigError(f"{group}._target_", target, f"an importable class path for the {group}"))
+    if cfg.trainer.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            errors.append(ConfigError("trainer.device", "cuda", "auto or cpu: this machine has no CUDA device"))
+    found = [e for e in errors if e is not None]
+    if not any(f == "dataset.name" for e in found for f, _, _ in e.problems):
+        from harness.data.datasets import resolve_source
+
+        try:
+            resolve_source(cfg.dataset)
+        except ConfigError as e:
+            found.append(e)
+    if found:
+        raise ConfigError(*found[0].problems[0], more=found[1:])

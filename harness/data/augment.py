@@ -1,0 +1,250 @@
+"""View pipelines applied to whole batches of uint8 images on the training device.
+
+One code path for CPU and GPU and no per-image Python loop: every random parameter is drawn for
+the whole batch at once, and each operation is applied to all images with per-image parameters
+(a per-image sampling grid for the crop and flip, broadcast factors for colour jitter, a grouped
+convolution for blur). Parameters follow the distributions of torchvision's per-image transforms
+with the same settings (RandomResizedCrop, ColorJitter in random order, RandomGrayscale,
+GaussianBlur, RandomSolarize, RandomHorizontalFlip).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One view's augmentation settings (probabilities and strengths)."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int = 13
+    solarize: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> Pipeline:
+        crop, jitter, blur = cfg.get("crop", {}), cfg.get("jitter", {}), cfg.get("blur", {})
+        d = cls()
+        return cls(
+            crop_scale=tuple(crop.get("scale", d.crop_scale)),
+            crop_ratio=tuple(crop.get("ratio", d.crop_ratio)),
+            flip=float(cfg.get("flip", d.flip)),
+            jitter_p=float(jitter.get("p", d.jitter_p)),
+            brightness=float(jitter.get("brightness", d.brightness)),
+            contrast=float(jitter.get("contrast", d.contrast)),
+            saturation=float(jitter.get("saturation", d.saturation)),
+            hue=float(jitter.get("hue", d.hue)),
+            grayscale=float(cfg.get("grayscale", d.grayscale)),
+            blur_p=float(blur.get("p", d.blur_p)),
+            blur_sigma=tuple(blur.get("sigma", d.blur_sigma)),
+            blur_kernel=int(blur.get("kernel_size", d.blur_kernel)),
+            solarize=float(cfg.get("solarize", d.solarize)),
+        )
+
+
+def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) * (high - low) + low
+
+
+def _coin(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) < p
+
+
+def sample_crops(n: int, height: int, width: int, scale, ratio, g: torch.Generator, device, attempts: int = 10):
+    """RandomResizedCrop's parameters for n images: (top, left, h, w) as float tensors.
+
+    Like torchvision: up to 10 tries of (area, log-uniform aspect); the first that fits wins;
+    if none fits, a centre crop with the aspect clamped to `ratio`.
+    """
+    area = height * width
+    target = area * _uniform(n * attempts, scale[0], scale[1], g, device).view(n, attempts)
+    log_r = _uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), g, device).view(n, attempts)
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.argmax(fits.int(), dim=1)  # index of the first fitting try (0 if none)
+    rows = torch.arange(n, device=device)
+    w, h, found = w[rows, first], h[rows, first], fits.any(dim=1)
+    # Fallback: the whole image cropped to the nearest allowed aspect, centred.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fh, fw = height, round(height * ratio[1])
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    # torch.randint(0, H - h + 1) per image: floor(U * (H - h + 1)).
+    top = torch.floor(torch.rand(n, generator=g, device=device) * (height - h + 1))
+    left = torch.floor(torch.rand(n, generator=g, device=device) * (width - w + 1))
+    top = torch.where(found, top, (height - h) // 2)
+    left = torch.where(found, left, (width - w) // 2)
+    return top, left, h, w
+
+
+def crop_flip_resize(x: torch.Tensor, top, left, h, w, flip: torch.Tensor, out: int) -> torch.Tensor:
+    """Crop each image to its box, mirror it where `flip`, and resize to out×out, bilinearly."""
+    n, _, height, width = x.shape
+    sx = w / width
+    sy = h / height
+    tx = (left + w / 2) / width * 2 - 1
+    ty = (top + h / 2) / height * 2 - 1
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = torch.where(flip, -sx, sx)
+    theta[:, 0, 2] = tx
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = ty
+    grid = F.affine_grid(theta, [n, x.shape[1], out, out], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor.view(-1, 1, 1, 1) * a + (1 - factor.view(-1, 1, 1, 1)) * b).clamp_(0, 1)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-12), torch.zeros_like(maxc))
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, maxc], dim=1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    choices = torch.stack(
+        [torch.stack(c, dim=1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], dim=0
+    )  # 6 × N × 3 × H × W
+    index = i.unsqueeze(0).unsqueeze(2).expand(1, -1, 3, -1, -1)
+    return torch.gather(choices, 0, index).squeeze(0)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    hsv = rgb_to_hsv(x)
+    hsv[:, 0] = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
+    return hsv_to_rgb(hsv)
+
+
+def color_jitter(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tensor:
+    """ColorJitter applied with probability p.jitter_p, its four operations in per-image random order."""
+    n, dev = x.shape[0], x.device
+    apply = _coin(n, p.jitter_p, g, dev)
+    ones = torch.ones(n, device=dev)
+    zeros = torch.zeros(n, device=dev)
+    # Factors as torchvision draws them; an image that skips jitter gets identity factors.
+    b = torch.where(apply, _uniform(n, max(0.0, 1 - p.brightness), 1 + p.brightness, g, dev), ones)
+    c = torch.where(apply, _uniform(n, max(0.0, 1 - p.contrast), 1 + p.contrast, g, dev), ones)
+    s = torch.where(apply, _uniform(n, max(0.0, 1 - p.saturation), 1 + p.saturation, g, dev), ones)
+    hshift = torch.where(apply, _uniform(n, -p.hue, p.hue, g, dev), zeros)
+    order = torch.argsort(torch.rand(n, 4, generator=g, device=dev), dim=1)  # a random permutation per image
+    ops = []
+    if p.brightness > 0:
+        ops.append((0, lambda y: (y * b.view(-1, 1, 1, 1)).clamp_(0, 1)))
+    if p.contrast > 0:
+        ops.append((1, lambda y: _blend(y, grayscale(y).mean(dim=(1, 2, 3), keepdim=True).expand_as(y), c)))
+    if p.saturation > 0:
+        ops.append((2, lambda y: _blend(y, grayscale(y).expand_as(y), s)))
+    if p.hue > 0:
+        ops.append((3, lambda y: adjust_hue(y, hshift)))
+    for step in range(4):
+        for op_id, op in ops:
+            chosen = (order[:, step] == op_id) & apply
+            if bool(chosen.any()):
+                x = torch.where(chosen.view(-1, 1, 1, 1), op(x), x)
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma, reflect-padded like torchvision."""
+    n, ch, hgt, wid = x.shape
+    half = kernel // 2
+    pos = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    weights = torch.exp(-0.5 * (pos.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    weights = weights / weights.sum(dim=1, keepdim=True)  # n × k
+    weights = weights.repeat_interleave(ch, dim=0)  # (n·ch) × k
+    y = F.pad(x.reshape(1, n * ch, hgt, wid), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, weights.view(n * ch, 1, 1, kernel), groups=n * ch)
+    y = F.conv2d(y, weights.view(n * ch, 1, kernel, 1), groups=n * ch)
+    return y.view(n, ch, hgt, wid)
+
+
+def augment(x_uint8: torch.Tensor, p: Pipeline, g: torch.Generator, out_size: int | None = None) -> torch.Tensor:
+    """One augmented view of a batch: uint8 N×3×H×W in, float N×3×out×out in [0, 1] out."""
+    n, _, height, width = x_uint8.shape
+    dev = x_uint8.device
+    x = x_uint8.float().div_(255)
+    top, left, h, w = sample_crops(n, height, width, p.crop_scale, p.crop_ratio, g, dev)
+    flip = _coin(n, p.flip, g, dev)
+    x = crop_flip_resize(x, top, left, h, w, flip, out_size or height)
+    if p.jitter_p > 0:
+        x = color_jitter(x, p, g)
+    if p.grayscale > 0:
+        gray = _coin(n, p.grayscale, g, dev).view(-1, 1, 1, 1)
+        x = torch.where(gray, grayscale(x).expand_as(x), x)
+    if p.blur_p > 0:
+        blur = _coin(n, p.blur_p, g, dev).view(-1, 1, 1, 1)
+        sigma = _uniform(n, p.blur_sigma[0], p.blur_sigma[1], g, dev)
+        x = torch.where(blur, gaussian_blur(x, sigma, p.blur_kernel), x)
+    if p.solarize > 0:
+        sol = _coin(n, p.solarize, g, dev).view(-1, 1, 1, 1)
+        x = torch.where(sol & (x >= 0.5), 1.0 - x, x)
+    return x
+
+
+class ViewMaker:
+    """Makes a method's views of a uint8 batch: one pipeline per view, then normalisation."""
+
+    def __init__(self, augment_cfg: Mapping, mean, std, device, seed: int, channels_last: bool = False):
+        pipelines = {name: Pipeline.from_config(c) for name, c in augment_cfg["pipelines"].items()}
+        unknown = [v for v in augment_cfg["views"] if v not in pipelines]
+        if unknown:
+            raise ValueError(f"augment.views names {unknown}, not among augment.pipelines {sorted(pipelines)}")
+        self.pipelines = [pipelines[v] for v in augment_cfg["views"]]
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.channels_last = channels_last
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __call__(self, x_uint8: torch.Tensor) -> list[torch.Tensor]:
+        return [self.normalize(augment(x_uint8, p, self.generator)) for p in self.pipelines]
+
+    def plain(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """The un-augmented, normalised images (for evaluation)."""
+        return self.normalize(x_uint8.float().div(255))

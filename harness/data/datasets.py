@@ -1,0 +1,321 @@
+"""Datasets as whole uint8 tensors, decoded once and cached.
+
+SSL on CIFAR-sized images is bound by data movement, so a dataset here is four tensors
+(train/test images as N×3×H×W uint8, labels as int64) that fit in memory and go to the training
+device in one copy. Decoding is slow (60,000 JPEGs take about 10 s), so the decoded tensors are
+cached in one file keyed by where the images came from, and later jobs start in well under a
+second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import sys
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from harness.config import ConfigError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
+ARCHIVE_ENV = "HARNESS_CIFAR10_ARCHIVE"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CIFAR10_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+
+
+@dataclass
+class ImageData:
+    """A labelled image dataset held as uint8 tensors (N×3×H×W) and int64 labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+    source: str
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+    # Position of each training image in the full training split: the stable image id that
+    # per-image artifacts (synthetic positives) are indexed by.
+    train_index: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ---------------------------------------------------------------------------------- discovery
+def default_archive() -> Path | None:
+    """The CIFAR-10 JPEG archive to use when none is configured, if this machine has one."""
+    env = os.environ.get(ARCHIVE_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_CIFAR10_ARCHIVE if DEFAULT_CIFAR10_ARCHIVE.exists() else None
+
+
+def _torchvision_folder(root: Path, name: str) -> Path | None:
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    if (root / folder).is_dir():
+        return root / folder
+    if root.name == folder and root.is_dir():
+        return root
+    return None
+
+
+def _is_image_tree(root: Path) -> bool:
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def resolve_source(ds) -> tuple[str, Path | None]:
+    """Decide where the images of dataset config `ds` come from, in the documented order.
+
+    Returns (kind, path) with kind one of torchvision, folder, archive, download.
+    """
+    name = ds.name
+    if ds.get("root"):
+        root = Path(str(ds.root)).expanduser()
+        if not root.exists():
+            raise ConfigError("dataset.root", ds.root, "an existing directory")
+        if name in ("cifar10", "cifar100") and _torchvision_folder(root, name):
+            return "torchvision", root
+        if _is_image_tree(root):
+            return "folder", root
+        allowed = "a train/<class>/* and test/<class>/* image tree"
+        if name in ("cifar10", "cifar100"):
+            allowed = f"torchvision's {name} files (e.g. cifar-10-batches-py/) or " + allowed
+        raise ConfigError("dataset.root", ds.root, allowed)
+    if name == "imagefolder":
+        raise ConfigError("dataset.root", None, "a directory with train/<class>/* and test/<class>/* images")
+    archive = ds.get("archive")
+    if archive in (None, "auto", ""):
+        archive = default_archive() if name == "cifar10" else None
+    if archive:
+        archive = Path(str(archive)).expanduser()
+        if not archive.exists():
+            raise ConfigError("dataset.archive", str(archive), "an existing .tar/.tar.xz of train/ and test/ images")
+        return "archive", archive
+    if ds.get("download", True):
+        return "download", None
+    raise ConfigError(
+        "dataset.root",
+        None,
+        f"a directory with the {name} images, a dataset.archive, or dataset.download=true",
+    )
+
+
+# ---------------------------------------------------------------------------------- decoding
+class _Progress:
+    """A line every few seconds with count, rate and ETA, for decoding that takes a while."""
+
+    def __init__(self, what: str, total: int | None, every: float = 3.0):
+        self.what, self.total, self.every = what, total, every
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = f", ETA {((self.total - done) / rate):.0f} s" if self.total else ""
+        of = f"/{self.total}" if self.total else ""
+        print(f"[data] {self.what}: {done}{of} images, {rate:.0f} img/s{eta}", file=sys.stderr, flush=True)
+
+
+def _decode(data: bytes, size: int | None) -> np.ndarray:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    if size and img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _split_and_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
+    """('…', 'train', 'dog', 'x.jpg') -> ('train', 'dog')."""
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i - 1] in ("train", "test"):
+            return parts[i - 1], parts[i]
+    return None
+
+
+def _collect(items: Iterable[tuple[str, str, bytes]], size: int | None, what: str, total: int | None):
+    """Decode (split, class, bytes) triples into per-split arrays with alphabetical class ids."""
+    images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    names: dict[str, list[str]] = {"train": [], "test": []}
+    progress = _Progress(what, total)
+    for n, (split, cls, data) in enumerate(items, 1):
+        images[split].append(_decode(data, size))
+        names[split].append(cls)
+        progress.update(n)
+    classes = sorted(set(names["train"]) | set(names["test"]))
+    index = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for split in ("train", "test"):
+        if not images[split]:
+            raise ValueError(f"{what}: no {split} images found")
+        shapes = {a.shape for a in images[split]}
+        if len(shapes) != 1:
+            raise ValueError(f"{what}: images of different sizes {sorted(shapes)[:3]}; set dataset.image_size")
+        x = torch.from_numpy(np.stack(images[split])).permute(0, 3, 1, 2).contiguous()
+        y = torch.tensor([index[c] for c in names[split]], dtype=torch.int64)
+        out[split] = (x, y)
+    return out, classes
+
+
+def _iter_archive(path: Path) -> Iterator[tuple[str, str, bytes]]:
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            where = _split_and_class(Path(member.name).parts)
+            if where:
+                yield (*where, tar.extractfile(member).read())
+
+
+def _iter_folder(root: Path) -> Iterator[tuple[str, str, bytes]]:
+    for split in ("train", "test"):
+        for cls_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            for f in sorted(cls_dir.iterdir()):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    yield split, cls_dir.name, f.read_bytes()
+
+
+def _load_torchvision_pickles(folder: Path, name: str):
+    """Read torchvision's CIFAR python-pickle files directly (no torchvision needed)."""
+
+    def read(files: list[str], label_key: str):
+        xs, ys = [], []
+        for f in files:
+            with open(folder / f, "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.extend(entry[label_key])
+        return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.int64)
+
+    if name == "cifar10":
+        train = read([f"data_batch_{i}" for i in range(1, 6)], "labels")
+        test = read(["test_batch"], "labels")
+        meta, key = "batches.meta", "label_names"
+    else:
+        train = read(["train"], "fine_labels")
+        test = read(["test"], "fine_labels")
+        meta, key = "meta", "fine_label_names"
+    with open(folder / meta, "rb") as fh:
+        classes = pickle.load(fh, encoding="latin1")[key]
+    return {"train": train, "test": test}, list(classes)
+
+
+def _download(name: str, cache_dir: Path) -> Path:
+    """torchvision's download, for users with the internet; returns the root it wrote."""
+    from harness.tv import torchvision
+
+    root = cache_dir / "downloads"
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)
+    if cls is None:
+        raise ConfigError("dataset.download", True, "only cifar10 and cifar100 can be downloaded")
+    cls(str(root), train=True, download=True)
+    cls(str(root), train=False, download=True)
+    return root
+
+
+# ---------------------------------------------------------------------------------- caching
+def _cache_key(kind: str, path: Path | None, name: str, size: int | None) -> str:
+    ident = [kind, name, str(size)]
+    if path is not None:
+        st = path.stat()
+        ident += [str(path.resolve()), str(st.st_size), str(int(st.st_mtime))]
+    return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
+
+
+def cache_dir(ds) -> Path:
+    """Where decoded datasets are cached: dataset.cache_dir, $HARNESS_CACHE or ~/.cache/harness."""
+    configured = ds.get("cache_dir")
+    if configured:
+        return Path(str(configured)).expanduser()
+    return Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser() / "datasets"
+
+
+def load_full(ds) -> ImageData:
+    """Load the whole dataset described by config `ds`, from the cache when it is there."""
+    kind, path = resolve_source(ds)
+    cdir = cache_dir(ds)
+    if kind == "download":
+        path = _download(ds.name, cdir)
+        kind = "torchvision"
+    size = ds.get("image_size") if ds.name == "imagefolder" else None
+    cache = cdir / f"{ds.name}-{_cache_key(kind, path, ds.name, size)}.pt"
+    if cache.exists():
+        blob = torch.load(cache, weights_only=True)
+    else:
+        what = f"decoding {ds.name} from {path}"
+        if kind == "torchvision":
+            splits, classes = _load_torchvision_pickles(_torchvision_folder(path, ds.name), ds.name)
+        elif kind == "archive":
+            splits, classes = _collect(_iter_archive(path), size, what, None)
+        else:
+            splits, classes = _collect(_iter_folder(path), size, what, None)
+        blob = {
+            "train_x": splits["train"][0],
+            "train_y": splits["train"][1],
+            "test_x": splits["test"][0],
+            "test_y": splits["test"][1],
+            "classes": classes,
+            "source": f"{kind}:{path}",
+        }
+        cdir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, cache)  # atomic: a concurrent job either sees the whole file or none
+    return ImageData(**blob)
+
+
+def balanced_subset(labels: torch.Tensor, size: int, seed: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of a class-balanced random subset of `size` items (sorted), seeded.
+
+    Each class gets size // C items, and the first size % C classes (in a seeded order) one more.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels)
+    pool_mask = torch.ones(len(labels), dtype=torch.bool)
+    if exclude is not None:
+        pool_mask[exclude] = False
+    per_class = size // len(classes)
+    extra = set(torch.randperm(len(classes), generator=gen)[: size % len(classes)].tolist())
+    chosen = []
+    for i, c in enumerate(classes.tolist()):
+        pool = torch.nonzero((labels == c) & pool_mask).flatten()
+        want = per_class + (1 if i in extra else 0)
+        if want > len(pool):
+            raise ValueError(f"class {c} has {len(pool)} images, fewer than the {want} a balanced subset needs")
+        chosen.append(pool[torch.randperm(len(pool), generator=gen)[:want]])
+    return torch.sort(torch.cat(chosen)).values
+
+
+def load_dataset(ds) -> ImageData:
+    """The dataset of config `ds` with its validation hold-out and train/test subsets applied."""
+    data = load_full(ds)
+    seed = int(ds.get("subset_seed", 0))
+    val_size = int(ds.get("val_size") or 0)
+    train_idx = torch.arange(len(data.train_y))
+    if val_size:
+        val_idx = balanced_subset(data.train_y, val_size, seed + 1)
+        data.val_x, data.val_y = data.train_x[val_idx], data.train_y[val_idx]
+        keep = torch.ones(len(data.train_y), dtype=torch.bool)
+        keep[val_idx] = False
+        train_idx = torch.nonzero(keep).flatten()
+    if ds.get("train_size"):
+        sub = balanced_subset(data.train_y[train_idx], int(ds.train_size), seed)
+        train_idx = train_idx[sub]
+    data.train_x, data.train_y, data.train_index = data.train_x[train_idx], data.train_y[train_idx], train_idx
+    if ds.get("test_size"):
+        test_idx = balanced_subset(data.test_y, int(ds.test_size), seed)
+        data.test_x, data.test_y = data.test_x[test_idx], data.test_y[test_idx]
+    return data

@@ -1,0 +1,47 @@
+"""The method contract, and the small pieces every method file builds from.
+
+A method is an ``nn.Module`` that owns the backbone it is given and its own heads. Called on a
+list of views (normalised image batches), it returns ``LossParts``: the per-pair loss (one entry
+per anchor image, not yet averaged), a batch-level scalar, and scalars to log. The trainer forms
+``mean(w * pair) + batch`` with ``w = 1`` unless a pair weighting is configured; that single
+contract is what lets ScoreCL weight and CLSP extend any method without touching it.
+
+Optional hooks a method may define:
+- ``after_step(progress: float)``: after each optimizer step (EMA updates, queue pushes);
+  `progress` is the fraction of training done, for momentum schedules.
+- ``embed(x) -> Tensor``: the L2-normalised embedding an extra positive is compared in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LossParts:
+    pair: torch.Tensor  # shape (n,), one loss per anchor image of this rank's batch
+    batch: torch.Tensor  # scalar; zero for methods without batch-level terms
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def total(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        pair = self.pair if weights is None else weights * self.pair
+        return pair.mean() + self.batch
+
+
+def mlp(dims: list[int], *, bn: bool = True, last_bn: bool = False, last_affine: bool = True,
+        bias: bool = True) -> nn.Sequential:
+    """Linear layers through `dims` with (BN,) ReLU between them; options for the last layer's BN."""
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(dims[i], dims[i + 1], bias=bias and not (bn and (not last or last_bn))))
+        if not last:
+            if bn:
+                layers.append(nn.BatchNorm1d(dims[i + 1]))
+            layers.append(nn.ReLU(inplace=True))
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(dims[i + 1], affine=last_affine))
+    return nn.Sequential(*layers)

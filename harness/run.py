@@ -1,0 +1,226 @@
+"""One job: validate → run key → skip if done → train → evaluate → record.
+
+``run(cfg)`` is what Hydra calls for every point of a sweep, on every rank of a job. It returns
+the objective (k-NN top-1 of the first configured protocol, on the validation split when one is
+held out, else on the test split) so a sweeper can use it, also for runs skipped as done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
+
+from harness import distributed
+from harness.callbacks import SWEEP_ENV
+from harness.config import instantiate, run_key, to_container, validate
+from harness.data.datasets import load_dataset
+from harness.evaluate import knn_protocol
+from harness.optim import scaled_lr
+from harness.store import Store, utcnow
+from harness.trainer import Diverged, fit, knn_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@lru_cache(maxsize=1)
+def git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the harness source tree, or (None, None) outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def run_dir(cfg: DictConfig, key: str) -> Path:
+    """Where a run keeps its checkpoint and config: <store>.runs/<run_key>/ unless store.runs_dir says."""
+    root = cfg.store.get("runs_dir") or str(Path(cfg.store.path).expanduser().absolute()) + ".runs"
+    return Path(root).expanduser() / key
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _broadcast(value, info: distributed.DistInfo):
+    if info.world_size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_row(cfg: DictConfig, key: str, run_id: str, info: distributed.DistInfo, hosts: list[str]) -> dict:
+    """The runs-table row of this run as it starts."""
+    commit, dirty = git_state()
+    positives = OmegaConf.select(cfg, "positives.name", default="none")
+    return {
+        "run_id": run_id,
+        "run_key": key,
+        "name": cfg.get("name"),
+        "status": "running",
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.name,
+        "backbone": cfg.backbone.name,
+        "weighting": OmegaConf.select(cfg, "weighting.name", default="none"),
+        "positives": positives,
+        "synthetic_ratio": float(OmegaConf.select(cfg, "positives.ratio", default=0.0) or 0.0)
+        if positives != "none" else 0.0,
+        "seed": int(cfg.seed),
+        "epochs": int(cfg.trainer.epochs),
+        "batch_size": int(cfg.trainer.batch_size),
+        "lr": scaled_lr(float(cfg.trainer.lr), int(cfg.trainer.batch_size), int(cfg.trainer.base_batch),
+                        cfg.trainer.lr_scaling),
+        "config": json.dumps(to_container(cfg), sort_keys=True, default=str),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "host": hosts[0],
+        "device_name": _device_name(info.device),
+        "world_size": info.world_size,
+        "nodes": ",".join(sorted(set(hosts))),
+        "sweep": cfg.get("sweep_name"),
+        "sweep_id": os.environ.get(SWEEP_ENV),
+        "started_at": utcnow(),
+        "epochs_done": 0,
+    }
+
+
+def _hydra_context() -> tuple[str | None, str | None]:
+    """(this job's overrides, its log folder) when running under Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        return " ".join(hc.overrides.task), hc.runtime.output_dir
+    except (ImportError, ValueError):
+        return None, None
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Run (or skip) the job described by `cfg` on this rank; returns the objective."""
+    validate(cfg)
+    key = run_key(cfg)
+    info = distributed.setup(cfg.trainer.device)
+    outcome = {"status": "failed", "objective": None, "error": None, "run_id": None}
+    try:
+        return _run(cfg, key, info, outcome)
+    except BaseException as e:
+        outcome["error"] = traceback.format_exception_only(type(e), e)[-1].strip()
+        raise
+    finally:
+        sweep_id = os.environ.get(SWEEP_ENV)
+        if sweep_id and info.is_main:
+            overrides, log_dir = _hydra_context()
+            Store(cfg.store.path).write("sweep_points", [{
+                "sweep_id": sweep_id, "run_key": key, "overrides": overrides, "log_dir": log_dir,
+                "finished_at": utcnow(), **outcome}])
+        distributed.teardown()
+
+
+def _run(cfg: DictConfig, key: str, info: distributed.DistInfo, outcome: dict) -> float | None:
+    store = Store(cfg.store.path)
+    folder = run_dir(cfg, key)
+    checkpoint = folder / "checkpoint.pt"
+    lock = None
+    decision = None
+    if info.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        # One job per run key at a time: a second one waits here, then finds the run done.
+        lock = FileLock(str(folder / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"[harness] run {key} is being trained by another job; waiting for it", file=sys.stderr, flush=True)
+            lock.acquire()
+        done = None if cfg.force else store.completed(key)
+        if done is not None:
+            decision = ("skip", done["objective"], done["run_id"])
+        else:
+            if cfg.force and checkpoint.exists():
+                checkpoint.unlink()
+            resume = folder / "run_id"
+            run_id = resume.read_text().strip() if checkpoint.exists() and resume.exists() else uuid.uuid4().hex[:12]
+            resume.write_text(run_id)
+            (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            decision = ("train", None, run_id)
+    try:
+        action, objective, run_id = _broadcast(decision, info)
+        outcome["run_id"] = run_id
+        if action == "skip":
+            outcome.update(status="skipped", objective=objective)
+            if info.is_main:
+                print(f"[harness] run {key} already completed (run {run_id}): skipped; objective {objective}",
+                      file=sys.stderr)
+            return objective
+        return _train_and_record(cfg, key, run_id, info, store, checkpoint, outcome)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, outcome: dict) -> float | None:
+    torch.manual_seed(int(cfg.seed) * 7919 + info.rank)
+    if cfg.trainer.get("num_threads"):
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    hosts = distributed.all_hosts(info.host)
+    row = run_row(cfg, key, run_id, info, hosts)
+    started = time.monotonic()
+
+    def record(**changes) -> None:
+        row.update(changes)
+        hours = (time.monotonic() - started) / 3600
+        row["gpu_hours"] = hours * info.world_size if info.device.type == "cuda" else None
+        if info.is_main:
+            store.write("runs", [row])
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if info.is_main:
+            store.write("metrics", [{"run_id": run_id, "run_key": key, "epoch": epoch, "name": k, "value": v}
+                                    for k, v in metrics.items()])
+            record(epochs_done=epoch + 1)
+
+    record()
+    try:
+        data = load_dataset(cfg.dataset)
+        model = instantiate(cfg.method, instantiate(cfg.backbone))
+        result = fit(cfg, model, data, info, checkpoint, log_epoch)
+    except Diverged as e:
+        record(status="diverged", error=str(e), finished_at=utcnow())
+        outcome.update(status="diverged", error=str(e))
+        print(f"[harness] run {key} diverged: {e}", file=sys.stderr)
+        return float("nan")
+    except BaseException as e:
+        first = traceback.format_exception_only(type(e), e)[-1].strip()
+        record(status="failed", error=first, finished_at=utcnow())
+        raise
+    primary = knn_protocol(*knn_settings(cfg.eval)[0])
+    objective = result.evals[result.objective_split][primary][0]
+    if info.is_main:
+        store.write("evals", [
+            {"run_id": run_id, "run_key": key, "protocol": protocol, "split": split, "top1": t1, "top5": t5,
+             "epoch": int(cfg.trainer.epochs)}
+            for split, by_protocol in result.evals.items() for protocol, (t1, t5) in by_protocol.items()
+        ])
+    record(status="completed", finished_at=utcnow(), objective=objective, epochs_done=int(cfg.trainer.epochs))
+    outcome.update(status="completed", objective=objective)
+    if info.is_main:
+        print(f"[harness] run {key} completed: {primary} on {result.objective_split} = {objective:.2f}%",
+              file=sys.stderr)
+    return objective

@@ -1,0 +1,197 @@
+"""The one training loop every method runs through.
+
+Per step: take a slice of the epoch's permutation, make the views on the device, compute the
+method's loss parts (under bf16 autocast on GPU), weight the per-pair part, step the optimizer,
+call the method's after-step hook. Per epoch: log metrics, evaluate k-NN when due, write a
+checkpoint atomically. A run that starts with a checkpoint of its own continues from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness import distributed
+from harness.data.augment import ViewMaker
+from harness.data.datasets import ImageData
+from harness.evaluate import knn_evaluate, knn_protocol
+from harness.optim import build_optimizer, lr_at, scaled_lr
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Progress:
+    """A line every `every` seconds (and at each epoch end) with loss, rate and ETA."""
+
+    total_steps: int
+    every: float = 10.0
+    start: float = field(default_factory=time.monotonic)
+    last: float = 0.0
+    first_step: int = 0
+
+    def maybe_print(self, epoch: int, epochs: int, step: int, steps: int, global_step: int, loss: float | None,
+                    images_per_s: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        done = global_step - self.first_step
+        remaining = (self.total_steps - global_step) * (now - self.start) / max(done, 1)
+        loss_text = f"loss {loss:.4f} | " if loss is not None else ""
+        print(
+            f"[train] epoch {epoch + 1}/{epochs} step {step}/{steps} | {loss_text}"
+            f"{images_per_s:,.0f} img/s | ETA {_duration(remaining)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainResult:
+    evals: dict[str, dict[str, tuple[float, float]]]  # split -> protocol -> (top1 %, top5 %)
+    objective_split: str  # val when a validation split is held out, else test
+
+
+def knn_settings(eval_cfg) -> list[tuple[int, float]]:
+    return [(int(s.k), float(s.T)) for s in eval_cfg.knn]
+
+
+def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, checkpoint: Path,
+        log_epoch: Callable[[int, dict[str, float]], None], weigh: Callable | None = None) -> TrainResult:
+    """Train `model` (a method wrapping its backbone) on `data`; returns how it ended.
+
+    `log_epoch(epoch, metrics)` receives each finished epoch's metrics (called on every rank).
+    `weigh(views, parts)` may return per-pair weights (a ScoreCL-style weighting).
+    """
+    tc = cfg.trainer
+    device = info.device
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    method = model
+    if info.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    global_batch = int(tc.batch_size)
+    if global_batch % info.world_size:
+        raise ValueError(f"trainer.batch_size={global_batch} is not divisible by the world size {info.world_size}")
+    local_batch = global_batch // info.world_size
+    n_train = len(data.train_x)
+    steps_per_epoch = n_train // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"trainer.batch_size={global_batch} exceeds the {n_train} training images")
+    epochs = int(tc.epochs)
+    total_steps = steps_per_epoch * epochs
+    peak_lr = scaled_lr(float(tc.lr), global_batch, int(tc.base_batch), tc.lr_scaling)
+    warmup_steps = int(round(float(tc.warmup_epochs) * steps_per_epoch))
+    optimizer = build_optimizer(method, tc, peak_lr)
+
+    train_x = data.train_x.to(device)  # the whole uint8 dataset lives on the training device
+    views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
+                      seed=int(cfg.seed) * 1000 + info.rank, channels_last=device.type == "cuda")
+    objective_split = "val" if data.val_x is not None else "test"
+    final_queries = {"test": (data.test_x, data.test_y)}
+    if data.val_x is not None:
+        final_queries["val"] = (data.val_x, data.val_y)
+    settings = knn_settings(cfg.eval)
+    primary = knn_protocol(*settings[0])
+
+    def evaluate(splits: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
+        return knn_evaluate(method.backbone, data.train_x, data.train_y, {s: final_queries[s] for s in splits},
+                            views.plain, settings, data.num_classes)
+
+    start_epoch = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+        print(f"[train] resumed from {checkpoint} at epoch {start_epoch + 1}", file=sys.stderr, flush=True)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bool(tc.bf16))
+    progress = Progress(total_steps, every=float(tc.log_every))
+    progress.first_step = start_epoch * steps_per_epoch
+    evals: dict[str, dict[str, tuple[float, float]]] = {}
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        # Augmentations are seeded per (run seed, epoch, rank): a resumed epoch repeats exactly.
+        views.generator.manual_seed((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank)
+        # The same permutation on every rank (seeded by run seed and epoch); each takes its slice.
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(int(cfg.seed) * 100003 + epoch))
+        order = order.to(device)
+        sums: dict[str, torch.Tensor] = {}
+        t0 = time.monotonic()
+        for step in range(steps_per_epoch):
+            global_step = epoch * steps_per_epoch + step
+            lr = lr_at(global_step, total_steps, warmup_steps, peak_lr, float(tc.warmup_start_lr), float(tc.min_lr))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            idx = order[step * global_batch + info.rank * local_batch:][:local_batch]
+            batch_views = views(train_x[idx])
+            with autocast:
+                parts = model(batch_views)
+            weights = weigh(batch_views, parts) if weigh is not None else None
+            loss = parts.total(weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if hasattr(method, "after_step"):
+                method.after_step((global_step + 1) / total_steps)
+            for name, value in {"loss": loss, "loss_pair": parts.pair.mean(), "loss_batch": parts.batch,
+                                **parts.logs}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            if step % 20 == 0 or step == steps_per_epoch - 1:  # the only host syncs in the loop
+                current = loss.item()
+                if not math.isfinite(current):
+                    raise Diverged(f"loss became {current} at epoch {epoch + 1}, step {step + 1}")
+                elapsed = time.monotonic() - t0
+                progress.maybe_print(epoch, epochs, step + 1, steps_per_epoch, global_step + 1, current,
+                                     (step + 1) * global_batch / max(elapsed, 1e-9))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.monotonic() - t0
+        metrics = {k: distributed.mean_over_ranks(v / steps_per_epoch).item() for k, v in sums.items()}
+        if not math.isfinite(metrics["loss"]):
+            raise Diverged(f"loss became {metrics['loss']} in epoch {epoch + 1}")
+        metrics.update(lr=lr, epoch_time_s=epoch_time, images_per_s=steps_per_epoch * global_batch / epoch_time)
+        last = epoch == epochs - 1
+        every = int(cfg.eval.every)
+        if last or (every and (epoch + 1) % every == 0):
+            evals = evaluate(list(final_queries) if last else [objective_split])
+            metrics["knn_top1"] = evals[objective_split][primary][0]
+        log_epoch(epoch, metrics)
+        if info.is_main:
+            save_atomic({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                        checkpoint)
+        distributed.barrier()
+        knn_text = f" | knn {metrics['knn_top1']:.2f}" if "knn_top1" in metrics else ""
+        if info.is_main:
+            print(f"[train] epoch {epoch + 1}/{epochs} done: loss {metrics['loss']:.4f} | "
+                  f"{metrics['images_per_s']:,.0f} img/s{knn_text}", file=sys.stderr, flush=True)
+    if set(evals) != set(final_queries):  # resumed after the last epoch's checkpoint: evaluate again
+        evals = evaluate(list(final_queries))
+    return TrainResult(evals=evals, objective_split=objective_split)

@@ -1,0 +1,1 @@
+"""SSL methods: one small file each (heads + loss), found through ``method._target_`` in config."""

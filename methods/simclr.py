@@ -1,0 +1,58 @@
+"""SimCLR (Chen et al. 2020): NT-Xent over the 2N L2-normalised projections of two views.
+
+Negatives are gathered from every rank (with gradients), so N processes on N slices of a batch
+compute the same loss as one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness import distributed
+from harness.method import LossParts, mlp
+
+
+def nt_xent_pairs(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-pair NT-Xent: for image i, the mean of its two views' −log softmax(positive).
+
+    z1, z2: this rank's L2-normalised embeddings (n × d) of views 1 and 2. Each anchor is
+    contrasted with its positive and all 2M−2 other embeddings of the global batch (M images).
+    """
+    n = z1.shape[0]
+    all1, all2 = distributed.gather(z1), distributed.gather(z2)
+    m = all1.shape[0]
+    offset = distributed.rank() * n
+    candidates = torch.cat([all1, all2])  # 2M × d
+    anchors = torch.cat([z1, z2])  # 2n × d
+    logits = anchors @ candidates.T / temperature
+    local = torch.arange(n, device=z1.device) + offset
+    self_index = torch.cat([local, local + m])
+    positive_index = torch.cat([local + m, local])
+    rows = torch.arange(2 * n, device=z1.device)
+    positive = logits[rows, positive_index]
+    logits = logits.index_put((rows, self_index), torch.tensor(float("-inf"), device=z1.device, dtype=logits.dtype))
+    per_anchor = torch.logsumexp(logits, dim=1) - positive
+    return (per_anchor[:n] + per_anchor[n:]) / 2
+
+
+class SimCLR(nn.Module):
+    """Projector Linear(feat→hidden)–ReLU–Linear(hidden→out), no BN, as solo-learn's CIFAR setup."""
+
+    num_views = 2
+
+    def __init__(self, backbone: nn.Module, temperature: float = 0.2, proj_hidden_dim: int = 2048,
+                 proj_output_dim: int = 256):
+        super().__init__()
+        self.backbone = backbone
+        self.temperature = temperature
+        self.projector = mlp([backbone.feat_dim, proj_hidden_dim, proj_output_dim], bn=False)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projector(self.backbone(x)), dim=1)
+
+    def forward(self, views: list[torch.Tensor]) -> LossParts:
+        z1, z2 = (self.embed(v) for v in views[:2])
+        pair = nt_xent_pairs(z1.float(), z2.float(), self.temperature)
+        return LossParts(pair=pair, batch=pair.new_zeros(()))
