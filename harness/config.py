@@ -41,7 +41,8 @@ class ConfigError(ValueError):
     def __init__(self, field: str, value: Any, allowed: str, more: list[ConfigError] | None = None):
         self.problems = [(field, value, allowed)] + [p for e in more or [] for p in e.problems]
         lines = [f"{f} = {v!r} is not allowed: expected {a}" for f, v, a in self.problems]
-        super().__init__("invalid config:\n  " + "\n  ".join(lines) if len(lines) > 1 else "invalid config: " + lines[0])
+        text = "invalid config:\n  " + "\n  ".join(lines) if len(lines) > 1 else "invalid config: " + lines[0]
+        super().__init__(text)
 
 
 def to_container(cfg: DictConfig) -> dict:
@@ -136,7 +137,7 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "eval.every", low=0, integer=True),
         _number(cfg, "positives.ratio", low=0, high=1, optional=True),
     ]
-    for i, probe in enumerate(OmegaConf.select(cfg, "eval.knn", default=[]) or []):
+    for i, _ in enumerate(OmegaConf.select(cfg, "eval.knn", default=[]) or []):
         errors.append(_number(cfg, f"eval.knn.{i}.k", low=1, integer=True))
         errors.append(_number(cfg, f"eval.knn.{i}.T", low=0, strict_low=True))
     for group in ("method", "backbone"):

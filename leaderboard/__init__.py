@@ -1,0 +1,1 @@
+"""Reading results: text summaries, the leaderboard page, regression reports. Never imports torch."""

@@ -1,0 +1,57 @@
+"""Shared test helpers: the real CIFAR-10 archive, and running the harness as a user does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cifar_archive() -> Path | None:
+    from harness.data.datasets import default_archive
+
+    return default_archive()
+
+
+requires_cifar = pytest.mark.skipif(
+    cifar_archive() is None,
+    reason="the real CIFAR-10 archive (../shared/data/cifar10-jpeg.tar.xz or $HARNESS_CIFAR10_ARCHIVE) is absent",
+)
+
+
+def harness_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.update(extra)
+    return env
+
+
+def run_harness(*overrides: str, timeout: float = 900, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """`python -m harness OVERRIDES` in a subprocess, as a user runs it; output captured."""
+    proc = subprocess.run([sys.executable, "-m", "harness", *overrides], cwd=popen.pop("cwd", REPO),
+                          env=harness_env(), capture_output=True, text=True, timeout=timeout, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"harness failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+TINY = ("backbone=convnet", "dataset.train_size=1000", "dataset.test_size=200", "trainer.batch_size=128",
+        "trainer.warmup_epochs=0", "eval.every=1", "hydra.run.dir=${store.path}.hydra/${now:%H-%M-%S-%f}")
+
+
+@pytest.fixture(scope="session")
+def cifar10_cached():
+    """Decode the real CIFAR-10 once for the session (later loads come from the tensor cache)."""
+    if cifar_archive() is None:
+        pytest.skip("the real CIFAR-10 archive is absent")
+    from omegaconf import OmegaConf
+
+    from harness.data.datasets import load_full
+
+    return load_full(OmegaConf.create({"name": "cifar10", "archive": "auto", "root": None, "download": False}))

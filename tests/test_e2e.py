@@ -1,0 +1,123 @@
+"""End-to-end jobs on the real CIFAR-10, run as a user runs them (python -m harness ...)."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from harness.store import Store
+from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
+
+pytestmark = [requires_cifar, pytest.mark.slow]
+
+
+def test_the_readme_check_runs_once_and_a_rerun_adds_nothing(tmp_path, cifar10_cached):
+    db = tmp_path / "r.duckdb"
+    args = ("dataset.train_size=2000", "dataset.test_size=500", "backbone=convnet", "trainer.epochs=2",
+            f"store.path={db}")
+    run_harness(*args)
+    store = Store(db)
+    runs = store.query("SELECT * FROM runs")
+    assert [r["status"] for r in runs] == ["completed"]
+    assert runs[0]["epochs_done"] == 2 and runs[0]["world_size"] == 1 and runs[0]["git_commit"]
+    per_epoch = store.query("SELECT name, count(*) AS n, count(DISTINCT epoch) AS e FROM metrics GROUP BY name")
+    assert {r["name"] for r in per_epoch} >= {"loss", "lr", "images_per_s", "knn_top1"}
+    assert all(r["n"] == r["e"] for r in per_epoch)
+    assert {r["name"]: r["n"] for r in per_epoch}["loss"] == 2
+    evals = store.query("SELECT protocol, split, top1 FROM evals ORDER BY protocol")
+    assert {e["protocol"] for e in evals} == {"knn:cosine:k=200:T=0.1", "knn:cosine:k=20:T=0.07"}
+    assert all(e["split"] == "test" and 10 < e["top1"] <= 100 for e in evals)
+    counts = [store.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in ("runs", "metrics", "evals")]
+
+    again = run_harness(*args)
+    assert "skipped" in again.stderr and "[train]" not in again.stderr
+    assert [store.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in ("runs", "metrics", "evals")] == counts
+
+    forced = run_harness(*args, "force=true")
+    assert "[train]" in forced.stderr
+    assert store.query("SELECT count(*) AS n FROM runs WHERE status = 'completed'")[0]["n"] == 2
+
+
+def test_a_job_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, cifar10_cached):
+    db = tmp_path / "r.duckdb"
+    args = [sys.executable, "-m", "harness", *TINY, "dataset.train_size=2000", "trainer.epochs=4", f"store.path={db}"]
+    proc = subprocess.Popen(args, cwd=REPO, env=harness_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    checkpoints = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        checkpoints = list((tmp_path / "r.duckdb.runs").glob("*/checkpoint.pt"))
+        if checkpoints:
+            epoch = torch.load(checkpoints[0], weights_only=False)["epoch"]
+            if epoch >= 1:
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = Store(db)
+    assert store.query("SELECT status FROM runs")[0]["status"] == "running"  # what a killed job leaves
+    resumed = run_harness(*TINY, "dataset.train_size=2000", "trainer.epochs=4", f"store.path={db}")
+    assert "resumed from" in resumed.stderr
+    assert "epoch 1/4" not in resumed.stderr
+    runs = store.query("SELECT run_id, status FROM runs")
+    assert [r["status"] for r in runs] == ["completed"]  # the same run continued, not a new one
+    losses = store.query("SELECT epoch FROM metrics WHERE name = 'loss' ORDER BY epoch")
+    assert [r["epoch"] for r in losses] == [0, 1, 2, 3]
+
+
+def test_config_errors_name_the_field_the_value_and_what_is_allowed(tmp_path):
+    bad = run_harness("trainer.lr=-0.1", "trainer.batch_size=-4", "trainer.epochs=0", f"dataset.root={tmp_path}/nope",
+                      f"store.path={tmp_path}/r.duckdb", check=False)
+    assert bad.returncode == 2
+    for text in ("trainer.lr = -0.1", "trainer.batch_size = -4", "trainer.epochs = 0", "dataset.root = ",
+                 "expected a number > 0", "expected an integer >= 1", "an existing directory"):
+        assert text in bad.stderr
+    assert "Traceback" not in bad.stderr
+    unknown = run_harness("method=nosuchmethod", check=False)
+    assert unknown.returncode != 0
+    assert "method/nosuchmethod" in unknown.stderr and "simclr" in unknown.stderr
+    assert not (tmp_path / "r.duckdb").exists()  # nothing was recorded
+
+
+def test_torchrun_runs_the_same_job_as_two_processes(tmp_path, cifar10_cached):
+    db = tmp_path / "r.duckdb"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "harness",
+         *TINY, "trainer.epochs=1", f"store.path={db}"],
+        cwd=REPO, env=harness_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = Store(db).query("SELECT status, world_size FROM runs")
+    assert runs == [{"status": "completed", "world_size": 2}]
+
+
+def test_simclr_learns_real_features(tmp_path, cifar10_cached):
+    """SimCLR-trained ConvNet vs the same ConvNet at random initialisation, same k-NN protocol."""
+    from harness.config import instantiate
+    from harness.data.augment import ViewMaker
+    from harness.data.datasets import load_dataset
+    from harness.evaluate import knn_evaluate
+
+    db = tmp_path / "r.duckdb"
+    overrides = ("backbone=convnet", "dataset.train_size=4000", "dataset.test_size=1000", "trainer.epochs=8",
+                 "trainer.batch_size=256", "trainer.warmup_epochs=1", "eval.every=0", f"store.path={db}")
+    run_harness(*overrides)
+    trained = Store(db).query("SELECT top1 FROM evals WHERE protocol = 'knn:cosine:k=200:T=0.1'")[0]["top1"]
+
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("harness.conf", version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    torch.manual_seed(0)
+    backbone = instantiate(cfg.backbone)
+    data = load_dataset(cfg.dataset)
+    views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, "cpu", seed=0)
+    random_init = knn_evaluate(backbone, data.train_x, data.train_y, {"test": (data.test_x, data.test_y)},
+                               views.plain, [(200, 0.1)], 10)["test"]["knn:cosine:k=200:T=0.1"][0]
+    print(f"k-NN top-1 (k=200, T=0.1): random init {random_init:.2f}, SimCLR 8 epochs {trained:.2f}")
+    assert trained > random_init + 5, (trained, random_init)
+    OmegaConf.save(cfg, tmp_path / "cfg.yaml")
