@@ -161,3 +161,18 @@ def validate(cfg: DictConfig) -> None:
             found.append(e)
     if found:
         raise ConfigError(*found[0].problems[0], more=found[1:])
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The job config `python -m harness OVERRIDES` would run, composed without running it."""
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from harness.sweeps import register_sweeps
+
+    register_sweeps()
+    conf_dir = Path(__file__).resolve().parent / "conf"
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (registers the autograd-aware collectives)
 
 
 @dataclass
@@ -101,10 +100,34 @@ def gather(x: torch.Tensor, grad: bool = True) -> torch.Tensor:
     if world_size() == 1:
         return x
     if grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+        return _GatherWithGrad.apply(x)
+    return _all_gather(x.detach())
+
+
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
+    dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice.
+
+    Each rank's loss uses every rank's embeddings, so the gradient of rank r's slice is the sum
+    over ranks; DDP then averages parameter gradients, which gives the gradient of the mean
+    loss over the global batch, the same as one process on the whole batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.n = x.shape[0]
+        return _all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[rank() * ctx.n:(rank() + 1) * ctx.n]
 
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:

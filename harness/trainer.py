@@ -39,11 +39,12 @@ class Progress:
     start: float = field(default_factory=time.monotonic)
     last: float = 0.0
     first_step: int = 0
+    enabled: bool = True  # only rank 0 prints
 
     def maybe_print(self, epoch: int, epochs: int, step: int, steps: int, global_step: int, loss: float | None,
                     images_per_s: float, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self.last < self.every:
+        if not self.enabled or (not force and now - self.last < self.every):
             return
         self.last = now
         done = global_step - self.first_step
@@ -133,7 +134,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
         print(f"[train] resumed from {checkpoint} at epoch {start_epoch + 1}", file=sys.stderr, flush=True)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bool(tc.bf16))
-    progress = Progress(total_steps, every=float(tc.log_every))
+    progress = Progress(total_steps, every=float(tc.log_every), enabled=info.is_main)
     progress.first_step = start_epoch * steps_per_epoch
     evals: dict[str, dict[str, tuple[float, float]]] = {}
     for epoch in range(start_epoch, epochs):
