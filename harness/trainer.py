@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from harness import distributed
+from harness.addons import Batch, combine
 from harness.data.augment import ViewMaker
 from harness.data.datasets import ImageData
 from harness.evaluate import knn_evaluate, knn_protocol
@@ -82,14 +83,21 @@ def knn_settings(eval_cfg) -> list[tuple[int, float]]:
 
 
 def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, checkpoint: Path,
-        log_epoch: Callable[[int, dict[str, float]], None], weigh: Callable | None = None) -> TrainResult:
+        log_epoch: Callable[[int, dict[str, float]], None], addons: list | None = None) -> TrainResult:
     """Train `model` (a method wrapping its backbone) on `data`; returns how it ended.
 
     `log_epoch(epoch, metrics)` receives each finished epoch's metrics (called on every rank).
-    `weigh(views, parts)` may return per-pair weights (a ScoreCL-style weighting).
+    `addons` join each step without the method knowing (pair weights, extra positives, probes;
+    see harness/addons.py).
     """
     tc = cfg.trainer
     device = info.device
+    addons = list(addons or [])
+    for addon in addons:
+        if hasattr(addon, "setup"):
+            addon.setup(data, info)
+    trained_addons = nn.ModuleList([a for a in addons if isinstance(a, nn.Module)])
+    trained_addons.to(device)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -109,7 +117,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     total_steps = steps_per_epoch * epochs
     peak_lr = scaled_lr(float(tc.lr), global_batch, int(tc.base_batch), tc.lr_scaling)
     warmup_steps = int(round(float(tc.warmup_epochs) * steps_per_epoch))
-    optimizer = build_optimizer(method, tc, peak_lr)
+    optimizer = build_optimizer(nn.ModuleList([method, trained_addons]), tc, peak_lr)
 
     train_x = data.train_x.to(device)  # the whole uint8 dataset lives on the training device
     views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
@@ -129,6 +137,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         method.load_state_dict(state["model"])
+        trained_addons.load_state_dict(state.get("addons", {}))
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
         print(f"[train] resumed from {checkpoint} at epoch {start_epoch + 1}", file=sys.stderr, flush=True)
@@ -155,15 +164,17 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
             batch_views = views(train_x[idx])
             with autocast:
                 parts = model(batch_views)
-            weights = weigh(batch_views, parts) if weigh is not None else None
-            loss = parts.total(weights)
+                weights, extra, addon_logs = combine(
+                    Batch(train_x[idx], idx, batch_views, parts, method, model, epoch, global_step / total_steps),
+                    addons)
+            loss = parts.total(weights) if extra is None else parts.total(weights) + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if hasattr(method, "after_step"):
                 method.after_step((global_step + 1) / total_steps)
             for name, value in {"loss": loss, "loss_pair": parts.pair.mean(), "loss_batch": parts.batch,
-                                **parts.logs}.items():
+                                **parts.logs, **addon_logs}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             if step % 20 == 0 or step == steps_per_epoch - 1:  # the only host syncs in the loop
                 current = loss.item()
@@ -179,6 +190,9 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
         if not math.isfinite(metrics["loss"]):
             raise Diverged(f"loss became {metrics['loss']} in epoch {epoch + 1}")
         metrics.update(lr=lr, epoch_time_s=epoch_time, images_per_s=steps_per_epoch * global_batch / epoch_time)
+        for addon in addons:
+            if hasattr(addon, "epoch_metrics"):
+                metrics.update(addon.epoch_metrics())
         last = epoch == epochs - 1
         every = int(cfg.eval.every)
         if last or (every and (epoch + 1) % every == 0):
@@ -186,8 +200,8 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
             metrics["knn_top1"] = evals[objective_split][primary][0]
         log_epoch(epoch, metrics)
         if info.is_main:
-            save_atomic({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                        checkpoint)
+            save_atomic({"model": method.state_dict(), "addons": trained_addons.state_dict(),
+                         "optimizer": optimizer.state_dict(), "epoch": epoch}, checkpoint)
         distributed.barrier()
         knn_text = f" | knn {metrics['knn_top1']:.2f}" if "knn_top1" in metrics else ""
         if info.is_main:
