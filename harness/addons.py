@@ -31,7 +31,7 @@ class Batch:
     """What an add-on sees of one training step (this rank's slice of the global batch)."""
 
     images: torch.Tensor  # uint8 N×3×H×W, before augmentation
-    index: torch.Tensor  # the images' positions in the training set (for per-image artifacts)
+    index: torch.Tensor  # the images' positions in the FULL training split (before subsets and hold-outs)
     views: list[torch.Tensor]  # the method's normalised views
     parts: LossParts  # the method's loss, split into per-pair and batch parts
     method: nn.Module  # the method itself (not the DDP wrapper): heads, embed(), backbone

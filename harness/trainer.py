@@ -120,6 +120,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     optimizer = build_optimizer(nn.ModuleList([method, trained_addons]), tc, peak_lr)
 
     train_x = data.train_x.to(device)  # the whole uint8 dataset lives on the training device
+    train_index = data.train_index.to(device)  # positions in the full training split (for per-image artifacts)
     views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
                       seed=int(cfg.seed) * 1000 + info.rank, channels_last=device.type == "cuda")
     objective_split = "val" if data.val_x is not None else "test"
@@ -165,7 +166,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
             with autocast:
                 parts = model(batch_views)
                 weights, extra, addon_logs = combine(
-                    Batch(train_x[idx], idx, batch_views, parts, method, model, epoch, global_step / total_steps),
+                    Batch(train_x[idx], train_index[idx], batch_views, parts, method, model, epoch, global_step / total_steps),
                     addons)
             loss = parts.total(weights) if extra is None else parts.total(weights) + extra
             optimizer.zero_grad(set_to_none=True)
