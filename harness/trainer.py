@@ -165,9 +165,9 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
             batch_views = views(train_x[idx])
             with autocast:
                 parts = model(batch_views)
-                weights, extra, addon_logs = combine(
-                    Batch(train_x[idx], train_index[idx], batch_views, parts, method, model, epoch, global_step / total_steps),
-                    addons)
+                batch = Batch(train_x[idx], train_index[idx], batch_views, parts, method, model, epoch,
+                              global_step / total_steps)
+                weights, extra, addon_logs = combine(batch, addons)
             loss = parts.total(weights) if extra is None else parts.total(weights) + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
