@@ -94,7 +94,8 @@ def hyper_parameters(configs: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
-def rankings(page: Page, configs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+def rankings(page: Page, configs: list[dict[str, Any]],
+             refs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     by_setting: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for c in configs:
         by_setting[(c["dataset"], c["protocol"], *(c[k] for k in data.SETTING))].append(c)
@@ -123,29 +124,48 @@ def rankings(page: Page, configs: list[dict[str, Any]]) -> dict[tuple[str, str],
             ], {"config": m["config_key"], "epochs": m["epochs"]}))
         page.sections.append(
             f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
-            f"<h3>{esc(dataset)} — {esc(protocol)} (test top-1 %)</h3>{table(headers, body, 'ranking')}</section>")
+            f"<h3>{esc(dataset)} — {esc(protocol)} (test top-1 %)</h3>{table(headers, body, 'ranking')}"
+            f"{beside(refs, dataset, {str(m['method']).lower() for m in members})}</section>")
         out.append(((dataset, protocol), members))
     return dict(out)
 
 
-def references(page: Page, con: duckdb.DuckDBPyConnection, datasets: list[str]) -> None:
+def load_references(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """The published numbers shipped with the package plus any in the store's references table."""
     refs = list(csv.DictReader(REFERENCES.open()))
-    refs += [{k: ("" if v is None else v) for k, v in r.items()} for r in data.rows(con, 'SELECT * FROM "references"')]
+    stored = data.rows(con, 'SELECT * FROM "references"')
+    return refs + [{k: ("" if v is None else v) for k, v in r.items()} for r in stored]
+
+
+REF_HEADERS = ["source", "method", "backbone", "epochs", "batch", "top-1", "protocol", "note"]
+
+
+def reference_rows(refs: list[dict[str, Any]]) -> list[str]:
+    return [row_html([("source", r["source"]), ("method", r["method"]), ("backbone", r.get("backbone", "")),
+                      ("epochs", r.get("epochs", "")), ("batch", r.get("batch_size", "")),
+                      ("top1", r["top1"] or "claim"), ("protocol", r["protocol"]), ("note", r.get("note", ""))])
+            for r in sorted(refs, key=lambda r: (r["protocol"], -float(r["top1"] or 0)))]
+
+
+def beside(refs: list[dict[str, Any]], dataset: str, methods: set[str]) -> str:
+    """Published rows for the methods of one ranking (a method also matches e.g. 'clsp-simclr')."""
+    chosen = [r for r in refs if r["dataset"] == dataset and any(m and m in r["method"] for m in methods)]
+    if not chosen:
+        return ""
+    return ("<p>Published numbers for these methods on this dataset (their protocols, single runs; not ranked "
+            "with ours):</p>" + table(REF_HEADERS, reference_rows(chosen), "refs beside"))
+
+
+def all_references(page: Page, refs: list[dict[str, Any]], datasets: list[str]) -> None:
     by_dataset: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in refs:
         by_dataset[r["dataset"]].append(r)
     order = [d for d in datasets if d in by_dataset] + sorted(d for d in by_dataset if d not in datasets)
     for dataset in order:
-        body = [row_html([("source", r["source"]), ("method", r["method"]), ("backbone", r.get("backbone", "")),
-                          ("epochs", r.get("epochs", "")), ("batch", r.get("batch_size", "")),
-                          ("top1", r["top1"] or "claim"), ("protocol", r["protocol"]), ("note", r.get("note", ""))])
-                for r in sorted(by_dataset[dataset], key=lambda r: (r["protocol"], -float(r["top1"] or 0)))]
         page.sections.append(
-            f'<section class="block f" data-dataset="{esc(dataset)}"><h3>{esc(dataset)}: published numbers</h3>'
-            "<p>Other protocols than ours unless the protocol says so: shown beside the rankings, never ranked "
-            "with them. Single runs (no seeds).</p>"
-            f"{table(['source', 'method', 'backbone', 'epochs', 'batch', 'top-1', 'protocol', 'note'], body, 'refs')}"
-            "</section>")
+            f'<details class="block f" data-dataset="{esc(dataset)}"><summary>{esc(dataset)}: '
+            f"{len(by_dataset[dataset])} published numbers</summary>"
+            f"{table(REF_HEADERS, reference_rows(by_dataset[dataset]), 'refs')}</details>")
 
 
 def effects(page: Page, con: duckdb.DuckDBPyConnection) -> None:
@@ -322,6 +342,7 @@ td.names,td.hparams,td.note{max-width:320px;overflow-wrap:anywhere}
 #filters{position:sticky;top:0;background:#fff;padding:6px 0;z-index:5;border-bottom:1px solid #eee}
 #filters label{margin-right:14px}.verdict.bad{color:#b00;font-weight:600}.verdict.good{color:#070}
 tr[data-verdict=REGRESSED] td{background:#fde8e8}
+summary{cursor:pointer;margin:6px 0}table.beside{font-size:11.5px;color:#444}
 """
 
 SCRIPT = """
@@ -366,17 +387,16 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
 
     page.sections.append("<h2>Rankings</h2><p>One row per setting: its best configuration by mean test top-1 "
                          "over seeds (newest run per seed); 95% interval is Student's t over seeds.</p>")
-    ranked = rankings(page, configs)
+    refs = load_references(con)
+    ranked = rankings(page, configs, refs)
     if not ranked:
         page.sections.append("<p>No completed runs with test evaluations yet.</p>")
-    page.sections.append("<h2>Published references</h2>")
-    references(page, con, datasets)
     page.sections.append("<h2>Add-on effects (paired over seeds)</h2>")
     effects(page, con)
-    page.sections.append("<h2>Learning curves</h2>")
-    learning_curves(page, con, ranked)
     page.sections.append("<h2>Regressions</h2>")
     regressions(page, con)
+    page.sections.append("<h2>Learning curves</h2>")
+    learning_curves(page, con, ranked)
     page.sections.append("<h2>Each configuration across commits</h2>")
     across_commits(page, con)
     page.sections.append("<h2>Throughput per run</h2>")
@@ -385,6 +405,8 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     optuna_studies(page, db)
     if len(page.sections) > studies_at:
         page.sections.insert(studies_at, "<h2>Optuna studies</h2>")
+    page.sections.append("<h2>All published references</h2>")
+    all_references(page, refs, datasets)
 
     filters = (select("dataset", "dataset", datasets)
                + select("protocol", "protocol", sorted({c["protocol"] for c in configs}))
