@@ -143,3 +143,36 @@ def test_leaderboard_never_imports_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("NO TORCH")
     assert (tmp_path / "p.html").stat().st_size > 1_000_000  # plotly.js inlined
+
+
+def test_optuna_study_history_and_importances(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    store = Store(tmp_path / "r.duckdb")
+    add_run(store, "r0", 70.0)
+    # The layout the Optuna sweeper keeps: one journal file per study beside the store.
+    (tmp_path / "r.duckdb.optuna").mkdir()
+    journal = optuna.storages.journal.JournalFileBackend(str(tmp_path / "r.duckdb.optuna" / "s.log"))
+    study = optuna.create_study(study_name="lr<b>search", storage=optuna.storages.JournalStorage(journal),
+                                direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: 10 * t.suggest_float("lr", 0.01, 1.0) + t.suggest_int("k", 1, 2), n_trials=8)
+    out = tmp_path / "p.html"
+    assert main(["build", "--db", str(store.path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "study lr&lt;b&gt;search (8 completed trials" in text
+    blob = text.split('<script type="application/json" id="figures">', 1)[1].split("</script>", 1)[0]
+    figures = json.loads(blob).values()
+    history = [f for f in figures if any(t.get("name") == "best so far" for t in f["data"])]
+    assert len(history) == 1 and history[0]["data"][0]["x"] == list(range(8))
+    assert history[0]["data"][1]["y"][-1] == pytest.approx(study.best_value)
+    bars = [t for f in figures for t in f["data"] if t["type"] == "bar"]
+    assert len(bars) == 1 and sorted(bars[0]["y"]) == ["k", "lr"]
+
+
+def test_page_without_a_study_has_no_optuna_section(tmp_path):
+    store = Store(tmp_path / "r.duckdb")
+    add_run(store, "r0", 70.0)
+    out = tmp_path / "p.html"
+    assert main(["build", "--db", str(store.path), "--out", str(out), "--cdn"]) == 0
+    text = out.read_text()
+    assert "Optuna studies" not in text
+    assert len(text) < 500_000 and 'src="https://cdn.plot.ly/plotly-' in text
