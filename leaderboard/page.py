@@ -74,8 +74,10 @@ class Page:
 
     def figure(self, traces: list[dict[str, Any]], layout: dict[str, Any]) -> str:
         fid = f"fig{len(self.figures)}"
-        self.figures[fid] = {"data": traces, "layout": {"height": 340, "margin": {"l": 60, "r": 20, "t": 40, "b": 50},
-                                                        **layout}}
+        layout = {"height": 340, "margin": {"l": 60, "r": 20, "t": 40, "b": 50}, **layout}
+        if "title" in layout:  # left-aligned, so that Plotly's toolbar (top right) does not cover it
+            layout["title"] = {"x": 0.01, "xanchor": "left", **layout["title"]}
+        self.figures[fid] = {"data": traces, "layout": layout}
         return f'<div class="plot" id="{fid}"></div>'
 
 
@@ -249,6 +251,10 @@ def regressions(page: Page, con: duckdb.DuckDBPyConnection) -> None:
     base, cand = commits[-2], commits[-1]
     results = regress.compare(regress.side_from_commit(con, base), regress.side_from_commit(con, cand))
     results = [r for r in results if r["verdict"] not in ("missing", "new")]
+    if not results:
+        page.sections.append(f"<p>No configuration has runs at both of the two newest commits ({esc(base[:10])}, "
+                             f"{esc(cand[:10])}): nothing to compare.</p>")
+        return
     n_bad = sum(r["verdict"] == "REGRESSED" for r in results)
     body = [row_html([("verdict", r["verdict"]), ("dataset", r["dataset"]), ("protocol", r["protocol"]),
                       ("label", r["label"]), ("base", f"{num(r['base'])} (n={r['n_base']})"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -49,24 +50,26 @@ def t_cdf(t: float, df: float) -> float:
     return 1.0 - tail if t > 0 else tail
 
 
+@lru_cache(maxsize=65536)  # integer degrees of freedom repeat across thousands of groups
 def t_ppf(p: float, df: float) -> float:
-    """The p-quantile of Student's t (bisection on t_cdf: monotone, and only called per group)."""
+    """The p-quantile of Student's t.
+
+    Newton's method from t = 0: the CDF is concave for t > 0, so each tangent step lands at or
+    before the root and the iterates climb to it monotonically (no overshoot, no bracketing).
+    """
     if not 0.0 < p < 1.0:
         raise ValueError(f"t_ppf: p = {p} must be in (0, 1)")
     if p < 0.5:
         return -t_ppf(1.0 - p, df)
-    low, high = 0.0, 1.0
-    while t_cdf(high, df) < p:
-        high *= 2.0
+    log_norm = math.lgamma((df + 1.0) / 2.0) - math.lgamma(df / 2.0) - 0.5 * math.log(df * math.pi)
+    t = 0.0
     for _ in range(200):
-        mid = (low + high) / 2.0
-        if t_cdf(mid, df) < p:
-            low = mid
-        else:
-            high = mid
-        if high - low < 1e-12 * max(1.0, high):
+        density = math.exp(log_norm - (df + 1.0) / 2.0 * math.log1p(t * t / df))
+        step = (t_cdf(t, df) - p) / density
+        t -= step
+        if abs(step) < 1e-12 * max(1.0, abs(t)):
             break
-    return (low + high) / 2.0
+    return t
 
 
 def t_halfwidth(std: float | None, n: int, level: float = 0.95) -> float | None:
