@@ -40,32 +40,35 @@ def _drop(tree: dict, dotted: str) -> None:
             _drop(tree[head], rest)
 
 
-def _hash(tree: dict) -> str:
-    blob = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
+def _hash(parts: dict[str, str], leave_out: str = "") -> str:
+    blob = ",".join(f"{k}={v}" for k, v in sorted(parts.items()) if k != leave_out)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
     if not isinstance(tree, dict):
         return {prefix: tree}
     out: dict[str, Any] = {}
     for k, v in tree.items():
-        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
+        out.update(flatten(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
     return out
 
 
 def identities(config_json: str | None) -> tuple[str, str, str, str]:
-    """(config_key, key without weighting, key without positives, flat config as JSON) of one run."""
+    """(config_key, key without weighting, key without positives, identity config as JSON) of one run."""
     try:
         tree = json.loads(config_json) if config_json else {}
     except json.JSONDecodeError:
         tree = {"unparsable_config": config_json}
+    if not isinstance(tree, dict):
+        tree = {"config": tree}
     for dotted in NOT_IDENTITY:
         _drop(tree, dotted)
-    flat = json.dumps(_flatten(tree), sort_keys=True, default=str)
-    without_weighting = {k: v for k, v in tree.items() if k != "weighting"}
-    without_positives = {k: v for k, v in tree.items() if k != "positives"}
-    return _hash(tree), _hash(without_weighting), _hash(without_positives), flat
+    # Each top-level group is serialised once; the three keys hash the same pieces with one left out.
+    parts = {k: json.dumps(v, sort_keys=True, separators=(",", ":"), default=str) for k, v in tree.items()}
+    identity = "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in sorted(parts.items())) + "}"
+    return _hash(parts), _hash(parts, "weighting"), _hash(parts, "positives"), identity
 
 
 def prepare(con: duckdb.DuckDBPyConnection) -> None:
@@ -87,7 +90,7 @@ def prepare(con: duckdb.DuckDBPyConnection) -> None:
         """CREATE OR REPLACE TEMP TABLE run_ident AS
         SELECT unnest(?::VARCHAR[]) AS run_id, unnest(?::VARCHAR[]) AS config_key,
                unnest(?::VARCHAR[]) AS weight_key, unnest(?::VARCHAR[]) AS pos_key,
-               unnest(?::VARCHAR[]) AS flat_config""",
+               unnest(?::VARCHAR[]) AS identity""",
         [ids, keys, wkeys, pkeys, flats],
     )
     # One value per configuration, seed and protocol: the newest completed run's test top-1.
@@ -123,10 +126,10 @@ def configurations(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
                    string_agg(DISTINCT name, ' | ' ORDER BY name) AS names,
                    string_agg(DISTINCT git_commit, ' ' ORDER BY git_commit) AS commits
             FROM per_seed GROUP BY ALL)
-        SELECT agg.*, i.flat_config,
+        SELECT agg.*, i.identity,
                row_number() OVER (PARTITION BY dataset, protocol, {setting} ORDER BY mean DESC, n DESC, config_key)
                    AS rank_in_setting
-        FROM agg JOIN (SELECT config_key, any_value(flat_config) AS flat_config FROM run_ident GROUP BY 1) i
+        FROM agg JOIN (SELECT config_key, any_value(identity) AS identity FROM run_ident GROUP BY 1) i
              USING (config_key)
         ORDER BY dataset, protocol, mean DESC""")
 
@@ -146,27 +149,54 @@ def effects(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
             FROM per_seed t JOIN per_seed b
               ON b.{key} = t.{key} AND b.protocol = t.protocol AND b.seed = t.seed AND b.dataset = t.dataset
             WHERE {is_base} AND {is_treated}""")
+    # Per treated configuration, then one row per treated setting: the pair whose baseline configuration
+    # scores best (the effect at the plain method's best hyper-parameters), with the mean effect over
+    # all the setting's paired configurations beside it.
     return rows(con, f"""
-        SELECT addon, treatment, dataset, protocol, config_key, base_key,
-               any_value(method) AS method, any_value(backbone) AS backbone, any_value(epochs) AS epochs,
-               avg(diff) AS mean, stddev_samp(diff) AS std, count(*) AS n, list(seed ORDER BY seed) AS seeds
-        FROM ({" UNION ALL ".join(pairs)}) GROUP BY ALL
+        WITH per_config AS (
+            SELECT addon, treatment, dataset, protocol, config_key, base_key, method, backbone, epochs,
+                   weighting, positives, synthetic_ratio,
+                   avg(diff) AS mean, stddev_samp(diff) AS std, count(*) AS n, list(seed ORDER BY seed) AS seeds
+            FROM ({" UNION ALL ".join(pairs)}) GROUP BY ALL),
+        base AS (SELECT config_key, protocol, avg(top1) AS base_mean FROM per_seed GROUP BY ALL),
+        ranked AS (
+            SELECT p.*, b.base_mean,
+                   row_number() OVER w AS k, count(*) OVER w AS configs, avg(p.mean) OVER w AS mean_over_configs
+            FROM per_config p JOIN base b ON b.config_key = p.base_key AND b.protocol = p.protocol
+            WINDOW w AS (PARTITION BY p.addon, p.treatment, p.dataset, p.protocol, p.method, p.backbone, p.epochs,
+                                      p.weighting, p.positives, p.synthetic_ratio
+                         ORDER BY b.base_mean DESC, p.n DESC, p.config_key
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING))
+        SELECT * EXCLUDE (k) FROM ranked WHERE k = 1
         ORDER BY dataset, protocol, addon, mean DESC""")
 
 
-def commit_series(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    """Per configuration and commit: mean/std/n over seeds, ordered by when the commit's runs finished."""
+def commit_series(con: duckdb.DuckDBPyConnection, top: int = 10) -> list[dict[str, Any]]:
+    """Per configuration and commit: mean/std/n over seeds, ordered by when the commit's runs finished.
+
+    Only configurations run at two commits or more, and per dataset x protocol the `top` ones with the
+    most commits (then the best mean): a chart with thousands of lines shows nothing.
+    """
     return rows(con, """
         WITH newest AS (
             SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY config_key, seed, protocol, git_commit
                                                         ORDER BY finished_at DESC NULLS LAST) AS k FROM all_seeds)
-            WHERE k = 1)
-        SELECT dataset, protocol, config_key, git_commit, any_value(method) AS method,
-               any_value(backbone) AS backbone, any_value(weighting) AS weighting,
-               any_value(synthetic_ratio) AS synthetic_ratio, any_value(epochs) AS epochs,
-               avg(top1) AS mean, stddev_samp(top1) AS std, count(*) AS n, min(finished_at) AS first_at
-        FROM newest GROUP BY ALL
-        ORDER BY dataset, protocol, config_key, first_at""")
+            WHERE k = 1),
+        points AS (
+            SELECT dataset, protocol, config_key, git_commit, any_value(method) AS method,
+                   any_value(backbone) AS backbone, any_value(weighting) AS weighting,
+                   any_value(positives) AS positives, any_value(synthetic_ratio) AS synthetic_ratio,
+                   any_value(epochs) AS epochs, avg(top1) AS mean, stddev_samp(top1) AS std, count(*) AS n,
+                   min(finished_at) AS first_at
+            FROM newest GROUP BY ALL),
+        configs AS (
+            SELECT dataset, protocol, config_key,
+                   row_number() OVER (PARTITION BY dataset, protocol
+                                      ORDER BY count(*) DESC, arg_max(mean, first_at) DESC, config_key) AS k
+            FROM points GROUP BY dataset, protocol, config_key HAVING count(*) >= 2)
+        SELECT p.* FROM points p JOIN configs c USING (dataset, protocol, config_key)
+        WHERE c.k <= ?
+        ORDER BY p.dataset, p.protocol, c.k, p.first_at""", [top])
 
 
 def commits_in_order(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -210,12 +240,24 @@ def curves(con: duckdb.DuckDBPyConnection, config_keys: list[str], names: tuple[
         GROUP BY ALL""", [max_points, config_keys, list(names)])
 
 
-def throughput(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    """Per completed run: median images/s over its epochs, with what it ran on."""
-    return rows(con, """
-        SELECT r.run_id, r.name, r.method, r.backbone, r.dataset, r.batch_size, r.world_size,
-               coalesce(r.device_name, 'unknown') AS device_name, r.seed, t.images_per_s
+def throughput(con: duckdb.DuckDBPyConnection, points_up_to: int = 2000) -> tuple[list[dict[str, Any]], bool]:
+    """Median images/s over each completed run's epochs, grouped by what it ran on.
+
+    Returns (groups, with_points): up to `points_up_to` runs each group lists its runs; beyond, only
+    the quartiles per group come back (thousands of points make a page slow to open).
+    """
+    runs = """
+        SELECT r.run_id, r.name, r.method, r.seed, t.images_per_s,
+               r.backbone || ' · ' || coalesce(r.device_name, 'unknown') || ' × ' || coalesce(r.world_size, 1)
+                   || ' · bs ' || coalesce(r.batch_size::VARCHAR, '?') AS grp
         FROM runs r JOIN (SELECT run_id, median(value) AS images_per_s FROM metrics
                           WHERE name = 'images_per_s' GROUP BY run_id) t ON t.run_id = r.run_id
-        WHERE r.status = 'completed'
-        ORDER BY r.backbone, r.device_name, r.world_size, t.images_per_s DESC""")
+        WHERE r.status = 'completed'"""
+    count = con.execute(f"SELECT count(*) FROM ({runs})").fetchone()[0]
+    with_points = count <= points_up_to
+    extra = ("list(images_per_s ORDER BY images_per_s DESC) AS values, list(coalesce(name, run_id) || ' (' || method "
+             "|| ', seed ' || seed || ')' ORDER BY images_per_s DESC) AS labels, ") if with_points else ""
+    return rows(con, f"""
+        SELECT grp, count(*) AS n, {extra}
+               quantile_cont(images_per_s, [0, 0.25, 0.5, 0.75, 1]) AS q
+        FROM ({runs}) GROUP BY grp ORDER BY grp"""), with_points

@@ -84,9 +84,13 @@ class Page:
 # ---------------------------------------------------------------------------------------------- sections
 def hyper_parameters(configs: list[dict[str, Any]]) -> dict[str, str]:
     """config_key -> the values of the settings that differ between the configurations of one setting."""
-    flats = {c["config_key"]: json.loads(c["flat_config"] or "{}") for c in configs}
-    keys = set().union(*flats.values()) if flats else set()
-    varying = sorted(k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats.values()}) > 1)
+    flats = {c["config_key"]: data.flatten(json.loads(c["identity"] or "{}")) for c in configs}
+    seen: dict[str, set[str]] = defaultdict(set)
+    for f in flats.values():
+        for k, v in f.items():
+            seen[k].add(repr(v))
+    # A key missing from some configurations also varies (None stands for it).
+    varying = sorted(k for k, values in seen.items() if len(values) > 1 or any(k not in f for f in flats.values()))
     out = {}
     for c in configs:
         f = flats[c["config_key"]]
@@ -184,16 +188,22 @@ def effects(page: Page, con: duckdb.DuckDBPyConnection) -> None:
         for r in members:
             half = t_halfwidth(r["std"], r["n"])
             interval = f"[{num(r['mean'] - half)}, {num(r['mean'] + half)}]" if half is not None else "one pair"
+            other = "weighting " + str(r["weighting"]) if r["addon"] == "positives" else \
+                f"{r['positives']} r={r['synthetic_ratio'] or 0:g}"
             body.append(row_html([("addon", r["addon"]), ("treatment", r["treatment"]), ("method", r["method"]),
-                                  ("backbone", r["backbone"]), ("epochs", r["epochs"]),
+                                  ("backbone", r["backbone"]), ("epochs", r["epochs"]), ("other", other),
                                   ("diff", f"{r['mean']:+.2f}"), ("interval", interval), ("n", r["n"]),
+                                  ("configs", r["configs"]), ("overall", f"{r['mean_over_configs']:+.2f}"),
                                   ("protocol", protocol), ("config", r["config_key"]), ("base", r["base_key"])],
                                  {"epochs": r["epochs"]}))
         page.sections.append(
             f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
             f"<h3>{esc(dataset)} — {esc(protocol)}: add-on minus the same run without it (points)</h3>"
-            + table(["add-on", "treatment", "method", "backbone", "epochs", "mean paired diff", "95% interval",
-                     "n seed pairs", "protocol", "config", "baseline config"], body, "effects") + "</section>")
+            + "<p>At the best configuration of the run without the add-on; the last but two columns average the "
+            "effect over every configuration tried with and without it.</p>"
+            + table(["add-on", "treatment", "method", "backbone", "epochs", "other add-on", "mean paired diff",
+                     "95% interval", "n seed pairs", "configs paired", "mean over configs", "protocol", "config",
+                     "baseline config"], body, "effects") + "</section>")
 
 
 def learning_curves(page: Page, con: duckdb.DuckDBPyConnection,
@@ -221,7 +231,7 @@ def learning_curves(page: Page, con: duckdb.DuckDBPyConnection,
 
 def across_commits(page: Page, con: duckdb.DuckDBPyConnection) -> None:
     by_config: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in data.commit_series(con):
+    for r in data.commit_series(con, TOP_SERIES):
         by_config[(r["dataset"], r["protocol"], r["config_key"])].append(r)
     by_block: dict[tuple[str, str], list[list[dict[str, Any]]]] = defaultdict(list)
     for (dataset, protocol, _), points in by_config.items():
@@ -230,12 +240,11 @@ def across_commits(page: Page, con: duckdb.DuckDBPyConnection) -> None:
     if not by_block:
         page.sections.append("<p>Every configuration has runs at one commit only: no series yet.</p>")
     for (dataset, protocol), series in sorted(by_block.items()):
-        series.sort(key=lambda s: (-len(s), -s[-1]["mean"]))
         traces = [{"type": "scatter", "mode": "lines+markers", "name": plot_text(setting_label(s[0])),
                    "x": [p["git_commit"][:10] for p in s], "y": [p["mean"] for p in s],
                    "error_y": {"type": "data", "array": [p["std"] or 0 for p in s], "visible": True},
                    "text": [f"n={p['n']}" for p in s],
-                   "hovertemplate": "commit %{x}: %{y:.2f} (%{text})<extra></extra>"} for s in series[:TOP_SERIES]]
+                   "hovertemplate": "commit %{x}: %{y:.2f} (%{text})<extra></extra>"} for s in series]
         page.sections.append(
             f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
             f"<h3>{esc(dataset)} — {esc(protocol)}: test top-1 per commit (mean ± std over seeds)</h3>"
@@ -249,7 +258,8 @@ def regressions(page: Page, con: duckdb.DuckDBPyConnection) -> None:
         page.sections.append("<p>One commit in the store: nothing to compare yet.</p>")
         return
     base, cand = commits[-2], commits[-1]
-    results = regress.compare(regress.side_from_commit(con, base), regress.side_from_commit(con, cand))
+    results = regress.compare(regress.side_from_commit(con, base), regress.side_from_commit(con, cand),
+                              with_bound=False)
     results = [r for r in results if r["verdict"] not in ("missing", "new")]
     if not results:
         page.sections.append(f"<p>No configuration has runs at both of the two newest commits ({esc(base[:10])}, "
@@ -271,23 +281,23 @@ def regressions(page: Page, con: duckdb.DuckDBPyConnection) -> None:
 
 
 def throughput(page: Page, con: duckdb.DuckDBPyConnection) -> None:
-    rows = data.throughput(con)
-    if not rows:
+    groups, with_points = data.throughput(con)
+    if not groups:
         page.sections.append("<p>No throughput recorded.</p>")
         return
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        groups[f"{r['backbone']} · {r['device_name']} × {r['world_size']} · bs {r['batch_size']}"].append(r)
-    many = len(rows) > 2000  # thousands of hover points make the page slow to open: boxes only then
-    traces = [{"type": "box", "name": plot_text(g), "y": [r["images_per_s"] for r in members],
-               "boxpoints": False if many else "all", "jitter": 0.4, "pointpos": 0,
-               "text": None if many else [plot_text(f"{r['name'] or r['run_id']} ({r['method']}, seed {r['seed']})")
-                                          for r in members],
-               "hovertemplate": "%{y:,.0f} img/s<br>%{text}<extra></extra>" if not many else None}
-              for g, members in sorted(groups.items())]
-    page.sections.append(page.figure(traces, {"title": {"text": "median images/s per run (each point a run)"},
-                                              "yaxis": {"title": {"text": "images / s"}}, "showlegend": False,
-                                              "height": 420}))
+    traces = []
+    for g in groups:
+        q = g["q"]
+        trace = {"type": "box", "name": plot_text(g["grp"]), "q1": [q[1]], "median": [q[2]], "q3": [q[3]],
+                 "lowerfence": [q[0]], "upperfence": [q[4]], "x": [plot_text(g["grp"])]}
+        if with_points:  # each run a point, named in its hover text
+            trace = {"type": "box", "name": plot_text(g["grp"]), "y": g["values"], "boxpoints": "all",
+                     "jitter": 0.4, "pointpos": 0, "text": [plot_text(t) for t in g["labels"]],
+                     "hovertemplate": "%{y:,.0f} img/s<br>%{text}<extra></extra>"}
+        traces.append(trace)
+    title = "median images/s per run" + (" (each point a run)" if with_points else " (quartiles over runs)")
+    page.sections.append(page.figure(traces, {"title": {"text": title}, "yaxis": {"title": {"text": "images / s"}},
+                                              "showlegend": False, "height": 420}))
 
 
 def optuna_studies(page: Page, db: Path) -> None:

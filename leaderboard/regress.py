@@ -88,13 +88,13 @@ def write_baseline_file(path: Path, commit: str, side: dict[tuple, dict[str, Any
 
 
 def compare_one(base: dict[str, Any], cand: dict[str, Any], alpha: float, min_effect: float,
-                tolerance: float) -> dict[str, Any]:
+                tolerance: float, with_bound: bool = True) -> dict[str, Any]:
     """The verdict for one configuration present on both sides."""
     b, c = list(base["values"]), list(cand["values"])
     out: dict[str, Any] = {"n_base": len(b), "n_cand": len(c), "base": mean_std(b)[0], "cand": mean_std(c)[0]}
     out["diff"] = out["cand"] - out["base"]
     if len(b) >= 2 and len(c) >= 2:
-        w = welch(b, c, alpha)
+        w = welch(b, c, alpha, with_bound)
         worse = w["p"] < alpha and -w["diff"] >= min_effect
         better = (1.0 - w["p"]) < alpha and w["diff"] >= min_effect
         out.update(rule=f"welch a={alpha:g} min={min_effect:g}", p=w["p"], bound=w["upper"], df=w["df"])
@@ -107,14 +107,14 @@ def compare_one(base: dict[str, Any], cand: dict[str, Any], alpha: float, min_ef
 
 
 def compare(base: dict[tuple, dict[str, Any]], cand: dict[tuple, dict[str, Any]], alpha: float = 0.05,
-            min_effect: float = 0.5, tolerance: float = 1.0) -> list[dict[str, Any]]:
-    """Verdicts for every configuration on either side, regressions first."""
+            min_effect: float = 0.5, tolerance: float = 1.0, with_bound: bool = True) -> list[dict[str, Any]]:
+    """Verdicts for every configuration on either side, regressions first (bounds cost a t quantile each)."""
     results = []
     for key in sorted(set(base) | set(cand), key=lambda k: tuple(str(x) for x in k)):
         entry = cand.get(key) or base[key]
         row: dict[str, Any] = {"dataset": key[0], "protocol": key[1], "config_key": key[2], "label": label(entry)}
         if key in base and key in cand:
-            row.update(compare_one(base[key], cand[key], alpha, min_effect, tolerance))
+            row.update(compare_one(base[key], cand[key], alpha, min_effect, tolerance, with_bound))
         else:
             side = base.get(key) or cand[key]
             row.update(verdict="missing" if key in base else "new", rule="", p=None, bound=None, df=None,
