@@ -94,9 +94,10 @@ def hyper_parameters(configs: list[dict[str, Any]]) -> dict[str, str]:
     out = {}
     for c in configs:
         f = flats[c["config_key"]]
-        shown = [f"{k}={f.get(k)}" for k in varying]
-        out[c["config_key"]] = ", ".join(shown) if shown else f"lr={c['lr']:.4g}, bs={c['batch_size']}" \
-            if c.get("lr") is not None else ""
+        if varying:
+            out[c["config_key"]] = ", ".join(f"{k}={f.get(k)}" for k in varying)
+        else:  # one configuration tried: show the learning rate actually used and the batch
+            out[c["config_key"]] = "" if c.get("lr") is None else f"lr={c['lr']:.4g}, bs={c['batch_size']}"
     return out
 
 
@@ -369,8 +370,11 @@ SCRIPT = """
   });
   var selects = document.querySelectorAll('#filters select');
   function apply() {
-    var want = {};
-    selects.forEach(function (s) { want[s.name] = s.value; });
+    var want = {}, chosen = new URLSearchParams();
+    selects.forEach(function (s) {
+      want[s.name] = s.value;
+      if (s.value !== '') chosen.set(s.name, s.value);
+    });
     document.querySelectorAll('.f').forEach(function (el) {
       var show = Object.keys(want).every(function (k) {
         var have = el.dataset[k];
@@ -378,9 +382,16 @@ SCRIPT = """
       });
       el.style.display = show ? '' : 'none';
     });
+    history.replaceState(null, '', '#' + chosen.toString());  // a link to this view
     window.dispatchEvent(new Event('resize'));  // plots that were hidden take their width again
   }
-  selects.forEach(function (s) { s.addEventListener('change', apply); });
+  // Filters can come in the link: leaderboard.html#dataset=cifar10&epochs=200
+  var given = new URLSearchParams(location.hash.slice(1));
+  selects.forEach(function (s) {
+    if (given.has(s.name)) s.value = given.get(s.name);
+    s.addEventListener('change', apply);
+  });
+  if (location.hash.length > 1) apply();
 })();
 """
 

@@ -52,18 +52,19 @@ def with_collector(page: Path, out: Path, extra_head: str = "") -> Path:
     return out
 
 
-def browser(page: Path, profile: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def browser(page: Path, profile: Path, *args: str, timeout: float = 240,
+            fragment: str = "") -> subprocess.CompletedProcess:
     exe = chromium()
     assert exe is not None
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr",
-           "--v=0", "--virtual-time-budget=20000", *args, page.resolve().as_uri()]
+           "--v=0", "--virtual-time-budget=20000", *args, page.resolve().as_uri() + fragment]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def dump_dom(page: Path, profile: Path) -> tuple[str, str]:
+def dump_dom(page: Path, profile: Path, fragment: str = "") -> tuple[str, str]:
     """(the DOM after scripts ran, Chromium's console lines)."""
-    proc = browser(page, profile, "--dump-dom")
+    proc = browser(page, profile, "--dump-dom", fragment=fragment)
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = "\n".join(line for line in proc.stderr.splitlines() if "CONSOLE" in line)
     return proc.stdout, console
@@ -81,16 +82,21 @@ class DomTables(HTMLParser):
         self._row: dict[str, Any] | None = None
         self._cell: str | None = None
         self._in_errors = False
+        self._section: dict[str, str | None] = {}
+        self.sections: list[dict[str, str | None]] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
         if tag == "img":
             self.imgs.append(a)
+        elif tag in ("section", "details") and "data-dataset" in a:
+            self._section = a
+            self.sections.append(a)
         elif tag == "table":
             self._table = a.get("class") or ""
             self.tables.setdefault(self._table, [])
         elif tag == "tr" and self._table is not None and "class" in a:
-            self._row = {"_attrs": a}
+            self._row = {"_attrs": a, "_section": self._section}
         elif tag == "td" and self._row is not None:
             self._cell = a.get("class") or ""
             self._row[self._cell] = ""
@@ -107,6 +113,8 @@ class DomTables(HTMLParser):
             self._table = None
         elif tag == "pre":
             self._in_errors = False
+        elif tag in ("section", "details"):
+            self._section = {}
 
     def handle_data(self, text: str) -> None:
         if self._cell is not None and self._row is not None:

@@ -46,11 +46,11 @@ def expected_rows(db: Path) -> list[dict]:
         con.close()
 
 
-def render(db: Path, tmp_path: Path, extra_head: str = "") -> tuple[str, str, Path]:
+def render(db: Path, tmp_path: Path, extra_head: str = "", fragment: str = "") -> tuple[str, str, Path]:
     page = tmp_path / "leaderboard.html"
     assert main(["build", "--db", str(db), "--out", str(page)]) == 0
     probe = with_collector(page, tmp_path / "probe.html", extra_head)
-    dom, console = dump_dom(probe, tmp_path / "profile")
+    dom, console = dump_dom(probe, tmp_path / "profile", fragment)
     return dom, console, page
 
 
@@ -83,6 +83,22 @@ def test_html_in_names_and_config_values_stays_text(tmp_path):
     assert not [i for i in parsed.imgs if i.get("src") == "x"]
     cells = [cell for rows in parsed.tables.values() for row in rows for cell in row.values() if isinstance(cell, str)]
     assert XSS in cells and "<script>alert(2)</script>" in cells  # shown literally, as text
+
+
+@requires_chromium
+def test_filters_from_the_link_hide_other_datasets_and_epochs(tmp_path):
+    store = Store(tmp_path / "r.duckdb")
+    for dataset in ("cifar10", "cifar100"):
+        for epochs in (10, 20):
+            add_run(store, f"{dataset}-{epochs}", 50.0 + epochs, dataset=dataset, epochs=epochs)
+    dom, _, _ = render(store.path, tmp_path, fragment="#dataset=cifar100&epochs=20")
+    parsed = parse_dom(dom)
+    assert parsed.errors_text == ""
+    hidden = lambda attrs: "display: none" in (attrs.get("style") or "")
+    rankings = [a for a in parsed.sections if a.get("data-protocol")]
+    assert {a["data-dataset"]: hidden(a) for a in rankings} == {"cifar10": True, "cifar100": False}
+    rows = [r for r in parsed.tables["ranking"] if r["_section"]["data-dataset"] == "cifar100"]
+    assert {r["epochs"]: hidden(r["_attrs"]) for r in rows} == {"10": True, "20": False}
 
 
 @requires_cifar
