@@ -37,8 +37,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.artifacts import MANIFEST, artifact_path, artifacts_root, build_once, dataset_identity
 from harness.data.datasets import ImageData, load_dataset
-from harness.diffusion import (ddim_scheduler, diffusion_model, load_model, model_identity, resolve_device,
-                               sample_interpolated, to_uint8)
+from harness.diffusion import (
+    ddim_scheduler,
+    diffusion_model,
+    duration,
+    load_model,
+    model_identity,
+    resolve_device,
+    sample_interpolated,
+    to_uint8,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLER_KEYS = ("steps", "eta", "weight", "clip_sample")  # sampler settings that change the images
@@ -85,11 +93,6 @@ def generate_candidates(unet, scheduler, anchors: torch.Tensor, image_ids: list[
     return to_uint8(out).view(n, k, h, w, 3)
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def run_shard(cfg: DictConfig, shard: int, shards: int, data: ImageData | None = None, log_every: float = 10.0) -> Path:
     """Generate shard `shard` of `shards` unless it is already there; returns its file."""
     path = synthetic_path(cfg)
@@ -132,7 +135,7 @@ def run_shard(cfg: DictConfig, shard: int, shards: int, data: ImageData | None =
                 last = now
                 rate = (e - start) / max(now - t0, 1e-9)
                 print(f"{label}: {e - start}/{stop - start} images (×{k} candidates) | {rate:.1f} img/s | "
-                      f"ETA {_duration((stop - e) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
+                      f"ETA {duration((stop - e) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
         tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, result)
         os.replace(tmp, out)  # a shard file exists whole or not at all

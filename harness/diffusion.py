@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from omegaconf import OmegaConf
 
 from harness import tv  # noqa: F401  (makes torchvision, and so diffusers, importable on a CPU torch)
 from harness.artifacts import artifact_path, build_once, dataset_identity
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
-from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+# isort: split
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -138,7 +139,7 @@ def train_ddpm(images: torch.Tensor, diffusion_cfg: Mapping, out_dir: Path, stat
                 done = global_step + 1 - start * steps_per_epoch
                 eta = (total - global_step - 1) * (now - t0) / max(done, 1)
                 print(f"[diffusion] epoch {epoch + 1}/{epochs} step {global_step + 1}/{total} | loss {loss.item():.4f}"
-                      f" | {done * batch / max(now - t0, 1e-9):,.0f} img/s | ETA {_duration(eta)}",
+                      f" | {done * batch / max(now - t0, 1e-9):,.0f} img/s | ETA {duration(eta)}",
                       file=sys.stderr, flush=True)
         every = int(diffusion_cfg.get("checkpoint_every", 0) or 0)
         if every and (epoch + 1) % every == 0 and epoch + 1 < epochs:
@@ -150,7 +151,7 @@ def train_ddpm(images: torch.Tensor, diffusion_cfg: Mapping, out_dir: Path, stat
     shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
