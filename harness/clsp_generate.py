@@ -4,7 +4,7 @@ Layout (methods.md §4.3; ``<artifacts>`` is ``artifacts.dir`` or ``<store.path>
 
     <artifacts>/synthetic/<hash>/candidates.npy  uint8 N×K×H×W×3; row i belongs to training image i
                                  index.npy       int64 N: each row's position in the full training split
-                                 grid.png        the first anchors, each followed by its K candidates
+                                 grid.png        8 anchors spread over the set, each followed by its K candidates
     <artifacts>/synthetic/<hash>.parts/          while generating: shard-0003-of-0008.npy, config.yaml
 
 The hash covers the diffusion model, the training split, K, the sampler settings and the
@@ -225,7 +225,8 @@ def synthetic_set(cfg: DictConfig, data: ImageData, device: torch.device) -> Pat
             out[start:stop] = np.load(shard_file(parts, i, shards))
         out.flush()
         np.save(tmp / "index.npy", data.train_index.numpy().astype(np.int64))
-        save_grid(tmp / "grid.png", data.train_x[:8], np.asarray(out[:8]))
+        rows = np.linspace(0, len(data.train_x) - 1, min(8, len(data.train_x))).round().astype(int)
+        save_grid(tmp / "grid.png", data.train_x[rows], np.asarray(out[rows]))
         del out
 
     build_once(path, assemble, config=synthetic_identity(cfg), what="synthetic set")
