@@ -61,14 +61,18 @@ def own_prediction_infonce(z_syn: torch.Tensor, selected: torch.Tensor, predicti
 
 
 class SyntheticPositives:
-    """The ``positives=clsp`` add-on; built as ``SyntheticPositives(job_cfg, **positives_node)``."""
+    """The ``positives=clsp`` add-on; built as ``SyntheticPositives(job_cfg, **positives_node)``.
+
+    The stages read their settings (candidates, diffusion, sampler, generate) from the job config,
+    whose hash keys their artifacts; the keyword arguments used here are the training-time ones.
+    """
 
     def __init__(self, cfg, ratio: float = 0.5, weight: float = 1.0, mode: str = "similarity", view: int = 0,
                  candidates: int = 8, diffusion=None, sampler=None, generate=None):
         if mode not in MODES:
             raise ValueError(f"positives.mode = {mode!r} is not allowed: expected one of {', '.join(MODES)}")
         self.cfg = cfg
-        self.ratio, self.weight, self.mode, self.view, self.k = float(ratio), float(weight), mode, int(view), candidates
+        self.ratio, self.weight, self.mode, self.view = float(ratio), float(weight), mode, int(view)
         self.used, self.seen = 0, 0
         self.candidates: torch.Tensor | None = None  # N×K×H×W×3 uint8 on the training device
 
