@@ -21,6 +21,7 @@ NOT_IN_RUN_KEY = (
     "tags",
     "sweep",
     "store",
+    "artifacts",
     "launcher",
     "hydra",
     "trainer.device",
