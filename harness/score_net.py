@@ -101,6 +101,8 @@ def train_score_net(net: ScoreNet, images: torch.Tensor, net_cfg, device: torch.
     net.to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_decay > 0 else None
     optimizer = torch.optim.Adam(net.parameters(), lr=float(net_cfg.lr))
+    if net_cfg.get("max_images") and len(images) > int(net_cfg.max_images):
+        images = images[torch.randperm(len(images), generator=gen)[:int(net_cfg.max_images)]]
     images = images.to(device)
     n = len(images)
     steps = max(n // batch_size, 1)

@@ -31,11 +31,10 @@ from torch import nn
 from harness import distributed
 from harness.addons import AddonOut, Batch
 from harness.artifacts import artifact_path, build_once, dataset_identity
+from harness.config import SCORECL_NORMALIZATIONS, SCORECL_STATISTICS
 from harness.score_net import ScoreNet, dsm_loss, to_unit_range, train_score_net
 
-STATISTICS = ("vector", "norm")
-NORMALIZATIONS = ("mean", "minmax", "zsigmoid")
-MODES = ("pretrained", "joint")
+STATISTICS, NORMALIZATIONS = SCORECL_STATISTICS, SCORECL_NORMALIZATIONS
 
 
 def score_difference(s1: torch.Tensor, s2: torch.Tensor, statistic: str) -> torch.Tensor:
