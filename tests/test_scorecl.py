@@ -143,3 +143,17 @@ def test_config_fields_are_validated():
         validate(compose(["weighting=scorecl", "weighting.sigma=2.0"]))
     validate(compose(["weighting=scorecl", "weighting.clip=[0.5,3]", "weighting.score_net.num_sigmas=1",
                       "weighting.score_net.sigma_min=0.05"]))
+
+
+def test_sweep_preset_covers_the_papers_grid():
+    from omegaconf import OmegaConf
+
+    from tests.conftest import REPO
+
+    params = OmegaConf.load(REPO / "sweeps" / "scorecl_all.yaml").hydra.sweeper.params
+    grid = {k: str(v).split(",") for k, v in params.items()}
+    assert grid == {"method": ["simclr", "simsiam", "wmse", "vicreg"], "weighting": ["none", "scorecl"],
+                    "dataset": ["cifar10", "cifar100"], "seed": ["0", "1", "2"]}
+    cfg = compose(["sweep=scorecl_all", "weighting=scorecl", "seed=2"])
+    validate(cfg)
+    assert cfg.trainer.epochs == 1000 and cfg.backbone.name == "resnet18" and cfg.weighting.mode == "pretrained"
