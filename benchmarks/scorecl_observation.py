@@ -131,8 +131,9 @@ def main(argv: list[str]) -> None:
     levels = "; ".join(f"{axis}: " + ", ".join(f"L{i}={lv:g}" for i, (lv, _) in enumerate(ls))
                        for axis, ls in axes.items())
     net = cfg.weighting.score_net
+    seen = min(len(data.train_x), int(net.get("max_images") or len(data.train_x)))
     notes = (f"Score difference d(x, aug(x)) on {len(images)} CIFAR-10 test images; score net trained by DSM on "
-             f"{len(data.train_x)} training images, {net.epochs} epochs, UNet channels "
+             f"{seen} training images, {net.epochs} epochs, UNet channels "
              f"{list(net.unet.block_out_channels)}, σ set {net.num_sigmas} levels in [{net.sigma_min}, "
              f"{net.sigma_max}], scores at σ={sigma}. Levels (weakest first) — {levels} (crop: fraction of "
              f"area kept; jitter: strength k). Spearman ρ between level and d over all (image, level) pairs. "

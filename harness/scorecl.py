@@ -49,16 +49,19 @@ def score_difference(s1: torch.Tensor, s2: torch.Tensor, statistic: str) -> torc
 
 
 def normalize_differences(d: torch.Tensor, everyone: torch.Tensor, how: str) -> torch.Tensor:
-    """`d` (this rank's pairs) normalised with statistics of `everyone` (the global batch)."""
+    """`d` (this rank's pairs) normalised with statistics of `everyone` (the global batch).
+
+    A degenerate batch (all differences equal) gives the neutral value (0, or 0.5 for zsigmoid);
+    the guards are clamps rather than branches, so no step waits for the device.
+    """
+    tiny = 1e-12
     if how == "mean":
-        mean = everyone.mean()
-        return d / mean if mean > 0 else torch.zeros_like(d)
+        return d / everyone.mean().clamp_min(tiny)
     if how == "minmax":
-        low, high = everyone.min(), everyone.max()
-        return (d - low) / (high - low) if high > low else torch.zeros_like(d)
+        low = everyone.min()
+        return (d - low) / (everyone.max() - low).clamp_min(tiny)
     if how == "zsigmoid":
-        std = everyone.std(unbiased=False)
-        return torch.sigmoid((d - everyone.mean()) / std) if std > 0 else torch.full_like(d, 0.5)
+        return torch.sigmoid((d - everyone.mean()) / everyone.std(unbiased=False).clamp_min(tiny))
     raise ValueError(f"normalize={how!r}: expected one of {NORMALIZATIONS}")
 
 

@@ -157,3 +157,28 @@ def test_sweep_preset_covers_the_papers_grid():
     cfg = compose(["sweep=scorecl_all", "weighting=scorecl", "seed=2"])
     validate(cfg)
     assert cfg.trainer.epochs == 1000 and cfg.backbone.name == "resnet18" and cfg.weighting.mode == "pretrained"
+
+
+def _joint_step_grads(rank, world):
+    from harness import distributed
+    from harness.data.augment import ViewMaker
+    from harness.data.datasets import ImageData
+
+    cfg, addon = _addon(1.0, ["weighting.mode=joint"])
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own images
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    data = ImageData(images, torch.zeros(8, dtype=torch.long), images, torch.zeros(8, dtype=torch.long), ["a"], "t")
+    addon.setup(data, distributed.DistInfo(rank=rank, world_size=world))
+    views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, torch.device("cpu"), seed=rank)(images)
+    out = addon.step(Batch(images, torch.arange(8), views, None, None, None, 0, 0.0))
+    out.loss.backward()
+    return out.loss.item(), [p.grad.clone() for p in addon.net.parameters()]
+
+
+@pytest.mark.slow
+def test_joint_score_net_gradients_are_averaged_over_ranks():
+    """The trainer's DDP wraps only the method; the joint score net must still stay in sync."""
+    (loss0, grads0), (loss1, grads1) = run_ranks(_joint_step_grads, 2)
+    assert loss0 != loss1  # different images on each rank...
+    for a, b in zip(grads0, grads1, strict=True):
+        torch.testing.assert_close(a, b)  # ...yet the same (averaged) gradient
