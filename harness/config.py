@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # Settings that say where and how a run executes, not what it computes: they stay out of the
 # run key, so moving a run to another machine or store does not make it a new run.
@@ -117,6 +117,46 @@ OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("cifar10", "cifar100", "imagefolder")
 LR_SCALING = ("linear", "sqrt", "none")
+SCORECL_STATISTICS = ("vector", "norm")
+SCORECL_NORMALIZATIONS = ("mean", "minmax", "zsigmoid")
+SCORECL_MODES = ("pretrained", "joint")
+
+
+def _scorecl_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """weighting=scorecl's fields (harness/scorecl.py)."""
+    w, net = "weighting", "weighting.score_net"
+    errors = [
+        _number(cfg, f"{w}.alpha", low=0),
+        _choice(cfg, f"{w}.statistic", SCORECL_STATISTICS),
+        _choice(cfg, f"{w}.normalize", SCORECL_NORMALIZATIONS),
+        _choice(cfg, f"{w}.mode", SCORECL_MODES),
+        _number(cfg, f"{w}.sigma", low=0, strict_low=True),
+        _number(cfg, f"{w}.joint_weight", low=0),
+        _number(cfg, f"{net}.sigma_min", low=0, strict_low=True),
+        _number(cfg, f"{net}.sigma_max", low=0, strict_low=True),
+        _number(cfg, f"{net}.num_sigmas", low=1, integer=True),
+        _number(cfg, f"{net}.epochs", low=1, integer=True),
+        _number(cfg, f"{net}.max_images", low=1, integer=True, optional=True),
+        _number(cfg, f"{net}.batch_size", low=1, integer=True),
+        _number(cfg, f"{net}.lr", low=0, strict_low=True),
+        _number(cfg, f"{net}.ema", low=0, high=0.999999),
+        _number(cfg, f"{net}.seed", low=0, integer=True),
+    ]
+    clip = OmegaConf.select(cfg, f"{w}.clip", default=None)
+    if clip is not None and not (
+            isinstance(clip, (list, tuple, ListConfig)) and len(clip) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clip) and clip[0] <= clip[1]):
+        errors.append(ConfigError(f"{w}.clip", clip, "null or [w_min, w_max] with w_min <= w_max"))
+    if not any(errors):
+        low, high, sigma = float(cfg[w].score_net.sigma_min), float(cfg[w].score_net.sigma_max), float(cfg[w].sigma)
+        if int(cfg[w].score_net.num_sigmas) == 1:
+            high = low
+        elif high < low:
+            errors.append(ConfigError(f"{net}.sigma_max", high, f"a number >= score_net.sigma_min ({low:g})"))
+        if not low <= sigma <= high:
+            errors.append(ConfigError(f"{w}.sigma", sigma, f"a noise level the score net is trained on, in "
+                                                            f"[{low:g}, {high:g}] (score_net.sigma_min..sigma_max)"))
+    return errors
 
 
 POSITIVE_MODES = ("similarity", "extra_positive")
@@ -190,8 +230,12 @@ def validate(cfg: DictConfig) -> None:
     for i, _ in enumerate(OmegaConf.select(cfg, "eval.knn", default=[]) or []):
         errors.append(_number(cfg, f"eval.knn.{i}.k", low=1, integer=True))
         errors.append(_number(cfg, f"eval.knn.{i}.T", low=0, strict_low=True))
-    for group in ("method", "backbone"):
+    if OmegaConf.select(cfg, "weighting.name", default=None) == "scorecl":
+        errors += _scorecl_errors(cfg)
+    for group in ("method", "backbone", "weighting", "positives"):
         target = OmegaConf.select(cfg, f"{group}._target_", default=None)
+        if group in ("weighting", "positives") and target is None:  # optional add-ons
+            continue
         try:
             import_target(str(target))
         except (ImportError, AttributeError, ValueError):
