@@ -109,7 +109,9 @@ def _hydra_context() -> tuple[str | None, str | None]:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        overrides, log = " ".join(hc.overrides.task), hc.runtime.output_dir
+        # The trial bookkeeping of a tuned sweep (+optuna.*) is noise in the summary table.
+        overrides = " ".join(o for o in hc.overrides.task if not o.startswith("+optuna."))
+        log = hc.runtime.output_dir
     except (ImportError, ValueError):
         pass
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":

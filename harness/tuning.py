@@ -53,8 +53,12 @@ def should_prune(trial: Any | None, epoch: int, knn_top1: float) -> bool:
     """Report this epoch's k-NN top-1 (the objective, on the validation split) and ask the pruner."""
     if trial is None:
         return False
-    trial.report(float(knn_top1), step=epoch)
-    return bool(trial.should_prune())
+    try:
+        trial.report(float(knn_top1), step=epoch)
+        return bool(trial.should_prune())
+    except Exception as e:  # noqa: BLE001 - e.g. a restarted driver already closed this trial: keep training
+        print(f"[harness] could not report to Optuna trial {trial.number}: {e}", flush=True)
+        return False
 
 
 def mark_pruned(trial: Any | None) -> None:

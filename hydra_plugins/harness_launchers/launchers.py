@@ -94,7 +94,8 @@ def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_pa
     if rows and rows[0]["status"] in FINAL:
         return
     store.write("sweep_points", [{
-        "sweep_id": sweep_id, "run_key": key, "overrides": " ".join(filter_overrides(overrides)),
+        "sweep_id": sweep_id, "run_key": key,
+        "overrides": " ".join(o for o in filter_overrides(overrides) if not o.startswith("+optuna.")),
         "status": "failed", "error": error, "log_dir": log_path, "finished_at": utcnow()}])
 
 
