@@ -37,6 +37,18 @@ def storage(path: str | Path) -> Any:
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
+def pruner(kind: str = "median", percentile: float = 50.0, n_startup_trials: int = 2, n_warmup_steps: int = 1) -> Any:
+    """The pruner of a tuned sweep. The study's storage does not keep it, so the sweeper passes
+    these settings to every job, which builds the same pruner to answer should_prune()."""
+    import optuna
+
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    # median keeps the top 50% at each epoch; a lower percentile keeps fewer (prunes more eagerly).
+    return optuna.pruners.PercentilePruner(50.0 if kind == "median" else float(percentile),
+                                           n_startup_trials=int(n_startup_trials), n_warmup_steps=int(n_warmup_steps))
+
+
 def open_trial(cfg: DictConfig) -> Any | None:
     """The Optuna trial this job runs, or None outside a tuned sweep."""
     spec = OmegaConf.select(cfg, "optuna", default=None)
@@ -44,7 +56,8 @@ def open_trial(cfg: DictConfig) -> Any | None:
         return None
     import optuna
 
-    study = optuna.load_study(study_name=str(spec.study), storage=storage(spec.journal))
+    settings = {k: spec[k] for k in ("kind", "percentile", "n_startup_trials", "n_warmup_steps") if k in spec}
+    study = optuna.load_study(study_name=str(spec.study), storage=storage(spec.journal), pruner=pruner(**settings))
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(spec.trial))
     return optuna.trial.Trial(study, trial_id)
 
@@ -61,10 +74,23 @@ def should_prune(trial: Any | None, epoch: int, knn_top1: float) -> bool:
         return False
 
 
+def tell(study: Any, number: int, value: float | None = None, state: Any = None) -> None:
+    """study.tell outside study.optimize.
+
+    Optuna's GridSampler calls study.stop() once the grid is used up, which raises outside
+    optimize(); the trial's state was stored before that (in a finally), so that error is moot here.
+    """
+    try:
+        study.tell(number, value, state=state)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
+
+
 def mark_pruned(trial: Any | None) -> None:
     """Tell the study the trial was pruned (the sweeper sees it finished and leaves it be)."""
     if trial is None:
         return
     import optuna
 
-    trial.study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
+    tell(trial.study, trial.number, state=optuna.trial.TrialState.PRUNED)

@@ -72,6 +72,8 @@ class OptunaSweeper(Sweeper):
         self.n_startup_trials = n_startup_trials
         self.n_warmup_steps = n_warmup_steps
         self.percentile = percentile
+        self._pruning = {"kind": pruner, "percentile": percentile, "n_startup_trials": n_startup_trials,
+                         "n_warmup_steps": n_warmup_steps}
         self.params = dict(params or {})
         self.config: DictConfig | None = None
         self.launcher = None
@@ -90,7 +92,9 @@ class OptunaSweeper(Sweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         fixed, space, grid = [], {}, {}
-        for override in parser.parse_overrides(lines):
+        # The command line comes last and wins over the preset's params for the same key.
+        last = {o.get_key_element(): o for o in parser.parse_overrides(lines)}
+        for override in last.values():
             if not override.is_sweep_override():
                 fixed.append(override.input_line)
                 continue
@@ -142,19 +146,18 @@ class OptunaSweeper(Sweeper):
         from harness import tuning
 
         path = self.storage or str(tuning.journal_path(self.config.store.path, self.study_name))
+        # A resumed study must not draw the same random startup points again: offset the seed by
+        # the trials already in it (filled in below, once the study is open).
         samplers = {
-            "tpe": lambda: optuna.samplers.TPESampler(seed=self.seed),
-            "random": lambda: optuna.samplers.RandomSampler(seed=self.seed),
-            "grid": lambda: optuna.samplers.GridSampler(grid, seed=self.seed),
+            "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
+            "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+            "grid": lambda seed: optuna.samplers.GridSampler(grid, seed=self.seed),
         }
-        # median is the 50th percentile; a higher percentile prunes more eagerly.
-        percentile = 50.0 if self.pruner == "median" else float(self.percentile)
-        pruner = (optuna.pruners.PercentilePruner(percentile, n_startup_trials=self.n_startup_trials,
-                                                  n_warmup_steps=self.n_warmup_steps)
-                  if self.pruner != "none" else optuna.pruners.NopPruner())
+        pruner = tuning.pruner(**self._pruning)
         study = optuna.create_study(study_name=self.study_name, storage=tuning.storage(path),
-                                    sampler=samplers[self.sampler](), pruner=pruner, direction=self.direction,
-                                    load_if_exists=True)
+                                    sampler=samplers[self.sampler](self.seed), pruner=pruner,
+                                    direction=self.direction, load_if_exists=True)
+        study.sampler = samplers[self.sampler](self.seed + len(study.trials))
         log.info(f"Optuna study {self.study_name!r} in {path}: {len(study.trials)} trial(s) so far")
         self._journal = path
         return study
@@ -197,19 +200,22 @@ class OptunaSweeper(Sweeper):
         # Values from `params` of a resumed trial (asked by an earlier driver) or of a new one.
         values = trial.params
         return [*fixed, *(f"{k}={v}" for k, v in values.items()), f"+optuna.journal={self._journal}",
-                f"+optuna.study={self.study_name}", f"+optuna.trial={trial.number}"]
+                f"+optuna.study={self.study_name}", f"+optuna.trial={trial.number}",
+                *(f"+optuna.{k}={v}" for k, v in self._pruning.items())]
 
     @staticmethod
     def _tell(study: Any, trial: Any, value: Any) -> None:
         from optuna.trial import TrialState
 
+        from harness.tuning import tell
+
         state = study._storage.get_trial(trial._trial_id).state
         if state.is_finished():  # the job told the study itself (pruned)
             return
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
-            study.tell(trial.number, state=TrialState.FAIL)
+            tell(study, trial.number, state=TrialState.FAIL)
         else:
-            study.tell(trial.number, float(value))
+            tell(study, trial.number, float(value))
 
     def _report(self, study: Any) -> None:
         from optuna.trial import TrialState
