@@ -213,7 +213,9 @@ def check_slurm(cfg: DictConfig, cluster: dict[str, dict[str, int]] | None) -> N
     if lc.get("sbatch") is not None and not OmegaConf.is_dict(lc.sbatch):
         errors.append(ConfigError("launcher.sbatch", lc.sbatch, "a mapping of sbatch options, e.g. {exclusive: true}"))
     found = [e for e in errors if e is not None]
-    if not found:
+    bad = {f for e in found for f, _, _ in e.problems}
+    ok = lambda *fields: not any(f"launcher.{f}" in bad for f in fields)
+    if ok("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "timeout_min", "signal_delay_s"):
         params = resources(cfg)
         world = params["nodes"] * params["tasks_per_node"]
         if int(cfg.trainer.batch_size) % world:
@@ -222,16 +224,19 @@ def check_slurm(cfg: DictConfig, cluster: dict[str, dict[str, int]] | None) -> N
         if params.get("slurm_signal_delay_s", 0) >= params["timeout_min"] * 60:
             found.append(ConfigError("launcher.signal_delay_s", lc.signal_delay_s,
                                      f"less than the time limit ({params['timeout_min'] * 60} s)"))
-        if cluster:
-            default = next((n for n, p in cluster.items() if p["default"]), None)
-            name = lc.partition or default
-            part = cluster.get(name) if name else None
-            if part is None:
-                found.append(ConfigError("launcher.partition", lc.partition, "one of " + ", ".join(cluster)))
-            else:
-                if params["nodes"] > part["nodes"]:
-                    found.append(ConfigError("launcher.nodes", lc.nodes,
-                                             f"at most {part['nodes']} (nodes in partition {name})"))
+    if cluster and ok("partition"):
+        # What the cluster has (from sinfo): a job it can never run would wait in the queue forever.
+        default = next((n for n, p in cluster.items() if p["default"]), None)
+        name = lc.partition or default
+        part = cluster.get(name) if name else None
+        if part is None:
+            found.append(ConfigError("launcher.partition", lc.partition, "one of " + ", ".join(cluster)))
+        else:
+            if ok("nodes") and lc.nodes > part["nodes"]:
+                found.append(ConfigError("launcher.nodes", lc.nodes,
+                                         f"at most {part['nodes']} (nodes in partition {name})"))
+            if ok("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task"):
+                params = resources(cfg)
                 cpus = params["tasks_per_node"] * params.get("cpus_per_task", 1)
                 if part["cpus"] and cpus > part["cpus"]:
                     found.append(ConfigError("launcher.cpus_per_task", lc.cpus_per_task,
