@@ -158,7 +158,9 @@ def test_a_cancelled_point_fails_with_a_reason_and_a_rerun_trains_only_it(tmp_pa
     points = {r["overrides"].split()[0]: r["status"] for r in store.query(
         "SELECT overrides, status FROM sweep_points WHERE sweep_id = ?", [str(tmp_path / "b")])}
     assert points == {"seed=0": "skipped", "seed=1": "completed"}
-    assert sorted(r["status"] for r in store.query("SELECT status FROM runs")) == ["completed", "completed"]
+    # The cancelled job's run is marked failed by the driver (or was continued from its checkpoint).
+    statuses = [r["status"] for r in store.query("SELECT status FROM runs")]
+    assert statuses.count("completed") == 2 and "running" not in statuses
 
 
 def test_a_bad_launcher_config_is_refused_before_submission(tmp_path):

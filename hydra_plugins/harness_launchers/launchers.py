@@ -93,6 +93,12 @@ def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_pa
     rows = store.query("SELECT status FROM sweep_points WHERE sweep_id = ? AND run_key = ?", [sweep_id, key])
     if rows and rows[0]["status"] in FINAL:
         return
+    # The job's own runs row still says running: it died without a word, say so there too.
+    stale = store.query("SELECT * FROM runs WHERE run_key = ? AND sweep_id = ? AND status IN ('running', 'requeued')",
+                        [key, sweep_id])
+    for row in stale:
+        row = {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
+        store.write("runs", [{**row, "status": "failed", "error": error, "finished_at": utcnow()}])
     store.write("sweep_points", [{
         "sweep_id": sweep_id, "run_key": key,
         "overrides": " ".join(o for o in filter_overrides(overrides) if not o.startswith("+optuna.")),
@@ -295,7 +301,12 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         try:
             ret = job.results()[0]  # rank 0's return; waits for the job (sacct says when it died)
         except Exception as e:  # cancelled, timed out, OOM, node failure: nothing came back
-            error = first_line(e)
+            # submitit's message starts with the result file's path; Slurm's state says what happened.
+            try:
+                state = job.state
+            except Exception:  # noqa: BLE001 - sacct unreachable: the exception alone must do
+                state = "unknown"
+            error = f"{type(e).__name__}: job {job.job_id} ended without a result (Slurm state {state})"
         else:
             if ret.status == JobStatus.COMPLETED:
                 return ret

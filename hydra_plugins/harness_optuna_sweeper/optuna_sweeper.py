@@ -158,7 +158,7 @@ class OptunaSweeper(Sweeper):
                                     sampler=samplers[self.sampler](self.seed), pruner=pruner,
                                     direction=self.direction, load_if_exists=True)
         study.sampler = samplers[self.sampler](self.seed + len(study.trials))
-        log.info(f"Optuna study {self.study_name!r} in {path}: {len(study.trials)} trial(s) so far")
+        print(f"Optuna study {self.study_name!r} in {path}: {len(study.trials)} trial(s) so far", file=sys.stderr)
         self._journal = path
         return study
 
@@ -178,7 +178,8 @@ class OptunaSweeper(Sweeper):
         leftover = [optuna.trial.Trial(study, t._trial_id) for t in study.get_trials(deepcopy=False)
                     if t.state == TrialState.RUNNING]
         if leftover:
-            log.info(f"continuing {len(leftover)} trial(s) a previous driver left running")
+            print(f"continuing {len(leftover)} trial(s) a previous driver left running: "
+                  f"{[t.number for t in leftover]}", file=sys.stderr)
         job_idx = 0
         while True:
             batch = leftover[:self.n_jobs]
