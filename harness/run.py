@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from harness import distributed, preempt, tuning
+from harness.addons import build_addons
 from harness.callbacks import SWEEP_ENV
 from harness.config import instantiate, run_key, to_container, validate
 from harness.data.datasets import load_dataset
@@ -224,7 +225,7 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
     try:
         data = load_dataset(cfg.dataset)
         model = instantiate(cfg.method, instantiate(cfg.backbone))
-        result = fit(cfg, model, data, info, checkpoint, log_epoch)
+        result = fit(cfg, model, data, info, checkpoint, log_epoch, build_addons(cfg))
     except Diverged as e:
         record(status="diverged", error=str(e), finished_at=utcnow())
         outcome.update(status="diverged", error=str(e))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from harness import distributed, preempt
+from harness.addons import Batch, combine
 from harness.data.augment import ViewMaker
 from harness.data.datasets import ImageData
 from harness.evaluate import knn_evaluate, knn_protocol
@@ -77,14 +78,14 @@ class TrainResult:
     objective_split: str  # val when a validation split is held out, else test
 
 
-def _stop_for_requeue(method: nn.Module, optimizer, epoch: int, step: int, sums: dict[str, torch.Tensor],
-                      info: distributed.DistInfo, checkpoint: Path) -> None:
+def _stop_for_requeue(method: nn.Module, trained_addons: nn.Module, optimizer, epoch: int, step: int,
+                      sums: dict[str, torch.Tensor], info: distributed.DistInfo, checkpoint: Path) -> None:
     """Write a mid-epoch checkpoint (rank 0) and raise Preempted on every rank."""
     # Partial sums averaged over ranks: the epoch's final mean over ranks stays exact on resume.
     sums = {k: distributed.mean_over_ranks(v).cpu() for k, v in sums.items()}
     if info.is_main:
-        save_atomic({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "step": step, "sums": sums}, checkpoint)
+        save_atomic({"model": method.state_dict(), "addons": trained_addons.state_dict(),
+                     "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "sums": sums}, checkpoint)
     distributed.barrier()
     raise preempt.Preempted(f"stopped at epoch {epoch + 1}, step {step + 1} for a requeue")
 
@@ -94,14 +95,21 @@ def knn_settings(eval_cfg) -> list[tuple[int, float]]:
 
 
 def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, checkpoint: Path,
-        log_epoch: Callable[[int, dict[str, float]], None], weigh: Callable | None = None) -> TrainResult:
+        log_epoch: Callable[[int, dict[str, float]], None], addons: list | None = None) -> TrainResult:
     """Train `model` (a method wrapping its backbone) on `data`; returns how it ended.
 
     `log_epoch(epoch, metrics)` receives each finished epoch's metrics (called on every rank).
-    `weigh(views, parts)` may return per-pair weights (a ScoreCL-style weighting).
+    `addons` join each step without the method knowing (pair weights, extra positives, probes;
+    see harness/addons.py).
     """
     tc = cfg.trainer
     device = info.device
+    addons = list(addons or [])
+    for addon in addons:
+        if hasattr(addon, "setup"):
+            addon.setup(data, info)
+    trained_addons = nn.ModuleList([a for a in addons if isinstance(a, nn.Module)])
+    trained_addons.to(device)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -121,9 +129,10 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     total_steps = steps_per_epoch * epochs
     peak_lr = scaled_lr(float(tc.lr), global_batch, int(tc.base_batch), tc.lr_scaling)
     warmup_steps = int(round(float(tc.warmup_epochs) * steps_per_epoch))
-    optimizer = build_optimizer(method, tc, peak_lr)
+    optimizer = build_optimizer(nn.ModuleList([method, trained_addons]), tc, peak_lr)
 
     train_x = data.train_x.to(device)  # the whole uint8 dataset lives on the training device
+    train_index = data.train_index.to(device)  # positions in the full training split (for per-image artifacts)
     views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
                       seed=int(cfg.seed) * 1000 + info.rank, channels_last=device.type == "cuda")
     objective_split = "val" if data.val_x is not None else "test"
@@ -141,6 +150,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         method.load_state_dict(state["model"])
+        trained_addons.load_state_dict(state.get("addons", {}))
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
         if state.get("step"):  # written on Slurm's signal: continue inside that epoch
@@ -175,15 +185,17 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
             batch_views = views(train_x[idx])
             with autocast:
                 parts = model(batch_views)
-            weights = weigh(batch_views, parts) if weigh is not None else None
-            loss = parts.total(weights)
+                batch = Batch(train_x[idx], train_index[idx], batch_views, parts, method, model, epoch,
+                              global_step / total_steps)
+                weights, extra, addon_logs = combine(batch, addons)
+            loss = parts.total(weights) if extra is None else parts.total(weights) + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if hasattr(method, "after_step"):
                 method.after_step((global_step + 1) / total_steps)
             for name, value in {"loss": loss, "loss_pair": parts.pair.mean(), "loss_batch": parts.batch,
-                                **parts.logs}.items():
+                                **parts.logs, **addon_logs}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             if step % 20 == 0 or step == steps_per_epoch - 1:  # the only host syncs in the loop
                 current = loss.item()
@@ -193,7 +205,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
                 progress.maybe_print(epoch, epochs, step + 1, steps_per_epoch, global_step + 1, current,
                                      (step + 1 - first_step) * global_batch / max(elapsed, 1e-9))
                 if step < steps_per_epoch - 1 and preempt.requested():
-                    _stop_for_requeue(method, optimizer, epoch, step + 1, sums, info, checkpoint)
+                    _stop_for_requeue(method, trained_addons, optimizer, epoch, step + 1, sums, info, checkpoint)
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_time = time.monotonic() - t0
@@ -202,6 +214,9 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
             raise Diverged(f"loss became {metrics['loss']} in epoch {epoch + 1}")
         metrics.update(lr=lr, epoch_time_s=epoch_time,
                        images_per_s=(steps_per_epoch - first_step) * global_batch / epoch_time)
+        for addon in addons:
+            if hasattr(addon, "epoch_metrics"):
+                metrics.update(addon.epoch_metrics())
         last = epoch == epochs - 1
         every = int(cfg.eval.every)
         if last or (every and (epoch + 1) % every == 0):
@@ -209,8 +224,8 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
             metrics["knn_top1"] = evals[objective_split][primary][0]
         log_epoch(epoch, metrics)
         if info.is_main:
-            save_atomic({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                        checkpoint)
+            save_atomic({"model": method.state_dict(), "addons": trained_addons.state_dict(),
+                         "optimizer": optimizer.state_dict(), "epoch": epoch}, checkpoint)
         distributed.barrier()
         knn_text = f" | knn {metrics['knn_top1']:.2f}" if "knn_top1" in metrics else ""
         if info.is_main:

@@ -1,12 +1,20 @@
-"""`python -m leaderboard show --db FILE`: the store's results as a text table, one row per run."""
+"""`python -m leaderboard show|build|regress`: the store's results as a text table, a page, or a verdict.
+
+  show     every run with its evaluations, as a text table
+  build    the leaderboard page: one self-contained HTML file (plotly.js inlined unless --cdn)
+  regress  compare each configuration between a baseline (commit or pinned file) and a candidate
+           commit; exit status 1 when anything regressed (a CI step)
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from harness.store import Store
+from leaderboard import page, regress
 from leaderboard.text import format_table
 
 SHOW_SQL = """
@@ -34,9 +42,34 @@ def main(argv: list[str] | None = None) -> int:
     show_cmd = commands.add_parser("show", help="print every completed run with its evaluations")
     show_cmd.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
     show_cmd.add_argument("--all", action="store_true", help="include running, failed and diverged runs")
+    build_cmd = commands.add_parser("build", help="write the leaderboard page")
+    build_cmd.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
+    build_cmd.add_argument("--out", type=Path, default=Path("leaderboard.html"))
+    build_cmd.add_argument("--cdn", action="store_true",
+                           help="load plotly.js from its CDN (small file; viewing needs internet)")
+    reg = commands.add_parser("regress", help="did any configuration get worse? (exit 1 if so)",
+                              formatter_class=argparse.RawDescriptionHelpFormatter, description=regress.__doc__)
+    reg.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
+    reg.add_argument("--baseline", required=True, help="a git commit (prefix ok) or a baseline file")
+    reg.add_argument("--candidate", help="a git commit (prefix ok); default: the newest other commit in the store")
+    reg.add_argument("--json", type=Path, help="write the verdicts as JSON here")
+    reg.add_argument("--alpha", type=float, default=0.05, help="one-sided level of Welch's test (default 0.05)")
+    reg.add_argument("--min-effect", type=float, default=0.5,
+                     help="smallest drop in points that may count as a regression under the test (default 0.5)")
+    reg.add_argument("--tolerance", type=float, default=1.0,
+                     help="allowed drop in points when a side has one seed (default 1.0)")
+    reg.add_argument("--write-baseline", type=Path, metavar="FILE",
+                     help="pin the --baseline commit's values (with --tolerance) into FILE and exit")
     args = parser.parse_args(argv)
     if args.command == "show":
         print(show(args.db, args.all))
+    elif args.command == "build":
+        started = time.perf_counter()
+        size = page.build(args.db, args.out, args.cdn)
+        print(f"wrote {args.out} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
+    elif args.command == "regress":
+        return regress.run(args.db, args.baseline, args.candidate, args.json, args.alpha, args.min_effect,
+                           args.tolerance, args.write_baseline)
     return 0
 
 

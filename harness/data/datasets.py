@@ -96,7 +96,7 @@ def resolve_source(ds) -> tuple[str, Path | None]:
     if name == "imagefolder":
         raise ConfigError("dataset.root", None, "a directory with train/<class>/* and test/<class>/* images")
     archive = ds.get("archive")
-    if archive in (None, "auto", ""):
+    if archive == "auto":  # null means no archive at all
         archive = default_archive() if name == "cifar10" else None
     if archive:
         archive = Path(str(archive)).expanduser()

@@ -1,0 +1,75 @@
+"""Add-ons: what joins training without the method knowing about it.
+
+ScoreCL's pair weights, CLSP's synthetic positives and an online linear probe all work on any
+method through the method contract (``LossParts``), so none of them is written into a method
+file or the training loop. Each is an object built from config (``weighting``, ``positives``,
+``eval.online_linear``) with any of these optional hooks:
+
+- ``setup(data, info) -> None``: once, before training (build or load an artifact, move to device).
+- ``step(batch: Batch) -> AddonOut``: every step, after the method's forward, under autocast.
+  It may return per-pair ``weights`` (multiplied together across add-ons, never carrying
+  gradient), an extra ``loss`` (added to the total), and scalars to ``log`` (epoch means).
+- ``epoch_metrics() -> dict[str, float]``: extra per-epoch metrics, e.g. a weight distribution;
+  called on every rank at each epoch end (reduce over ranks inside if needed).
+
+An add-on that is an ``nn.Module`` with parameters is trained by the same optimizer as the
+method and saved in the same checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from harness.method import LossParts
+
+
+@dataclass
+class Batch:
+    """What an add-on sees of one training step (this rank's slice of the global batch)."""
+
+    images: torch.Tensor  # uint8 N×3×H×W, before augmentation
+    index: torch.Tensor  # the images' positions in the FULL training split (before subsets and hold-outs)
+    views: list[torch.Tensor]  # the method's normalised views
+    parts: LossParts  # the method's loss, split into per-pair and batch parts
+    method: nn.Module  # the method itself (not the DDP wrapper): heads, embed(), backbone
+    model: nn.Module  # what to call for a forward that DDP must see (the wrapper when distributed)
+    epoch: int
+    progress: float  # fraction of training done
+
+
+@dataclass
+class AddonOut:
+    weights: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def combine(batch: Batch, addons: list) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Run every add-on's step; return (product of weights, sum of extra losses, logs)."""
+    weights, extra, logs = None, None, {}
+    for addon in addons:
+        if not hasattr(addon, "step"):
+            continue
+        out = addon.step(batch)
+        if out.weights is not None:
+            w = out.weights.detach()  # weights scale a loss; they never carry gradient
+            weights = w if weights is None else weights * w
+        if out.loss is not None:
+            extra = out.loss if extra is None else extra + out.loss
+        logs.update(out.logs)
+    return weights, extra, logs
+
+
+def build_addons(cfg) -> list:
+    """The add-ons a job's config asks for, from `_target_` entries of weighting and positives."""
+    from harness.config import instantiate
+
+    found = []
+    for group in ("weighting", "positives"):
+        node = cfg.get(group)
+        if node is not None and node.get("_target_"):
+            found.append(instantiate(node))
+    return found

@@ -1,0 +1,471 @@
+"""`python -m leaderboard build`: one self-contained HTML page with the tables and Plotly charts.
+
+Safety: every string that comes from the store (run names, tags, config values, methods) reaches
+the page either as HTML-escaped text built here, or inside a JSON blob whose `<`, `>` and `&` are
+\\u-escaped and which the page's script hands to Plotly; strings that Plotly draws (legend names,
+hover text) are HTML-escaped too, because Plotly reads a few tags in them. The page's own script
+never uses innerHTML.
+
+Speed: aggregates come from DuckDB (leaderboard.data); Python only formats the aggregated rows,
+and learning curves are drawn for each ranking's top configurations, at most 100 points each.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from leaderboard import data, regress
+from leaderboard.stats import t_halfwidth
+
+REFERENCES = Path(__file__).with_name("references.csv")
+TOP_CURVES = 8  # configurations per ranking whose learning curves are drawn
+TOP_SERIES = 10  # configurations per ranking drawn across commits
+MAX_REGRESSION_ROWS = 300
+
+
+def esc(value: Any) -> str:
+    """Text for HTML (element content or a quoted attribute)."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def plot_text(value: Any) -> str:
+    """Text for Plotly labels: Plotly interprets <br>, <b>, <a> ... in them, so escape."""
+    return html.escape("" if value is None else str(value), quote=False)
+
+
+def num(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def setting_label(row: dict[str, Any]) -> str:
+    ratio = row.get("synthetic_ratio") or 0
+    return (f"{row['method']} · {row['backbone']} · w={row['weighting']} · {row.get('positives') or 'none'} "
+            f"r={ratio:g} · {row['epochs']}ep")
+
+
+def table(headers: list[str], body: Iterable[str], css: str = "") -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def row_html(cells: list[tuple[str, Any]], attrs: dict[str, Any] | None = None) -> str:
+    """A table row; each cell is (css class, text); text is escaped here."""
+    a = "".join(f' data-{k}="{esc(v)}"' for k, v in (attrs or {}).items())
+    return f'<tr class="f"{a}>' + "".join(f'<td class="{c}">{esc(v)}</td>' for c, v in cells) + "</tr>"
+
+
+class Page:
+    """Collects sections and figures, then writes the HTML."""
+
+    def __init__(self) -> None:
+        self.sections: list[str] = []
+        self.figures: dict[str, dict[str, Any]] = {}
+
+    def figure(self, traces: list[dict[str, Any]], layout: dict[str, Any]) -> str:
+        fid = f"fig{len(self.figures)}"
+        layout = {"height": 340, "margin": {"l": 60, "r": 20, "t": 40, "b": 50}, **layout}
+        if "title" in layout:  # left-aligned, so that Plotly's toolbar (top right) does not cover it
+            layout["title"] = {"x": 0.01, "xanchor": "left", **layout["title"]}
+        self.figures[fid] = {"data": traces, "layout": layout}
+        return f'<div class="plot" id="{fid}"></div>'
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def hyper_parameters(configs: list[dict[str, Any]]) -> dict[str, str]:
+    """config_key -> the values of the settings that differ between the configurations of one setting."""
+    flats = {c["config_key"]: data.flatten(json.loads(c["identity"] or "{}")) for c in configs}
+    seen: dict[str, set[str]] = defaultdict(set)
+    for f in flats.values():
+        for k, v in f.items():
+            seen[k].add(repr(v))
+    # A key missing from some configurations also varies (None stands for it).
+    varying = sorted(k for k, values in seen.items() if len(values) > 1 or any(k not in f for f in flats.values()))
+    out = {}
+    for c in configs:
+        f = flats[c["config_key"]]
+        if varying:
+            out[c["config_key"]] = ", ".join(f"{k}={f.get(k)}" for k in varying)
+        else:  # one configuration tried: show the learning rate actually used and the batch
+            out[c["config_key"]] = "" if c.get("lr") is None else f"lr={c['lr']:.4g}, bs={c['batch_size']}"
+    return out
+
+
+def rankings(page: Page, configs: list[dict[str, Any]],
+             refs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    by_setting: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for c in configs:
+        by_setting[(c["dataset"], c["protocol"], *(c[k] for k in data.SETTING))].append(c)
+    best: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for members in by_setting.values():
+        hp = hyper_parameters(members)
+        top = min(members, key=lambda m: m["rank_in_setting"])
+        best[(top["dataset"], top["protocol"])].append({**top, "hparams": hp[top["config_key"]],
+                                                        "tried": len(members)})
+    headers = ["#", "method", "weighting", "positives", "synthetic ratio", "backbone", "epochs", "top-1 mean ± std",
+               "n seeds", "95% interval", "best hyper-parameters", "configs tried", "GPU-hours", "protocol",
+               "run names"]
+    out = []
+    for (dataset, protocol), members in sorted(best.items()):
+        members.sort(key=lambda m: -m["mean"])
+        body = []
+        for rank, m in enumerate(members, 1):
+            half = t_halfwidth(m["std"], m["n"])
+            interval = f"[{num(m['mean'] - half)}, {num(m['mean'] + half)}]" if half is not None else "one seed"
+            body.append(row_html([
+                ("rank", rank), ("method", m["method"]), ("weighting", m["weighting"]), ("positives", m["positives"]),
+                ("ratio", f"{m['synthetic_ratio'] or 0:g}"), ("backbone", m["backbone"]), ("epochs", m["epochs"]),
+                ("mean", f"{num(m['mean'])} ± {num(m['std'])}"), ("n", m["n"]), ("interval", interval),
+                ("hparams", m["hparams"]), ("tried", m["tried"]), ("gpuh", num(m["gpu_hours"], 3)),
+                ("protocol", protocol), ("names", m["names"] or ""),
+            ], {"config": m["config_key"], "epochs": m["epochs"]}))
+        page.sections.append(
+            f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
+            f"<h3>{esc(dataset)} — {esc(protocol)} (test top-1 %)</h3>{table(headers, body, 'ranking')}"
+            f"{beside(refs, dataset, {str(m['method']).lower() for m in members})}</section>")
+        out.append(((dataset, protocol), members))
+    return dict(out)
+
+
+def load_references(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """The published numbers shipped with the package plus any in the store's references table."""
+    refs = list(csv.DictReader(REFERENCES.open()))
+    stored = data.rows(con, 'SELECT * FROM "references"')
+    return refs + [{k: ("" if v is None else v) for k, v in r.items()} for r in stored]
+
+
+REF_HEADERS = ["source", "method", "backbone", "epochs", "batch", "top-1", "protocol", "note"]
+
+
+def reference_rows(refs: list[dict[str, Any]]) -> list[str]:
+    return [row_html([("source", r["source"]), ("method", r["method"]), ("backbone", r.get("backbone", "")),
+                      ("epochs", r.get("epochs", "")), ("batch", r.get("batch_size", "")),
+                      ("top1", r["top1"] or "claim"), ("protocol", r["protocol"]), ("note", r.get("note", ""))])
+            for r in sorted(refs, key=lambda r: (r["protocol"], -float(r["top1"] or 0)))]
+
+
+def beside(refs: list[dict[str, Any]], dataset: str, methods: set[str]) -> str:
+    """Published rows for the methods of one ranking (a method also matches e.g. 'clsp-simclr')."""
+    chosen = [r for r in refs if r["dataset"] == dataset and any(m and m in r["method"] for m in methods)]
+    if not chosen:
+        return ""
+    return ("<p>Published numbers for these methods on this dataset (their protocols, single runs; not ranked "
+            "with ours):</p>" + table(REF_HEADERS, reference_rows(chosen), "refs beside"))
+
+
+def all_references(page: Page, refs: list[dict[str, Any]], datasets: list[str]) -> None:
+    by_dataset: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in refs:
+        by_dataset[r["dataset"]].append(r)
+    order = [d for d in datasets if d in by_dataset] + sorted(d for d in by_dataset if d not in datasets)
+    for dataset in order:
+        page.sections.append(
+            f'<details class="block f" data-dataset="{esc(dataset)}"><summary>{esc(dataset)}: '
+            f"{len(by_dataset[dataset])} published numbers</summary>"
+            f"{table(REF_HEADERS, reference_rows(by_dataset[dataset]), 'refs')}</details>")
+
+
+def effects(page: Page, con: duckdb.DuckDBPyConnection) -> None:
+    rows = data.effects(con)
+    if not rows:
+        page.sections.append("<p>No add-on pairs yet: an effect needs a ScoreCL run and the same configuration "
+                             "without weighting (or a CLSP run at ratio r and at ratio 0) with the same seed.</p>")
+        return
+    by_block: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_block[(r["dataset"], r["protocol"])].append(r)
+    for (dataset, protocol), members in sorted(by_block.items()):
+        body = []
+        for r in members:
+            half = t_halfwidth(r["std"], r["n"])
+            interval = f"[{num(r['mean'] - half)}, {num(r['mean'] + half)}]" if half is not None else "one pair"
+            other = "weighting " + str(r["weighting"]) if r["addon"] == "positives" else \
+                f"{r['positives']} r={r['synthetic_ratio'] or 0:g}"
+            body.append(row_html([("addon", r["addon"]), ("treatment", r["treatment"]), ("method", r["method"]),
+                                  ("backbone", r["backbone"]), ("epochs", r["epochs"]), ("other", other),
+                                  ("diff", f"{r['mean']:+.2f}"), ("interval", interval), ("n", r["n"]),
+                                  ("configs", r["configs"]), ("overall", f"{r['mean_over_configs']:+.2f}"),
+                                  ("protocol", protocol), ("config", r["config_key"]), ("base", r["base_key"])],
+                                 {"epochs": r["epochs"]}))
+        page.sections.append(
+            f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
+            f"<h3>{esc(dataset)} — {esc(protocol)}: add-on minus the same run without it (points)</h3>"
+            + "<p>At the best configuration of the run without the add-on; the last but two columns average the "
+            "effect over every configuration tried with and without it.</p>"
+            + table(["add-on", "treatment", "method", "backbone", "epochs", "other add-on", "mean paired diff",
+                     "95% interval", "n seed pairs", "configs paired", "mean over configs", "protocol", "config",
+                     "baseline config"], body, "effects") + "</section>")
+
+
+def learning_curves(page: Page, con: duckdb.DuckDBPyConnection,
+                    ranked: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    chosen = {key: members[:TOP_CURVES] for key, members in ranked.items()}
+    keys = sorted({m["config_key"] for members in chosen.values() for m in members})
+    series = {(c["config_key"], c["name"]): c for c in data.curves(con, keys)}
+    for (dataset, protocol), members in sorted(chosen.items()):
+        plots = []
+        for metric, title in (("loss", "training loss"), ("knn_top1", "k-NN top-1 per epoch (%)")):
+            traces = [{"type": "scatter", "mode": "lines+markers", "name": plot_text(setting_label(m)),
+                       "x": series[(m["config_key"], metric)]["epochs"],
+                       "y": series[(m["config_key"], metric)]["values"],
+                       "hovertemplate": "epoch %{x}: %{y:.3f}<extra>" + plot_text(m["config_key"]) + "</extra>"}
+                      for m in members if (m["config_key"], metric) in series]
+            if traces:
+                plots.append(page.figure(traces, {"title": {"text": title}, "xaxis": {"title": {"text": "epoch"}},
+                                                  "showlegend": True, "legend": {"font": {"size": 10}}}))
+        if plots:
+            page.sections.append(
+                f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
+                f"<h3>{esc(dataset)} — top {len(members)} of the {esc(protocol)} ranking: mean over seeds</h3>"
+                f'<div class="row">{"".join(plots)}</div></section>')
+
+
+def across_commits(page: Page, con: duckdb.DuckDBPyConnection) -> None:
+    by_config: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in data.commit_series(con, TOP_SERIES):
+        by_config[(r["dataset"], r["protocol"], r["config_key"])].append(r)
+    by_block: dict[tuple[str, str], list[list[dict[str, Any]]]] = defaultdict(list)
+    for (dataset, protocol, _), points in by_config.items():
+        if len(points) >= 2:
+            by_block[(dataset, protocol)].append(points)
+    if not by_block:
+        page.sections.append("<p>Every configuration has runs at one commit only: no series yet.</p>")
+    for (dataset, protocol), series in sorted(by_block.items()):
+        traces = [{"type": "scatter", "mode": "lines+markers", "name": plot_text(setting_label(s[0])),
+                   "x": [p["git_commit"][:10] for p in s], "y": [p["mean"] for p in s],
+                   "error_y": {"type": "data", "array": [p["std"] or 0 for p in s], "visible": True},
+                   "text": [f"n={p['n']}" for p in s],
+                   "hovertemplate": "commit %{x}: %{y:.2f} (%{text})<extra></extra>"} for s in series]
+        page.sections.append(
+            f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
+            f"<h3>{esc(dataset)} — {esc(protocol)}: test top-1 per commit (mean ± std over seeds)</h3>"
+            + page.figure(traces, {"xaxis": {"type": "category", "title": {"text": "commit (oldest first)"}},
+                                   "yaxis": {"title": {"text": "top-1 %"}}, "height": 380}) + "</section>")
+
+
+def regressions(page: Page, con: duckdb.DuckDBPyConnection) -> None:
+    commits = data.commits_in_order(con)
+    if len(commits) < 2:
+        page.sections.append("<p>One commit in the store: nothing to compare yet.</p>")
+        return
+    base, cand = commits[-2], commits[-1]
+    results = regress.compare(regress.side_from_commit(con, base), regress.side_from_commit(con, cand),
+                              with_bound=False)
+    results = [r for r in results if r["verdict"] not in ("missing", "new")]
+    if not results:
+        page.sections.append(f"<p>No configuration has runs at both of the two newest commits ({esc(base[:10])}, "
+                             f"{esc(cand[:10])}): nothing to compare.</p>")
+        return
+    n_bad = sum(r["verdict"] == "REGRESSED" for r in results)
+    body = [row_html([("verdict", r["verdict"]), ("dataset", r["dataset"]), ("protocol", r["protocol"]),
+                      ("label", r["label"]), ("base", f"{num(r['base'])} (n={r['n_base']})"),
+                      ("cand", f"{num(r['cand'])} (n={r['n_cand']})"), ("diff", num(r["diff"])),
+                      ("p", "" if r["p"] is None else f"{r['p']:.3g}"), ("rule", r["rule"])],
+                     {"dataset": r["dataset"], "protocol": r["protocol"], "verdict": r["verdict"]})
+            for r in results[:MAX_REGRESSION_ROWS]]
+    page.sections.append(
+        f'<p class="verdict {"bad" if n_bad else "good"}">{n_bad} of {len(results)} configurations regressed from '
+        f"commit {esc(base[:10])} to {esc(cand[:10])} (the two newest commits; rule as in "
+        "<code>python -m leaderboard regress</code>).</p>"
+        + table(["verdict", "dataset", "protocol", "configuration", "baseline", "candidate", "diff", "p", "rule"],
+                body, "regressions"))
+
+
+def throughput(page: Page, con: duckdb.DuckDBPyConnection) -> None:
+    groups, with_points = data.throughput(con)
+    if not groups:
+        page.sections.append("<p>No throughput recorded.</p>")
+        return
+    traces = []
+    for g in groups:
+        q = g["q"]
+        trace = {"type": "box", "name": plot_text(g["grp"]), "q1": [q[1]], "median": [q[2]], "q3": [q[3]],
+                 "lowerfence": [q[0]], "upperfence": [q[4]], "x": [plot_text(g["grp"])]}
+        if with_points:  # each run a point, named in its hover text
+            trace = {"type": "box", "name": plot_text(g["grp"]), "y": g["values"], "boxpoints": "all",
+                     "jitter": 0.4, "pointpos": 0, "text": [plot_text(t) for t in g["labels"]],
+                     "hovertemplate": "%{y:,.0f} img/s<br>%{text}<extra></extra>"}
+        traces.append(trace)
+    title = "median images/s per run" + (" (each point a run)" if with_points else " (quartiles over runs)")
+    page.sections.append(page.figure(traces, {"title": {"text": title}, "yaxis": {"title": {"text": "images / s"}},
+                                              "showlegend": False, "height": 420}))
+
+
+def optuna_studies(page: Page, db: Path) -> None:
+    folder = db.with_name(db.name + ".optuna")
+    logs = sorted(folder.glob("*.log")) if folder.is_dir() else []
+    if not logs:
+        return
+    import optuna  # only when a study exists: optuna is slow to import and not needed otherwise
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    parts = []
+    for log in logs:
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(log)))
+        for name in optuna.get_all_study_names(storage):
+            study = optuna.load_study(study_name=name, storage=storage)
+            done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.values]
+            if not done:
+                continue
+            maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+            best, best_so_far = None, []
+            for t in done:
+                v = t.values[0]
+                best = v if best is None else (max(best, v) if maximize else min(best, v))
+                best_so_far.append(best)
+            history = page.figure([
+                {"type": "scatter", "mode": "markers", "name": "trial", "x": [t.number for t in done],
+                 "y": [t.values[0] for t in done],
+                 "text": [plot_text(", ".join(f"{k}={v}" for k, v in t.params.items())) for t in done],
+                 "hovertemplate": "trial %{x}: %{y:.3f}<br>%{text}<extra></extra>"},
+                {"type": "scatter", "mode": "lines", "name": "best so far", "x": [t.number for t in done],
+                 "y": best_so_far}],
+                {"title": {"text": plot_text(f"study {name}: objective per trial")},
+                 "xaxis": {"title": {"text": "trial"}}})
+            try:
+                importances = optuna.importance.get_param_importances(study) if len(done) >= 2 else {}
+            except (RuntimeError, ValueError) as e:  # e.g. one distinct value per parameter
+                importances, note = {}, f"no importances: {e}"
+            else:
+                note = "" if importances else "importances need at least two completed trials with varied parameters"
+            imp = page.figure([{"type": "bar", "orientation": "h", "x": list(importances.values()),
+                                "y": [plot_text(k) for k in importances]}],
+                              {"title": {"text": "parameter importance (fANOVA)"}}) if importances else ""
+            parts.append(f"<h3>study {esc(name)} ({len(done)} completed trials, {esc(log.name)})</h3>"
+                         f'<div class="row">{history}{imp}</div><p>{esc(note)}</p>')
+    page.sections.append("".join(parts) or "<p>Optuna journals found, but no completed trials.</p>")
+
+
+# ---------------------------------------------------------------------------------------------- the page
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:16px 24px;color:#222}
+h1{margin:0 0 4px}h2{margin-top:28px;border-bottom:2px solid #ddd}h3{margin:18px 0 6px;font-size:15px}
+table{border-collapse:collapse;margin:4px 0 12px;font-size:12.5px}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
+th{background:#f3f3f3;position:sticky;top:0}
+td.mean,td.interval,td.diff{white-space:nowrap;font-variant-numeric:tabular-nums}
+td.names,td.hparams,td.note{max-width:320px;overflow-wrap:anywhere}
+.row{display:flex;flex-wrap:wrap;gap:8px}.row .plot{flex:1 1 600px;min-width:480px}
+#filters{position:sticky;top:0;background:#fff;padding:6px 0;z-index:5;border-bottom:1px solid #eee}
+#filters label{margin-right:14px}.verdict.bad{color:#b00;font-weight:600}.verdict.good{color:#070}
+tr[data-verdict=REGRESSED] td{background:#fde8e8}
+summary{cursor:pointer;margin:6px 0}table.beside{font-size:11.5px;color:#444}
+"""
+
+SCRIPT = """
+(function () {
+  var figures = JSON.parse(document.getElementById('figures').textContent);
+  Object.keys(figures).forEach(function (id) {
+    Plotly.newPlot(id, figures[id].data, figures[id].layout, {responsive: true, displaylogo: false});
+  });
+  var selects = document.querySelectorAll('#filters select');
+  function apply() {
+    var want = {}, chosen = new URLSearchParams();
+    selects.forEach(function (s) {
+      want[s.name] = s.value;
+      if (s.value !== '') chosen.set(s.name, s.value);
+    });
+    document.querySelectorAll('.f').forEach(function (el) {
+      var show = Object.keys(want).every(function (k) {
+        var have = el.dataset[k];
+        return want[k] === '' || have === undefined || have === want[k];
+      });
+      el.style.display = show ? '' : 'none';
+    });
+    history.replaceState(null, '', '#' + chosen.toString());  // a link to this view
+    window.dispatchEvent(new Event('resize'));  // plots that were hidden take their width again
+  }
+  // Filters can come in the link: leaderboard.html#dataset=cifar10&epochs=200
+  var given = new URLSearchParams(location.hash.slice(1));
+  selects.forEach(function (s) {
+    if (given.has(s.name)) s.value = given.get(s.name);
+    s.addEventListener('change', apply);
+  });
+  if (location.hash.length > 1) apply();
+})();
+"""
+
+
+def select(name: str, title: str, values: Iterable[Any]) -> str:
+    options = "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
+    return f'<label>{esc(title)} <select name="{esc(name)}"><option value="">all</option>{options}</select></label>'
+
+
+def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
+    """The whole page for an open store connection."""
+    import plotly
+    import plotly.offline
+
+    data.prepare(con)
+    page = Page()
+    configs = data.configurations(con)
+    datasets = sorted({c["dataset"] for c in configs})
+    counts = con.execute("SELECT count(*), count(*) FILTER (WHERE status = 'completed') FROM runs").fetchone()
+
+    page.sections.append("<h2>Rankings</h2><p>One row per setting: its best configuration by mean test top-1 "
+                         "over seeds (newest run per seed); 95% interval is Student's t over seeds.</p>")
+    refs = load_references(con)
+    ranked = rankings(page, configs, refs)
+    if not ranked:
+        page.sections.append("<p>No completed runs with test evaluations yet.</p>")
+    page.sections.append("<h2>Add-on effects (paired over seeds)</h2>")
+    effects(page, con)
+    page.sections.append("<h2>Regressions</h2>")
+    regressions(page, con)
+    page.sections.append("<h2>Learning curves</h2>")
+    learning_curves(page, con, ranked)
+    page.sections.append("<h2>Each configuration across commits</h2>")
+    across_commits(page, con)
+    page.sections.append("<h2>Throughput per run</h2>")
+    throughput(page, con)
+    studies_at = len(page.sections)
+    optuna_studies(page, db)
+    if len(page.sections) > studies_at:
+        page.sections.insert(studies_at, "<h2>Optuna studies</h2>")
+    page.sections.append("<h2>All published references</h2>")
+    all_references(page, refs, datasets)
+
+    filters = (select("dataset", "dataset", datasets)
+               + select("protocol", "protocol", sorted({c["protocol"] for c in configs}))
+               + select("epochs", "epochs", sorted({c["epochs"] for c in configs if c["epochs"] is not None})))
+    figures = json.dumps(page.figures, separators=(",", ":"), allow_nan=False, default=_json_default)
+    # Inside <script> a "</script>" in any string would end it: \\u-escape the characters HTML sees.
+    figures = figures.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    plotly_js = (f'<script src="https://cdn.plot.ly/plotly-{plotly.offline.get_plotlyjs_version()}.min.js"></script>'
+                 if cdn else f"<script>{plotly.offline.get_plotlyjs()}</script>")
+    return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Leaderboard</title>"
+            f"<style>{CSS}</style>{plotly_js}</head><body>"
+            f"<h1>Leaderboard</h1><p>Store <code>{esc(db)}</code>: {counts[1]} completed of {counts[0]} runs, "
+            f"{len(configs)} configuration × protocol groups.</p>"
+            f'<div id="filters">{filters}</div>' + "".join(page.sections)
+            + f'<script type="application/json" id="figures">{figures}</script><script>{SCRIPT}</script>'
+            "</body></html>")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def build(db: Path, out: Path, cdn: bool = False) -> int:
+    """Write the page for store `db` to `out`; returns its size in bytes."""
+    from harness.store import Store
+
+    if not db.exists() and not Store(db).pending():
+        raise SystemExit(f"error: --db = {db}: no such store")
+    with Store(db).connect() as con:
+        text = render(con, Path(db), cdn)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return len(text.encode())

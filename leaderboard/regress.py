@@ -1,0 +1,172 @@
+"""Did anything get worse? Compare every configuration's test top-1 between a baseline and a candidate.
+
+Each side is a git commit (runs recorded at that commit; a unique prefix is enough) or, for the
+baseline, a pinned file of expected values written by `--write-baseline`. Configurations are
+matched by config_key (the config without seed and launch settings, see leaderboard.data), per
+dataset and protocol.
+
+The rule, per configuration:
+- at least two seeds on both sides: Welch's one-sided t-test of "candidate mean < baseline mean".
+  It regressed when p < alpha AND the drop is at least `min_effect` points: with many seeds a
+  0.1-point drop can be significant without mattering, and the minimum keeps it from failing CI;
+- fewer seeds on either side: no spread to test against, so it regressed when the candidate's mean
+  is more than `tolerance` points below the baseline's (the file's per-entry tolerance if it has
+  one, else --tolerance).
+"Improved" is the mirror image; "missing" (baseline only) and "new" (candidate only) are reported
+but never fail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from leaderboard import data
+from leaderboard.stats import mean_std, welch
+from leaderboard.text import format_table
+
+BASELINE_VERSION = 1
+TABLE_COLUMNS = ["verdict", "dataset", "protocol", "label", "n_base", "base", "n_cand", "cand", "diff", "bound",
+                 "p", "rule"]
+
+
+def resolve_commit(con: duckdb.DuckDBPyConnection, ref: str) -> str:
+    """The one commit in the store that `ref` (a full hash or a prefix) names."""
+    commits = data.commits_in_order(con)
+    found = [c for c in commits if c == ref] or [c for c in commits if c.startswith(ref)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        known = ", ".join(c[:10] for c in commits[-10:]) or "none"
+        raise SystemExit(f"error: no completed runs at commit {ref!r} in the store (newest commits: {known}); "
+                         "a baseline file path must exist")
+    raise SystemExit(f"error: commit prefix {ref!r} is ambiguous: {', '.join(found)}")
+
+
+def label(entry: dict[str, Any]) -> str:
+    """A short human name for a configuration (its setting plus the start of its config key)."""
+    ratio = entry.get("synthetic_ratio") or 0
+    parts = [str(entry.get("method")), str(entry.get("backbone")), f"w={entry.get('weighting')}",
+             f"r={ratio:g}" if isinstance(ratio, (int, float)) else f"r={ratio}", f"{entry.get('epochs')}ep",
+             str(entry.get("config_key", ""))[:8]]
+    return " ".join(parts)
+
+
+def side_from_commit(con: duckdb.DuckDBPyConnection, commit: str) -> dict[tuple, dict[str, Any]]:
+    return {(e["dataset"], e["protocol"], e["config_key"]): e for e in data.seeds_at(con, commit)}
+
+
+def read_baseline_file(path: Path) -> tuple[str, dict[tuple, dict[str, Any]]]:
+    blob = json.loads(path.read_text())
+    if blob.get("version") != BASELINE_VERSION or not isinstance(blob.get("entries"), list):
+        raise SystemExit(f"error: {path} is not a baseline file (version {BASELINE_VERSION} with 'entries')")
+    entries = {}
+    for e in blob["entries"]:
+        if "values" not in e:  # a hand-written entry may give only the expected mean
+            e["values"] = [e["mean"]]
+        entries[(e["dataset"], e["protocol"], e["config_key"])] = e
+    return f"file {path} (commit {str(blob.get('commit'))[:10]})", entries
+
+
+def write_baseline_file(path: Path, commit: str, side: dict[tuple, dict[str, Any]], tolerance: float) -> int:
+    """Pin a commit's per-seed values (and a tolerance for single-seed entries) as a baseline file."""
+    entries = []
+    for e in side.values():
+        mean, std = mean_std(e["values"])
+        entries.append({"dataset": e["dataset"], "protocol": e["protocol"], "config_key": e["config_key"],
+                        "label": label(e), "method": e["method"], "backbone": e["backbone"],
+                        "weighting": e["weighting"], "synthetic_ratio": e["synthetic_ratio"], "epochs": e["epochs"],
+                        "values": e["values"], "seeds": e["seeds"], "mean": mean, "std": std,
+                        "tolerance": tolerance})
+    path.write_text(json.dumps({"version": BASELINE_VERSION, "commit": commit, "metric": "top1", "split": "test",
+                                "entries": entries}, indent=1) + "\n")
+    return len(entries)
+
+
+def compare_one(base: dict[str, Any], cand: dict[str, Any], alpha: float, min_effect: float,
+                tolerance: float, with_bound: bool = True) -> dict[str, Any]:
+    """The verdict for one configuration present on both sides."""
+    b, c = list(base["values"]), list(cand["values"])
+    out: dict[str, Any] = {"n_base": len(b), "n_cand": len(c), "base": mean_std(b)[0], "cand": mean_std(c)[0]}
+    out["diff"] = out["cand"] - out["base"]
+    if len(b) >= 2 and len(c) >= 2:
+        w = welch(b, c, alpha, with_bound)
+        worse = w["p"] < alpha and -w["diff"] >= min_effect
+        better = (1.0 - w["p"]) < alpha and w["diff"] >= min_effect
+        out.update(rule=f"welch a={alpha:g} min={min_effect:g}", p=w["p"], bound=w["upper"], df=w["df"])
+    else:
+        tol = float(base.get("tolerance", tolerance))
+        worse, better = out["diff"] < -tol, out["diff"] > tol
+        out.update(rule=f"tolerance {tol:g}", p=None, bound=None, df=None)
+    out["verdict"] = "REGRESSED" if worse else ("improved" if better else "ok")
+    return out
+
+
+def compare(base: dict[tuple, dict[str, Any]], cand: dict[tuple, dict[str, Any]], alpha: float = 0.05,
+            min_effect: float = 0.5, tolerance: float = 1.0, with_bound: bool = True) -> list[dict[str, Any]]:
+    """Verdicts for every configuration on either side, regressions first (bounds cost a t quantile each)."""
+    results = []
+    for key in sorted(set(base) | set(cand), key=lambda k: tuple(str(x) for x in k)):
+        entry = cand.get(key) or base[key]
+        row: dict[str, Any] = {"dataset": key[0], "protocol": key[1], "config_key": key[2], "label": label(entry)}
+        if key in base and key in cand:
+            row.update(compare_one(base[key], cand[key], alpha, min_effect, tolerance, with_bound))
+        else:
+            side = base.get(key) or cand[key]
+            row.update(verdict="missing" if key in base else "new", rule="", p=None, bound=None, df=None,
+                       diff=None, **{"n_base" if key in base else "n_cand": len(side["values"]),
+                                     "base" if key in base else "cand": mean_std(side["values"])[0]})
+        results.append(row)
+    order = {"REGRESSED": 0, "improved": 1, "ok": 2, "missing": 3, "new": 4}
+    return sorted(results, key=lambda r: order[r["verdict"]])
+
+
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, alpha: float, min_effect: float,
+        tolerance: float, write_baseline: Path | None = None) -> int:
+    """The `regress` command: prints the table, writes JSON, returns the exit status (1 = regressed)."""
+    from harness.store import Store
+
+    if not db.exists() and not Store(db).pending():
+        raise SystemExit(f"error: --db = {db}: no such store")
+    with Store(db).connect() as con:
+        data.prepare(con)
+        if Path(baseline).is_file():
+            if write_baseline:
+                raise SystemExit("error: --write-baseline needs --baseline to be a commit, not a file")
+            base_label, base = read_baseline_file(Path(baseline))
+            base_commit = None
+        else:
+            base_commit = resolve_commit(con, baseline)
+            base_label, base = f"commit {base_commit[:10]}", side_from_commit(con, base_commit)
+            if write_baseline:
+                n = write_baseline_file(write_baseline, base_commit, base, tolerance)
+                print(f"wrote {n} configurations at commit {base_commit[:10]} to {write_baseline}")
+                return 0
+        if candidate is None:
+            later = [c for c in data.commits_in_order(con) if c != base_commit]
+            if not later:
+                raise SystemExit("error: no candidate: the store holds no other commit than the baseline")
+            candidate = later[-1]
+        cand_commit = resolve_commit(con, candidate)
+        cand = side_from_commit(con, cand_commit)
+    results = compare(base, cand, alpha, min_effect, tolerance)
+    regressed = sum(r["verdict"] == "REGRESSED" for r in results)
+    print(f"baseline: {base_label}   candidate: commit {cand_commit[:10]}")
+    shown = [{**r, "p": None if r["p"] is None else f"{r['p']:.3g}"} for r in results]
+    print(format_table(shown, TABLE_COLUMNS) if results else "nothing to compare")
+    print(f"{regressed} regressed, {sum(r['verdict'] == 'improved' for r in results)} improved, "
+          f"{sum(r['verdict'] == 'ok' for r in results)} unchanged of {len(results)} configurations")
+    if json_out:
+        json_out.write_text(json.dumps({
+            "baseline": base_label, "candidate": cand_commit, "alpha": alpha, "min_effect": min_effect,
+            "tolerance": tolerance, "regressed": regressed,
+            "results": [{k: _clean(v) for k, v in r.items()} for r in results]}, indent=1) + "\n")
+    return 1 if regressed else 0
