@@ -47,6 +47,11 @@ def test_a_bad_sweep_is_refused_before_any_point_runs(tmp_path):
     for text in ("trainer.lr = -1", "positives.ratio = 1.5", "dataset.root = ", "point #1 (", "trainer.lr=-1"):
         assert text in bad.stderr
     assert "[train]" not in bad.stderr and not (tmp_path / "r.duckdb.runs").exists()
+    unknown = sweep(tmp_path, "b", "method=simclr,nope")  # Hydra itself refuses a grid it cannot compose
+    assert unknown.returncode != 0 and "Could not find 'method/nope'" in unknown.stderr
+    tuned = sweep(tmp_path, "c", "hydra/sweeper=harness_optuna", "trainer.lr=interval(-1.0,0.5)")
+    assert tuned.returncode == 2 and "trainer.lr = -1.0 is not allowed" in tuned.stderr
+    assert not (tmp_path / "r.duckdb.runs").exists()
 
 
 def _trials(tmp_path, study: str) -> list:
