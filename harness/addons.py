@@ -12,6 +12,10 @@ file or the training loop. Each is an object built from config (``weighting``, `
 - ``epoch_metrics() -> dict[str, float]``: extra per-epoch metrics, e.g. a weight distribution;
   called on every rank at each epoch end (reduce over ranks inside if needed).
 
+An add-on is built as ``Target(job_cfg, **node_keys)``: its constructor gets the whole job config
+first (for artifact paths, see harness/artifacts.py, and dataset normalisation), then the other
+keys of its config node.
+
 An add-on that is an ``nn.Module`` with parameters is trained by the same optimizer as the
 method and saved in the same checkpoint.
 """
@@ -71,5 +75,5 @@ def build_addons(cfg) -> list:
     for group in ("weighting", "positives"):
         node = cfg.get(group)
         if node is not None and node.get("_target_"):
-            found.append(instantiate(node))
+            found.append(instantiate(node, cfg))
     return found

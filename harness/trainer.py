@@ -116,6 +116,8 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     method = model
     if info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.get("compile"):
+        model = torch.compile(model)  # the method's own hooks (after_step, embed) stay eager on `method`
 
     global_batch = int(tc.batch_size)
     if global_batch % info.world_size:

@@ -1,0 +1,280 @@
+"""CLSP's synthetic set: K candidates per training image, generated in shards, assembled once.
+
+Layout (methods.md §4.3; ``<artifacts>`` is ``artifacts.dir`` or ``<store.path>.artifacts``):
+
+    <artifacts>/synthetic/<hash>/candidates.npy  uint8 N×K×H×W×3; row i belongs to training image i
+                                 index.npy       int64 N: each row's position in the full training split
+                                 grid.png        8 anchors spread over the set, each followed by its K candidates
+    <artifacts>/synthetic/<hash>.parts/          while generating: shard-0003-of-0008.npy, config.yaml
+
+The hash covers the diffusion model, the training split, K, the sampler settings and the
+generation seed, not the SSL method, ratio or run seed, so one set serves a whole sweep. Each
+candidate's randomness comes from its own generators seeded from (seed, image id, candidate),
+so an image's candidates do not depend on the shard layout or on which job made them.
+
+Shards are separate processes: locally this module starts them (``positives.generate.workers``
+at a time); on a cluster each array task runs one. A finished shard file is never redone, so a
+killed generation resumes where it stopped.
+
+    python -m harness.clsp_generate [OVERRIDES...] shard=3/8     # one shard (0-based index / count)
+    python -m harness.clsp_generate [OVERRIDES...] shard=all     # every missing shard, then assemble
+    python -m harness.clsp_generate CONFIG.yaml shard=3/8        # a saved job config instead of overrides
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
+
+from harness.artifacts import MANIFEST, artifact_path, artifacts_root, build_once, dataset_identity
+from harness.data.datasets import ImageData, load_dataset
+from harness.diffusion import (
+    ddim_scheduler,
+    diffusion_model,
+    duration,
+    load_model,
+    model_identity,
+    resolve_device,
+    sample_interpolated,
+    to_uint8,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLER_KEYS = ("steps", "eta", "weight", "clip_sample")  # sampler settings that change the images
+
+
+def synthetic_identity(cfg: DictConfig) -> dict:
+    p = cfg.positives
+    return {"model": model_identity(cfg), "data": dataset_identity(cfg.dataset), "candidates": int(p.candidates),
+            "sampler": {k: OmegaConf.to_container(p.sampler, resolve=True)[k] for k in SAMPLER_KEYS},
+            "seed": int(p.generate.seed)}
+
+
+def synthetic_path(cfg: DictConfig) -> Path:
+    return artifact_path(cfg, "synthetic", synthetic_identity(cfg))
+
+
+def parts_dir(path: Path) -> Path:
+    return path.parent / f"{path.name}.parts"
+
+
+def shard_file(parts: Path, shard: int, shards: int) -> Path:
+    return parts / f"shard-{shard:04d}-of-{shards:04d}.npy"
+
+
+def shard_range(n: int, shard: int, shards: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard `shard` (0-based) of `shards` near-equal contiguous shards."""
+    return n * shard // shards, n * (shard + 1) // shards
+
+
+def candidate_seed(seed: int, image_id: int, candidate: int, stream: int) -> int:
+    """A well-mixed 63-bit seed for one candidate's sample (stream 0) or anchor noise (stream 1)."""
+    return int(np.random.SeedSequence([seed, image_id, candidate, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def generate_candidates(unet, scheduler, anchors: torch.Tensor, image_ids: list[int], k: int, sampler_cfg,
+                        seed: int) -> torch.Tensor:
+    """K synthetic positives for each uint8 anchor (n×3×H×W on the UNet's device): uint8 n×K×H×W×3."""
+    n, _, h, w = anchors.shape
+    x = anchors.float().div(127.5).sub(1).repeat_interleave(k, dim=0)
+    gens = [torch.Generator().manual_seed(candidate_seed(seed, i, c, 0)) for i in image_ids for c in range(k)]
+    anchor_gens = [torch.Generator().manual_seed(candidate_seed(seed, i, c, 1)) for i in image_ids for c in range(k)]
+    out = sample_interpolated(unet, scheduler, x, weight=float(sampler_cfg.weight), steps=int(sampler_cfg.steps),
+                              eta=float(sampler_cfg.eta), generators=gens, anchor_generators=anchor_gens)
+    return to_uint8(out).view(n, k, h, w, 3)
+
+
+def run_shard(cfg: DictConfig, shard: int, shards: int, data: ImageData | None = None, log_every: float = 10.0) -> Path:
+    """Generate shard `shard` of `shards` unless it is already there; returns its file."""
+    path = synthetic_path(cfg)
+    parts = parts_dir(path)
+    out = shard_file(parts, shard, shards)
+    label = f"[clsp] shard {shard}/{shards}"
+    if (path / MANIFEST).exists() or out.exists():
+        print(f"{label}: already done", file=sys.stderr, flush=True)
+        return out
+    parts.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"{label}: another job is generating it; waiting", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        if out.exists():
+            return out
+        p = cfg.positives
+        data = data if data is not None else load_dataset(cfg.dataset)
+        device = resolve_device(str(p.generate.device))
+        unet, trained = load_model(diffusion_model(cfg, data.train_x, device))
+        unet = unet.to(device).eval()
+        scheduler = ddim_scheduler(trained, p.sampler)
+        k, seed = int(p.candidates), int(p.generate.seed)
+        start, stop = shard_range(len(data.train_x), shard, shards)
+        ids = data.train_index.tolist()
+        h, w = data.train_x.shape[-2:]
+        result = np.empty((stop - start, k, h, w, 3), dtype=np.uint8)
+        per_call = max(1, int(p.sampler.batch_size) // k)
+        t0 = last = time.monotonic()
+        for b in range(start, stop, per_call):
+            e = min(b + per_call, stop)
+            anchors = data.train_x[b:e].to(device)
+            result[b - start:e - start] = generate_candidates(unet, scheduler, anchors, ids[b:e], k, p.sampler,
+                                                              seed).cpu().numpy()
+            now = time.monotonic()
+            if now - last >= log_every or e == stop:
+                last = now
+                rate = (e - start) / max(now - t0, 1e-9)
+                print(f"{label}: {e - start}/{stop - start} images (×{k} candidates) | {rate:.1f} img/s | "
+                      f"ETA {duration((stop - e) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
+        tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, result)
+        os.replace(tmp, out)  # a shard file exists whole or not at all
+        return out
+    finally:
+        lock.release()
+
+
+def _child_env(slot: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if torch.cuda.is_available():
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+    return env
+
+
+def run_shards_locally(cfg: DictConfig, todo: list[int], shards: int) -> None:
+    """Run shards `todo` as `python -m harness.clsp_generate` processes, `generate.workers` at a time."""
+    parts = parts_dir(synthetic_path(cfg))
+    parts.mkdir(parents=True, exist_ok=True)
+    config_file = parts / "config.yaml"
+    tmp = config_file.with_name(f".config.{os.getpid()}.tmp")
+    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    saved.artifacts.dir = str(artifacts_root(cfg))  # absolute, so the children find the same artifacts
+    tmp.write_text(OmegaConf.to_yaml(saved))
+    os.replace(tmp, config_file)
+    workers = int(cfg.positives.generate.get("workers") or max(torch.cuda.device_count(), 1))
+    waiting, running = list(todo), {}  # slot -> (shard, process)
+    try:
+        while waiting or running:
+            for slot in range(workers):
+                if slot not in running and waiting:
+                    shard = waiting.pop(0)
+                    cmd = [sys.executable, "-m", "harness.clsp_generate", str(config_file), f"shard={shard}/{shards}"]
+                    running[slot] = (shard, subprocess.Popen(cmd, env=_child_env(slot)))
+            time.sleep(0.2)
+            for slot, (shard, proc) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[slot]
+                if proc.returncode != 0:
+                    raise RuntimeError(f"synthetic-set shard {shard}/{shards} failed with exit code {proc.returncode}")
+    finally:
+        for _, proc in running.values():
+            proc.terminate()
+            proc.wait()
+
+
+def save_grid(path: Path, anchors: torch.Tensor, candidates: np.ndarray, scale: int = 2) -> None:
+    """A PNG with one row per anchor: the anchor, a gap, then its K candidates (nearest-upscaled)."""
+    from PIL import Image
+
+    n, k, h, w, _ = candidates.shape
+    gap = 2
+    grid = np.full((n * (h + gap) + gap, (k + 1) * (w + gap) + 2 * gap, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        top = gap + i * (h + gap)
+        grid[top:top + h, gap:gap + w] = anchors[i].permute(1, 2, 0).numpy()
+        for c in range(k):
+            left = 3 * gap + (c + 1) * (w + gap) - gap
+            grid[top:top + h, left:left + w] = candidates[i, c]
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def synthetic_set(cfg: DictConfig, data: ImageData, device: torch.device) -> Path:
+    """The folder of the job's synthetic set, generating the missing shards (as local processes) first."""
+    path = synthetic_path(cfg)
+    if (path / MANIFEST).exists():
+        return path
+    diffusion_model(cfg, data.train_x, device)  # trained once here, before the shard processes need it
+    shards = int(cfg.positives.generate.shards)
+    parts = parts_dir(path)
+
+    def assemble(tmp: Path) -> None:
+        todo = [i for i in range(shards) if not shard_file(parts, i, shards).exists()]
+        if len(todo) < shards:
+            print(f"[clsp] {shards - len(todo)} of {shards} shards already done", file=sys.stderr, flush=True)
+        if todo:
+            run_shards_locally(cfg, todo, shards)
+        k, (h, w) = int(cfg.positives.candidates), data.train_x.shape[-2:]
+        out = np.lib.format.open_memmap(tmp / "candidates.npy", mode="w+", dtype=np.uint8,
+                                        shape=(len(data.train_x), k, h, w, 3))
+        for i in range(shards):
+            start, stop = shard_range(len(data.train_x), i, shards)
+            out[start:stop] = np.load(shard_file(parts, i, shards))
+        out.flush()
+        np.save(tmp / "index.npy", data.train_index.numpy().astype(np.int64))
+        rows = np.linspace(0, len(data.train_x) - 1, min(8, len(data.train_x))).round().astype(int)
+        save_grid(tmp / "grid.png", data.train_x[rows], np.asarray(out[rows]))
+        del out
+
+    build_once(path, assemble, config=synthetic_identity(cfg), what="synthetic set")
+    shutil.rmtree(parts, ignore_errors=True)
+    return path
+
+
+def _job_config(args: list[str]) -> DictConfig:
+    from harness.config import compose, validate
+
+    if len(args) == 1 and args[0].endswith((".yaml", ".yml")) and "=" not in args[0]:
+        return OmegaConf.load(args[0])
+    cfg = compose(args)
+    validate(cfg)
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    shard_args = [a for a in argv if a.startswith("shard=")]
+    if len(shard_args) != 1:
+        print("usage: python -m harness.clsp_generate [OVERRIDES... | CONFIG.yaml] shard=I/N | shard=all",
+              file=sys.stderr)
+        return 2
+    cfg = _job_config([a for a in argv if not a.startswith("shard=")])
+    if OmegaConf.select(cfg, "positives.name") != "clsp":
+        print("positives=clsp is needed to generate a synthetic set", file=sys.stderr)
+        return 2
+    if cfg.trainer.get("num_threads"):
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    value = shard_args[0].split("=", 1)[1]
+    if value == "all":
+        data = load_dataset(cfg.dataset)
+        print(synthetic_set(cfg, data, resolve_device(str(cfg.positives.generate.device))))
+        return 0
+    try:
+        shard, shards = (int(v) for v in value.split("/"))
+    except ValueError:
+        shard, shards = -1, 0
+    if not 0 <= shard < shards:
+        print(f"shard = {value!r} is not allowed: expected I/N with 0 <= I < N, or all", file=sys.stderr)
+        return 2
+    if shards != int(cfg.positives.generate.shards):
+        print(f"shard = {value!r}: the config has positives.generate.shards = {cfg.positives.generate.shards}",
+              file=sys.stderr)
+        return 2
+    run_shard(cfg, shard, shards)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

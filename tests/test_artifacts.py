@@ -1,0 +1,73 @@
+"""build_once: one process builds, a concurrent one waits and reuses; keys follow the config."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from harness.artifacts import MANIFEST, artifact_path, artifacts_root, build_once, config_hash, dataset_identity
+
+
+def _slow_build(path: str, log: str, started: str) -> None:
+    def build(tmp: Path) -> None:
+        Path(started).touch()
+        with open(log, "a") as f:
+            f.write("built\n")
+        time.sleep(1.5)
+        (tmp / "value.txt").write_text("42")
+
+    build_once(Path(path), build)
+
+
+def test_second_process_waits_for_the_first_and_reuses(tmp_path):
+    path, log, started = tmp_path / "kind" / "abc", tmp_path / "log", tmp_path / "started"
+    ctx = mp.get_context("spawn")
+    first = ctx.Process(target=_slow_build, args=(str(path), str(log), str(started)))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not started.exists():  # the second starts only once the first is building
+        assert time.monotonic() < deadline and first.is_alive()
+        time.sleep(0.05)
+    assert not (path / MANIFEST).exists()
+    second = ctx.Process(target=_slow_build, args=(str(path), str(log), str(started)))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert first.exitcode == 0 and second.exitcode == 0
+    assert log.read_text() == "built\n"  # built exactly once
+    assert (path / "value.txt").read_text() == "42"
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_failed_build_leaves_nothing_and_the_next_one_builds(tmp_path):
+    path = tmp_path / "kind" / "h"
+
+    def broken(tmp: Path) -> None:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("killed")
+
+    try:
+        build_once(path, broken)
+    except RuntimeError:
+        pass
+    assert not path.exists()
+    build_once(path, lambda tmp: (tmp / "ok").write_text("1"), config={"a": 1})
+    assert (path / "ok").exists() and not list(path.parent.glob(".*.tmp"))
+
+
+def test_paths_and_keys():
+    cfg = OmegaConf.create({"store": {"path": "/x/results.duckdb"}, "artifacts": {"dir": None},
+                            "dataset": {"name": "cifar10", "train_size": 1000, "val_size": 0, "subset_seed": 0,
+                                        "root": "/somewhere", "archive": "auto", "mean": [0.5]}})
+    assert artifacts_root(cfg) == Path("/x/results.duckdb.artifacts")
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash(OmegaConf.create({"b": [1, 2], "a": 1}))
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+    ident = dataset_identity(cfg.dataset)
+    assert ident == {"name": "cifar10", "train_size": 1000, "val_size": 0, "subset_seed": 0}
+    p = artifact_path(cfg, "score_net", {"net": 1, "data": ident})
+    assert p.parent == Path("/x/results.duckdb.artifacts/score_net")
+    cfg.artifacts.dir = "/shared/art"
+    assert artifact_path(cfg, "score_net", {"net": 1, "data": ident}) == Path("/shared/art/score_net") / p.name
