@@ -32,11 +32,20 @@ class SweepSummary(Callback):
             " WHERE sweep_id = ? ORDER BY finished_at",
             [sweep_id],
         ) if sweep_id else []
-        print(f"\nSweep finished: {len(rows)} point(s).", file=sys.stderr)
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        text = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        print(f"\nSweep finished: {len(rows)} point(s){': ' + text if text else ''}.", file=sys.stderr)
         if rows:
             print(format_table(rows, ["overrides", "run_key", "status", "objective", "error", "log_dir"]),
                   file=sys.stderr)
         print(results_hint(store.path), file=sys.stderr)
+        if counts.get("failed"):
+            # After the whole table: a script or CI running the sweep sees that a point failed.
+            print(f"\n{counts['failed']} point(s) failed; running the same command again retries only those.",
+                  file=sys.stderr)
+            sys.exit(1)
 
 
 def results_hint(store_path: Path) -> str:

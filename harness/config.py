@@ -34,6 +34,7 @@ NOT_IN_RUN_KEY = (
     "dataset.download",
     "dataset.cache_dir",
     "eval.every",
+    "optuna",  # which Optuna study/trial a tuned sweep's job reports to
 )
 
 

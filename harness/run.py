@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from harness import distributed
+from harness import distributed, preempt, tuning
 from harness.addons import build_addons
 from harness.callbacks import SWEEP_ENV
 from harness.config import instantiate, run_key, to_container, validate
@@ -104,24 +104,40 @@ def run_row(cfg: DictConfig, key: str, run_id: str, info: distributed.DistInfo, 
 
 
 def _hydra_context() -> tuple[str | None, str | None]:
-    """(this job's overrides, its log folder) when running under Hydra."""
+    """(this job's overrides, its log: submitit's stderr file on Slurm, else the Hydra job folder)."""
+    overrides, log = None, None
     try:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        return " ".join(hc.overrides.task), hc.runtime.output_dir
+        # The trial bookkeeping of a tuned sweep (+optuna.*) is noise in the summary table.
+        overrides = " ".join(o for o in hc.overrides.task if not o.startswith("+optuna."))
+        log = hc.runtime.output_dir
     except (ImportError, ValueError):
-        return None, None
+        pass
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        try:
+            import submitit
+
+            log = str(submitit.JobEnvironment().paths.stderr)
+        except Exception:  # noqa: BLE001 - the log path is a convenience, never a reason to fail
+            pass
+    return overrides, log
 
 
 def run(cfg: DictConfig) -> float | None:
     """Run (or skip) the job described by `cfg` on this rank; returns the objective."""
     validate(cfg)
     key = run_key(cfg)
+    preempt.install()  # before the process group: a signal from now on stops at a step boundary
     info = distributed.setup(cfg.trainer.device)
     outcome = {"status": "failed", "objective": None, "error": None, "run_id": None}
+    requeue = False
     try:
         return _run(cfg, key, info, outcome)
+    except preempt.Preempted as e:
+        outcome.update(status="requeued", error=str(e))
+        requeue = True
     except BaseException as e:
         outcome["error"] = traceback.format_exception_only(type(e), e)[-1].strip()
         raise
@@ -133,6 +149,9 @@ def run(cfg: DictConfig) -> float | None:
                 "sweep_id": sweep_id, "run_key": key, "overrides": overrides, "log_dir": log_dir,
                 "finished_at": utcnow(), **outcome}])
         distributed.teardown()
+    if requeue:
+        preempt.hand_over()  # submitit requeues the job (rank 0) and every rank exits
+    return None
 
 
 def _run(cfg: DictConfig, key: str, info: distributed.DistInfo, outcome: dict) -> float | None:
@@ -191,11 +210,16 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
         if info.is_main:
             store.write("runs", [row])
 
+    trial = tuning.open_trial(cfg) if info.is_main else None  # an Optuna trial to report to, in tuned sweeps
+
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if info.is_main:
             store.write("metrics", [{"run_id": run_id, "run_key": key, "epoch": epoch, "name": k, "value": v}
                                     for k, v in metrics.items()])
             record(epochs_done=epoch + 1)
+        if "knn_top1" in metrics and _broadcast(tuning.should_prune(trial, epoch, metrics["knn_top1"]), info):
+            raise tuning.Pruned(f"pruned by Optuna after epoch {epoch + 1}: knn_top1 {metrics['knn_top1']:.2f}",
+                                metrics["knn_top1"])
 
     record()
     try:
@@ -207,6 +231,16 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
         outcome.update(status="diverged", error=str(e))
         print(f"[harness] run {key} diverged: {e}", file=sys.stderr)
         return float("nan")
+    except tuning.Pruned as e:
+        record(status="pruned", error=str(e), finished_at=utcnow(), objective=e.value)
+        outcome.update(status="pruned", error=str(e), objective=e.value)
+        if info.is_main:
+            tuning.mark_pruned(trial)
+            print(f"[harness] run {key} {e}", file=sys.stderr)
+        return e.value
+    except preempt.Preempted as e:
+        record(status="requeued", error=str(e))
+        raise
     except BaseException as e:
         first = traceback.format_exception_only(type(e), e)[-1].strip()
         record(status="failed", error=first, finished_at=utcnow())

@@ -36,7 +36,7 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
             "run_id": "VARCHAR",
             "run_key": "VARCHAR",
             "name": "VARCHAR",
-            "status": "VARCHAR",  # running | completed | failed | diverged
+            "status": "VARCHAR",  # running | completed | failed | diverged | pruned | requeued
             "method": "VARCHAR",
             "dataset": "VARCHAR",
             "backbone": "VARCHAR",

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness import distributed
+from harness import distributed, preempt
 from harness.addons import Batch, combine
 from harness.data.augment import ViewMaker
 from harness.data.datasets import ImageData
@@ -76,6 +76,18 @@ def save_atomic(obj, path: Path) -> None:
 class TrainResult:
     evals: dict[str, dict[str, tuple[float, float]]]  # split -> protocol -> (top1 %, top5 %)
     objective_split: str  # val when a validation split is held out, else test
+
+
+def _stop_for_requeue(method: nn.Module, trained_addons: nn.Module, optimizer, epoch: int, step: int,
+                      sums: dict[str, torch.Tensor], info: distributed.DistInfo, checkpoint: Path) -> None:
+    """Write a mid-epoch checkpoint (rank 0) and raise Preempted on every rank."""
+    # Partial sums averaged over ranks: the epoch's final mean over ranks stays exact on resume.
+    sums = {k: distributed.mean_over_ranks(v).cpu() for k, v in sums.items()}
+    if info.is_main:
+        save_atomic({"model": method.state_dict(), "addons": trained_addons.state_dict(),
+                     "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "sums": sums}, checkpoint)
+    distributed.barrier()
+    raise preempt.Preempted(f"stopped at epoch {epoch + 1}, step {step + 1} for a requeue")
 
 
 def knn_settings(eval_cfg) -> list[tuple[int, float]]:
@@ -136,14 +148,17 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
         return knn_evaluate(method.backbone, data.train_x, data.train_y, {s: final_queries[s] for s in splits},
                             views.plain, settings, data.num_classes)
 
-    start_epoch = 0
+    start_epoch, start_step, start_sums = 0, 0, {}
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         method.load_state_dict(state["model"])
         trained_addons.load_state_dict(state.get("addons", {}))
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
-        print(f"[train] resumed from {checkpoint} at epoch {start_epoch + 1}", file=sys.stderr, flush=True)
+        if state.get("step"):  # written on Slurm's signal: continue inside that epoch
+            start_epoch, start_step, start_sums = state["epoch"], state["step"], state["sums"]
+        print(f"[train] resumed from {checkpoint} at epoch {start_epoch + 1}, step {start_step + 1}",
+              file=sys.stderr, flush=True)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bool(tc.bf16))
     progress = Progress(total_steps, every=float(tc.log_every), enabled=info.is_main)
@@ -157,8 +172,13 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(int(cfg.seed) * 100003 + epoch))
         order = order.to(device)
         sums: dict[str, torch.Tensor] = {}
+        first_step = 0
+        if epoch == start_epoch and start_step:
+            first_step, sums = start_step, {k: v.to(device) for k, v in start_sums.items()}
+            # The rest of an interrupted epoch gets fresh augmentations, seeded by where it stopped.
+            views.generator.manual_seed(((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank) * 7 + first_step)
         t0 = time.monotonic()
-        for step in range(steps_per_epoch):
+        for step in range(first_step, steps_per_epoch):
             global_step = epoch * steps_per_epoch + step
             lr = lr_at(global_step, total_steps, warmup_steps, peak_lr, float(tc.warmup_start_lr), float(tc.min_lr))
             for group in optimizer.param_groups:
@@ -185,14 +205,17 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
                     raise Diverged(f"loss became {current} at epoch {epoch + 1}, step {step + 1}")
                 elapsed = time.monotonic() - t0
                 progress.maybe_print(epoch, epochs, step + 1, steps_per_epoch, global_step + 1, current,
-                                     (step + 1) * global_batch / max(elapsed, 1e-9))
+                                     (step + 1 - first_step) * global_batch / max(elapsed, 1e-9))
+                if step < steps_per_epoch - 1 and preempt.requested():
+                    _stop_for_requeue(method, trained_addons, optimizer, epoch, step + 1, sums, info, checkpoint)
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_time = time.monotonic() - t0
         metrics = {k: distributed.mean_over_ranks(v / steps_per_epoch).item() for k, v in sums.items()}
         if not math.isfinite(metrics["loss"]):
             raise Diverged(f"loss became {metrics['loss']} in epoch {epoch + 1}")
-        metrics.update(lr=lr, epoch_time_s=epoch_time, images_per_s=steps_per_epoch * global_batch / epoch_time)
+        metrics.update(lr=lr, epoch_time_s=epoch_time,
+                       images_per_s=(steps_per_epoch - first_step) * global_batch / epoch_time)
         for addon in addons:
             if hasattr(addon, "epoch_metrics"):
                 metrics.update(addon.epoch_metrics())
@@ -210,6 +233,8 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
         if info.is_main:
             print(f"[train] epoch {epoch + 1}/{epochs} done: loss {metrics['loss']:.4f} | "
                   f"{metrics['images_per_s']:,.0f} img/s{knn_text}", file=sys.stderr, flush=True)
+        if not last and preempt.requested():  # the epoch's checkpoint is written: stop here
+            raise preempt.Preempted(f"stopped after epoch {epoch + 1} for a requeue")
     if set(evals) != set(final_queries):  # resumed after the last epoch's checkpoint: evaluate again
         evals = evaluate(list(final_queries))
     return TrainResult(evals=evals, objective_split=objective_split)

@@ -1,0 +1,320 @@
+"""Hydra launchers for sweeps: `launcher=local` (this machine) and `launcher=slurm` (submitit).
+
+Both do two things Hydra's own launchers do not:
+- every point's config is composed and validated before anything runs or is submitted, so a
+  bad sweep (an unknown method in the grid, a missing data root, 3 nodes on a 2-node partition)
+  is refused with the reasons and nothing is queued;
+- one failed point never hides the others: a point whose job raised, was cancelled or died
+  without a word (OOM, node failure) comes back as a result of None, its failure is recorded in
+  the store's `sweep_points` (with the first line of the error and the log path) when the job
+  could not record it itself, and the sweep goes on; the summary at the end lists it.
+
+Slurm resources are per point (the `launcher` node of each point's config): points with the
+same resources form one job array, so a sweep may mix a 1-GPU and a 2-node point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.plugins.launcher import Launcher
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurmLauncher
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+FINAL = ("completed", "skipped", "failed", "diverged", "pruned")
+
+
+def first_line(e: BaseException | str) -> str:
+    if isinstance(e, BaseException):
+        return traceback.format_exception_only(type(e), e)[-1].strip().splitlines()[0]
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
+def job_config(cfg: DictConfig) -> DictConfig:
+    """A point's config as its job sees it (without the hydra node)."""
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+
+
+def compose_points(launcher: Launcher, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
+    loader = launcher.hydra_context.config_loader  # type: ignore[attr-defined]
+    return [job_config(loader.load_sweep_config(launcher.config, list(o))) for o in job_overrides]
+
+
+def refuse_bad_points(points: list[DictConfig], job_overrides: Sequence[Sequence[str]],
+                      extra_check=None) -> None:
+    """Exit with every point's problems listed when any point is invalid; nothing has run yet."""
+    from harness.config import ConfigError, validate
+
+    problems = []
+    for i, (cfg, overrides) in enumerate(zip(points, job_overrides)):
+        errors = []
+        for check in (validate, extra_check):
+            if check is None:
+                continue
+            try:
+                check(cfg)
+            except ConfigError as e:
+                errors.extend(e.problems)
+        if errors:
+            text = "\n    ".join(f"{f} = {v!r} is not allowed: expected {a}" for f, v, a in errors)
+            problems.append(f"  point #{i} ({' '.join(filter_overrides(overrides)) or 'no overrides'}):\n    {text}")
+    if problems:
+        print(f"error: sweep refused, nothing was run or submitted ({len(problems)} of {len(points)} points "
+              "invalid):\n" + "\n".join(problems), file=sys.stderr)
+        sys.exit(2)
+
+
+def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_path: str | None) -> None:
+    """Write a failed `sweep_points` row for a point whose job ended without writing a final one."""
+    import os
+
+    from harness.callbacks import SWEEP_ENV
+    from harness.config import run_key
+    from harness.store import Store, utcnow
+
+    sweep_id = os.environ.get(SWEEP_ENV)
+    if not sweep_id:
+        return
+    store = Store(cfg.store.path)
+    key = run_key(cfg)
+    rows = store.query("SELECT status FROM sweep_points WHERE sweep_id = ? AND run_key = ?", [sweep_id, key])
+    if rows and rows[0]["status"] in FINAL:
+        return
+    # The job's own runs row still says running: it died without a word, say so there too.
+    stale = store.query("SELECT * FROM runs WHERE run_key = ? AND sweep_id = ? AND status IN ('running', 'requeued')",
+                        [key, sweep_id])
+    for row in stale:
+        row = {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
+        store.write("runs", [{**row, "status": "failed", "error": error, "finished_at": utcnow()}])
+    store.write("sweep_points", [{
+        "sweep_id": sweep_id, "run_key": key,
+        "overrides": " ".join(o for o in filter_overrides(overrides) if not o.startswith("+optuna.")),
+        "status": "failed", "error": error, "log_dir": log_path, "finished_at": utcnow()}])
+
+
+def stored_outcome(cfg: DictConfig) -> dict | None:
+    """This sweep's final row for the point, when its job wrote one."""
+    import os
+
+    from harness.callbacks import SWEEP_ENV
+    from harness.config import run_key
+    from harness.store import Store
+
+    sweep_id = os.environ.get(SWEEP_ENV)
+    if not sweep_id:
+        return None
+    rows = Store(cfg.store.path).query("SELECT status, objective FROM sweep_points WHERE sweep_id = ? AND run_key = ?",
+                                       [sweep_id, run_key(cfg)])
+    return rows[0] if rows and rows[0]["status"] in FINAL else None
+
+
+def _returned(overrides: Sequence[str], value: Any) -> JobReturn:
+    # COMPLETED with None (not FAILED): Hydra's sweepers stop a sweep at the first FAILED return,
+    # which would hide every later point; the failure is in the store and the summary instead.
+    ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+    ret.return_value = value
+    return ret
+
+
+class LocalLauncher(Launcher):
+    """Runs the points one after another in this process (Hydra's basic launcher, checked first)."""
+
+    def __init__(self) -> None:
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+        self._basic = BasicLauncher()
+        self.config: DictConfig | None = None
+        self.hydra_context = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self._basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        points = compose_points(self, job_overrides)
+        refuse_bad_points(points, job_overrides)
+        results = list(self._basic.launch(job_overrides, initial_job_idx))
+        for i, (ret, cfg) in enumerate(zip(results, points)):
+            if ret.status != JobStatus.COMPLETED:
+                error = first_line(ret._return_value)
+                log.error(f"point #{initial_job_idx + i} failed: {error}")
+                record_missing(cfg, ret.overrides or [], error, ret.working_dir)
+                results[i] = _returned(ret.overrides or [], None)
+        return results
+
+
+# ---------------------------------------------------------------------------------------- Slurm
+
+def resources(cfg: DictConfig) -> dict[str, Any]:
+    """The submitit parameters of one point, from its `launcher` node."""
+    lc = cfg.launcher
+    gpus = lc.gpus_per_node
+    tasks = lc.tasks_per_node if lc.tasks_per_node is not None else max(int(gpus or 0), 1)
+    params = {
+        "nodes": lc.nodes, "tasks_per_node": tasks, "gpus_per_node": gpus, "cpus_per_task": lc.cpus_per_task,
+        "mem_gb": lc.mem_gb, "timeout_min": lc.timeout_min,
+        "slurm_partition": lc.partition, "slurm_account": lc.account, "slurm_qos": lc.qos,
+        "slurm_constraint": lc.constraint, "slurm_array_parallelism": lc.array_parallelism,
+        "slurm_signal_delay_s": lc.signal_delay_s,
+        "slurm_additional_parameters": OmegaConf.to_container(lc.sbatch, resolve=True) if lc.sbatch else None,
+        "slurm_setup": list(lc.setup) if lc.setup else None,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _sinfo() -> dict[str, dict[str, int]] | None:
+    """partition -> {nodes, cpus (largest node), gpus (largest node)}, or None without sinfo."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %D %c %G"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    parts: dict[str, dict[str, int]] = {}
+    for line in out.splitlines():
+        name, nodes, cpus, gres = (line.split() + ["", "", "", ""])[:4]
+        gpus = sum(int(m) for m in re.findall(r"gpu(?::[^:(,]+)?:(\d+)", gres))
+        p = parts.setdefault(name.rstrip("*"), {"nodes": 0, "cpus": 0, "gpus": 0, "default": name.endswith("*")})
+        p["nodes"] += int(nodes.rstrip("+") or 0)
+        p["cpus"] = max(p["cpus"], int(cpus.rstrip("+") or 0))
+        p["gpus"] = max(p["gpus"], gpus)
+    return parts
+
+
+def check_slurm(cfg: DictConfig, cluster: dict[str, dict[str, int]] | None) -> None:
+    """Raise ConfigError naming every launcher value that cannot work."""
+    from harness.config import ConfigError, _number
+
+    lc = cfg.launcher
+    errors = [
+        _number(cfg, "launcher.nodes", low=1, integer=True),
+        _number(cfg, "launcher.gpus_per_node", low=0, integer=True, optional=True),
+        _number(cfg, "launcher.tasks_per_node", low=1, integer=True, optional=True),
+        _number(cfg, "launcher.cpus_per_task", low=1, integer=True, optional=True),
+        _number(cfg, "launcher.mem_gb", low=0, strict_low=True, optional=True),
+        _number(cfg, "launcher.timeout_min", low=1, integer=True),
+        _number(cfg, "launcher.array_parallelism", low=1, integer=True),
+        _number(cfg, "launcher.signal_delay_s", low=0, integer=True),
+        _number(cfg, "launcher.max_requeues", low=0, integer=True),
+    ]
+    for field in ("partition", "account", "qos", "constraint"):
+        value = lc.get(field)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            errors.append(ConfigError(f"launcher.{field}", value, "a non-empty string or null"))
+    if lc.get("sbatch") is not None and not OmegaConf.is_dict(lc.sbatch):
+        errors.append(ConfigError("launcher.sbatch", lc.sbatch, "a mapping of sbatch options, e.g. {exclusive: true}"))
+    found = [e for e in errors if e is not None]
+    bad = {f for e in found for f, _, _ in e.problems}
+    ok = lambda *fields: not any(f"launcher.{f}" in bad for f in fields)
+    if ok("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "timeout_min", "signal_delay_s"):
+        params = resources(cfg)
+        world = params["nodes"] * params["tasks_per_node"]
+        if int(cfg.trainer.batch_size) % world:
+            found.append(ConfigError("trainer.batch_size", cfg.trainer.batch_size,
+                                     f"a multiple of nodes × tasks_per_node = {world} (the global batch is split)"))
+        if params.get("slurm_signal_delay_s", 0) >= params["timeout_min"] * 60:
+            found.append(ConfigError("launcher.signal_delay_s", lc.signal_delay_s,
+                                     f"less than the time limit ({params['timeout_min'] * 60} s)"))
+    if cluster and ok("partition"):
+        # What the cluster has (from sinfo): a job it can never run would wait in the queue forever.
+        default = next((n for n, p in cluster.items() if p["default"]), None)
+        name = lc.partition or default
+        part = cluster.get(name) if name else None
+        if part is None:
+            found.append(ConfigError("launcher.partition", lc.partition, "one of " + ", ".join(cluster)))
+        else:
+            if ok("nodes") and lc.nodes > part["nodes"]:
+                found.append(ConfigError("launcher.nodes", lc.nodes,
+                                         f"at most {part['nodes']} (nodes in partition {name})"))
+            if ok("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task"):
+                params = resources(cfg)
+                cpus = params["tasks_per_node"] * params.get("cpus_per_task", 1)
+                if part["cpus"] and cpus > part["cpus"]:
+                    found.append(ConfigError("launcher.cpus_per_task", lc.cpus_per_task,
+                                             f"tasks_per_node × cpus_per_task <= {part['cpus']} (CPUs per node in "
+                                             f"partition {name})"))
+                if (params.get("gpus_per_node") or 0) > part["gpus"]:
+                    found.append(ConfigError("launcher.gpus_per_node", lc.gpus_per_node,
+                                             f"at most {part['gpus']} (GPUs per node in partition {name})"))
+    if found:
+        raise ConfigError(*found[0].problems[0], more=found[1:])
+
+
+class SlurmLauncher(_SubmititSlurmLauncher):
+    """hydra-submitit-launcher's Slurm launcher with per-point resources, checks and failure reports.
+
+    Its job side (`__call__`, and `checkpoint`, which submitit calls on the pre-timeout or
+    preemption signal to requeue the job with the same arguments) is the parent's.
+    """
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+
+        assert self.config is not None
+        points = compose_points(self, job_overrides)
+        if shutil.which("sbatch") is None:
+            print("error: launcher=slurm needs Slurm's sbatch on PATH (run on a login node); nothing was submitted",
+                  file=sys.stderr)
+            sys.exit(2)
+        cluster = _sinfo()
+        refuse_bad_points(points, job_overrides, extra_check=lambda cfg: check_slurm(cfg, cluster))
+
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        groups: dict[str, list[int]] = {}
+        for i, cfg in enumerate(points):
+            groups.setdefault(json.dumps(resources(cfg), sort_keys=True), []).append(i)
+        jobs: dict[int, Any] = {}
+        for spec, members in groups.items():
+            params = json.loads(spec)
+            max_requeues = int(points[members[0]].launcher.max_requeues)
+            executor = submitit.AutoExecutor(folder=self.params["submitit_folder"], cluster="slurm",
+                                             slurm_max_num_timeout=max_requeues)
+            executor.update_parameters(name=str(self.config.hydra.job.name), **params)
+            args = [(list(job_overrides[i]), "hydra.sweep.dir", initial_job_idx + i,
+                     f"job_id_for_{initial_job_idx + i}", Singleton.get_state()) for i in members]
+            for i in members:
+                log.info(f"\t#{initial_job_idx + i} : {' '.join(filter_overrides(job_overrides[i]))}")
+            for i, job in zip(members, executor.map_array(self, *zip(*args))):
+                jobs[i] = job
+        log.info(f"Submitted {len(jobs)} job(s) in {len(groups)} array(s); submitit folder "
+                 f"{self.params['submitit_folder']}")
+        return [self._collect(i, jobs[i], points[i], job_overrides[i], initial_job_idx) for i in range(len(points))]
+
+    @staticmethod
+    def _collect(i: int, job, cfg: DictConfig, overrides: Sequence[str], first_idx: int) -> JobReturn:
+        try:
+            ret = job.results()[0]  # rank 0's return; waits for the job (sacct says when it died)
+        except Exception as e:  # cancelled, timed out, OOM, node failure: nothing came back
+            # submitit's message starts with the result file's path; Slurm's state says what happened.
+            try:
+                state = job.state
+            except Exception:  # noqa: BLE001 - sacct unreachable: the exception alone must do
+                state = "unknown"
+            error = f"{type(e).__name__}: job {job.job_id} ended without a result (Slurm state {state})"
+        else:
+            if ret.status == JobStatus.COMPLETED:
+                return ret
+            error = first_line(ret._return_value)
+        # A rank may die after rank 0 recorded the point (see the README): trust the store.
+        stored = stored_outcome(cfg)
+        if stored is not None and stored["status"] != "failed":
+            return _returned(overrides, stored["objective"])
+        log.error(f"point #{first_idx + i} (job {job.job_id}) failed: {error}; log: {job.paths.stderr}")
+        record_missing(cfg, overrides, error, str(job.paths.stderr))
+        return _returned(overrides, None)

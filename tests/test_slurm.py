@@ -1,0 +1,211 @@
+"""Sweeps through a real Slurm cluster (the 2-node one .ci/system.d/slurm.sh starts on this machine).
+
+Jobs are submitted from this environment: sbatch exports it, so the jobs' python imports this
+checkout through PYTHONPATH (set by harness_env). Each test uses its own store and sweep folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from harness import tuning
+from harness.store import Store
+from tests.conftest import REPO, harness_env, requires_cifar, run_harness
+
+
+def _cluster_answers() -> str | None:
+    """None when sinfo and sacct answer, else why not."""
+    for tool in ("sinfo", "sacct", "sbatch", "scontrol"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not on PATH (start the local cluster: bash .ci/system.d/slurm.sh)"
+    for cmd in (["sinfo", "-h"], ["sacct", "-n", "-X", "-S", "now"]):
+        try:
+            subprocess.run(cmd, capture_output=True, timeout=20, check=True)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"the Slurm cluster does not answer `{' '.join(cmd)}` ({e}); is SLURM_CONF set?"
+    return None
+
+
+WHY = _cluster_answers()
+pytestmark = [requires_cifar, pytest.mark.slurm, pytest.mark.slow,
+              pytest.mark.skipif(WHY is not None, reason=WHY or "")]
+
+# The smoke preset on the test cluster: its nodes have fake GPUs, the jobs train on the CPU.
+SLURM = ("sweep=smoke", "launcher=slurm", "launcher.gpus_per_node=0", "launcher.timeout_min=20")
+
+
+def args(tmp_path: Path, name: str, *overrides: str) -> list[str]:
+    return [*SLURM, f"store.path={tmp_path}/r.duckdb", f"hydra.sweep.dir={tmp_path}/{name}", *overrides, "-m"]
+
+
+def start(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "harness", *args(tmp_path, name, *overrides)], cwd=REPO,
+                            env=harness_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for(what: str, check, timeout: float = 300, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def job_ids(sweep_dir: Path) -> list[str]:
+    """Slurm job ids of a sweep's points, in point order (submitit's folders: <id> or <array>_<index>)."""
+    folder = sweep_dir / ".submitit"
+    if not folder.exists():
+        return []
+    names = [p.name for p in folder.iterdir() if p.is_dir()]
+    arrays = sorted((n for n in names if "_" in n), key=lambda n: int(n.split("_")[1]))
+    return arrays or names
+
+
+def log_of(sweep_dir: Path, job: str) -> str:
+    files = list((sweep_dir / ".submitit" / job).glob("*_log.err"))
+    return files[0].read_text(errors="replace") if files else ""
+
+
+def test_smoke_sweep_runs_two_node_ddp_jobs_and_a_rerun_trains_nothing(tmp_path, cifar10_cached):
+    out = run_harness(*args(tmp_path, "a", "launcher.nodes=2"), check=False)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "Sweep finished: 2 point(s): 2 completed." in out.stderr
+    store = Store(tmp_path / "r.duckdb")
+    runs = store.query("SELECT * FROM runs ORDER BY seed")
+    assert [(r["seed"], r["status"], r["world_size"], r["nodes"]) for r in runs] == [
+        (0, "completed", 2, "n1,n2"), (1, "completed", 2, "n1,n2")]
+    assert all(r["lr"] > 0 and r["sweep_id"] == str(tmp_path / "a") for r in runs)
+    # Only rank 0 wrote: one row per (run, epoch, metric), one eval row per (run, protocol, split).
+    per = store.query("SELECT run_id, name, count(*) AS n FROM metrics GROUP BY ALL")
+    assert per and all(r["n"] == 2 for r in per)
+    assert store.query("SELECT count(*) AS n FROM evals")[0]["n"] == 2 * 2  # (val, test) × 2 runs
+    # The summary's log column points at each job's own log file.
+    logs = store.query("SELECT log_dir FROM sweep_points")
+    assert all(Path(r["log_dir"]).is_file() and ".submitit" in r["log_dir"] for r in logs)
+
+    counts = {t: store.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in ("runs", "metrics", "evals")}
+    again = run_harness(*args(tmp_path, "b", "launcher.nodes=2"), check=False)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "Sweep finished: 2 point(s): 2 skipped." in again.stderr
+    assert {t: store.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in counts} == counts
+
+
+def test_a_requeued_job_resumes_from_its_checkpoint_without_gaps(tmp_path, cifar10_cached):
+    epochs = 4
+    driver = start(tmp_path, "a", "hydra.sweeper.params={}", "seed=0", f"trainer.epochs={epochs}",
+                   "dataset.train_size=1024")
+    try:
+        sweep_dir = tmp_path / "a"
+        job = wait_for("the job", lambda: (job_ids(sweep_dir) or [None])[0])
+        wait_for("the first epoch", lambda: "epoch 1/4 done" in log_of(sweep_dir, job))
+        # What Slurm does before the time limit or on preemption (--signal=USR2@...): signal the job's tasks.
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+
+        def requeued() -> bool:
+            info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+            return "Restarts=1" in info and "JobState=PENDING" in info
+        wait_for("the requeue", requeued)
+        # Slurm holds a requeued job for ~2 minutes before it may start again; let it start now.
+        subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
+        out, err = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, err[-4000:]
+    log = log_of(sweep_dir, job)
+    assert "this job is preempted" in log  # submitit's handler ran after ours: it requeued the job
+    assert f"[train] resumed from {tmp_path}/r.duckdb.runs/" in log
+    store = Store(tmp_path / "r.duckdb")
+    assert [r["status"] for r in store.query("SELECT status FROM runs")] == ["completed"]  # the same run went on
+    rows = store.query("SELECT name, list(epoch ORDER BY epoch) AS epochs FROM metrics GROUP BY name")
+    assert rows and all(r["epochs"] == list(range(epochs)) for r in rows)
+    states = subprocess.run(["sacct", "-j", job, "-X", "-D", "-n", "-o", "State"], capture_output=True,
+                            text=True).stdout.split()
+    assert "REQUEUED" in states and states[-1] == "COMPLETED"
+    assert "1 completed" in err
+
+
+def test_a_cancelled_point_fails_with_a_reason_and_a_rerun_trains_only_it(tmp_path, cifar10_cached):
+    overrides = ("trainer.epochs=3", "dataset.train_size=768")
+    driver = start(tmp_path, "a", *overrides)
+    try:
+        sweep_dir = tmp_path / "a"
+        jobs = wait_for("both jobs", lambda: len(job_ids(sweep_dir)) == 2 and job_ids(sweep_dir))
+        wait_for("seed 1 to train", lambda: "[train]" in log_of(sweep_dir, jobs[1]))
+        subprocess.run(["scancel", jobs[1]], check=True)
+        out, err = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
+    assert driver.returncode == 1, err[-4000:]
+    assert "Sweep finished: 2 point(s): 1 completed, 1 failed." in err
+    line = next(x for x in err.splitlines() if x.startswith("seed=1") and " failed " in x)
+    assert "CANCELLED" in line and f".submitit/{jobs[1]}/" in line
+
+    again = run_harness(*args(tmp_path, "b", *overrides), check=False)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "Sweep finished: 2 point(s): 1 completed, 1 skipped." in again.stderr
+    store = Store(tmp_path / "r.duckdb")
+    points = {r["overrides"].split()[0]: r["status"] for r in store.query(
+        "SELECT overrides, status FROM sweep_points WHERE sweep_id = ?", [str(tmp_path / "b")])}
+    assert points == {"seed=0": "skipped", "seed=1": "completed"}
+    # The cancelled job's run is marked failed by the driver (or was continued from its checkpoint).
+    statuses = [r["status"] for r in store.query("SELECT status FROM runs")]
+    assert statuses.count("completed") == 2 and "running" not in statuses
+
+
+def test_a_bad_launcher_config_is_refused_before_submission(tmp_path):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    bad = run_harness(*args(tmp_path, "a", "launcher.partition=nope", "launcher.timeout_min=0"), check=False)
+    assert bad.returncode == 2
+    for text in ("sweep refused, nothing was run or submitted", "launcher.timeout_min = 0 is not allowed: expected an "
+                 "integer >= 1", "launcher.partition = 'nope' is not allowed: expected one of debug"):
+        assert text in bad.stderr, bad.stderr[-3000:]
+    nodes = run_harness(*args(tmp_path, "c", "launcher.nodes=3"), check=False)
+    assert "launcher.nodes = 3 is not allowed: expected at most 2 (nodes in partition debug)" in nodes.stderr
+    assert not any((tmp_path / d / ".submitit").exists() for d in "ac")
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+def test_a_tuned_sweep_prunes_and_continues_after_its_driver_is_killed(tmp_path, cifar10_cached):
+    tune = ("hydra/sweeper=harness_optuna", "hydra.sweeper.params={}", "seed=0", "trainer.epochs=2",
+            "dataset.train_size=256", "hydra.sweeper.study_name=tune", "hydra.sweeper.n_trials=6",
+            "hydra.sweeper.n_jobs=2", "trainer.lr=tag(log,interval(0.01,1.0))", "method.temperature=choice(0.1,0.5)",
+            "hydra.sweeper.pruner=percentile", "hydra.sweeper.percentile=0", "hydra.sweeper.n_startup_trials=1",
+            "hydra.sweeper.n_warmup_steps=0")
+    journal = tuning.journal_path(tmp_path / "r.duckdb", "tune")
+
+    def trials() -> list:
+        if not journal.exists():
+            return []
+        return optuna.load_study(study_name="tune", storage=tuning.storage(journal)).trials
+
+    driver = start(tmp_path, "a", *tune)
+    try:
+        # Kill the driver while its second batch is in flight (2 trials told, 2 more asked).
+        wait_for("the second batch", lambda: len(trials()) >= 4, timeout=600)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        driver.kill()
+    assert any(t.state == optuna.trial.TrialState.RUNNING for t in trials())
+
+    again = run_harness(*args(tmp_path, "b", *tune), check=False, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "continuing" in again.stderr
+    done = trials()
+    assert [t.number for t in done] == list(range(6))  # the study went on: 6 trials, not 4 + 6
+    assert all(t.state.is_finished() for t in done)
+    pruned = [t for t in done if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, [t.state for t in done]
+    runs = Store(tmp_path / "r.duckdb").query("SELECT status FROM runs WHERE status = 'pruned'")
+    assert len(runs) >= 1

@@ -1,0 +1,98 @@
+"""Sweeps on this machine (launcher=local): failures reported, bad sweeps refused, Optuna tuning.
+
+The Slurm side of the same behaviour is in test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from harness import tuning
+from harness.store import Store
+from tests.conftest import requires_cifar, run_harness
+
+pytestmark = [requires_cifar, pytest.mark.slow]
+
+# The smoke preset made smaller still: 256 training images (128 held out), 1 epoch, one seed (its
+# seed grid cleared so that each test's own grid is the sweep).
+SMALL = ("sweep=smoke", "dataset.train_size=256", "trainer.epochs=1", "hydra.sweeper.params={}", "seed=0")
+
+
+def sweep(tmp_path, name: str, *overrides: str):
+    return run_harness(*SMALL, f"store.path={tmp_path}/r.duckdb", f"hydra.sweep.dir={tmp_path}/{name}", *overrides,
+                       "-m", check=False)
+
+
+def test_a_failing_point_is_listed_with_its_error_and_the_others_still_run(tmp_path, cifar10_cached):
+    # batch 512 > 128 training images left after the 128 held out: fails inside the job, not in validation.
+    first = sweep(tmp_path, "a", "trainer.batch_size=512,64")
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "Sweep finished: 2 point(s): 1 completed, 1 failed." in first.stderr
+    failed = [line for line in first.stderr.splitlines() if "trainer.batch_size=512" in line and " failed " in line]
+    assert failed and "exceeds the" in failed[0] and f"{tmp_path}/a/0" in failed[0]
+    store = Store(tmp_path / "r.duckdb")
+    assert sorted(r["status"] for r in store.query("SELECT status FROM runs")) == ["completed", "failed"]
+
+    again = sweep(tmp_path, "b", "trainer.batch_size=512,64")
+    assert "Sweep finished: 2 point(s): 1 failed, 1 skipped." in again.stderr
+    # The failed point was tried again (a new run), the completed one was not.
+    assert sorted(r["status"] for r in store.query("SELECT status FROM runs")) == ["completed", "failed", "failed"]
+
+
+def test_a_bad_sweep_is_refused_before_any_point_runs(tmp_path):
+    bad = sweep(tmp_path, "a", "trainer.lr=0.1,-1", "positives.ratio=1.5", f"dataset.root={tmp_path}/nowhere")
+    assert bad.returncode == 2
+    assert "sweep refused, nothing was run or submitted (2 of 2 points invalid)" in bad.stderr
+    for text in ("trainer.lr = -1", "positives.ratio = 1.5", "dataset.root = ", "point #1 (", "trainer.lr=-1"):
+        assert text in bad.stderr
+    assert "[train]" not in bad.stderr and not (tmp_path / "r.duckdb.runs").exists()
+    unknown = sweep(tmp_path, "b", "method=simclr,nope")  # Hydra itself refuses a grid it cannot compose
+    assert unknown.returncode != 0 and "Could not find 'method/nope'" in unknown.stderr
+    tuned = sweep(tmp_path, "c", "hydra/sweeper=harness_optuna", "trainer.lr=interval(-1.0,0.5)")
+    assert tuned.returncode == 2 and "trainer.lr = -1.0 is not allowed" in tuned.stderr
+    assert not (tmp_path / "r.duckdb.runs").exists()
+
+
+def _trials(tmp_path, study: str) -> list:
+    path = tuning.journal_path(tmp_path / "r.duckdb", study)
+    assert path == tmp_path / "r.duckdb.optuna" / f"{study}.log"  # the leaderboard reads it there
+    return optuna.load_study(study_name=study, storage=tuning.storage(path)).trials
+
+
+def test_grid_sampler_runs_each_grid_point_once(tmp_path, cifar10_cached):
+    out = sweep(tmp_path, "a", "hydra/sweeper=harness_optuna",
+                "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=10", "hydra.sweeper.study_name=grid",
+                "trainer.lr=choice(0.1,0.4)", "method.temperature=0.2,0.5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = _trials(tmp_path, "grid")
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert {(t.params["trainer.lr"], t.params["method.temperature"]) for t in trials} == {
+        (0.1, 0.2), (0.1, 0.5), (0.4, 0.2), (0.4, 0.5)}
+    # The told values are the jobs' objectives: k-NN top-1 on the validation split.
+    evals = Store(tmp_path / "r.duckdb").query(
+        "SELECT r.objective AS o FROM runs r WHERE status = 'completed' ORDER BY o")
+    assert sorted(t.value for t in trials) == pytest.approx([e["o"] for e in evals])
+    assert "val" in {e["split"] for e in Store(tmp_path / "r.duckdb").query("SELECT split FROM evals")}
+
+
+def test_tpe_study_resumes_from_its_journal_and_prunes(tmp_path, cifar10_cached):
+    args = ("hydra/sweeper=harness_optuna", "trainer.epochs=2",
+            "hydra.sweeper.study_name=tpe", "hydra.sweeper.n_jobs=1", "trainer.lr=tag(log,interval(0.01,1.0))",
+            # keep only the top 0%: prune a trial whose best k-NN so far is below every earlier trial's at that epoch
+            "hydra.sweeper.pruner=percentile", "hydra.sweeper.percentile=0", "hydra.sweeper.n_startup_trials=1",
+            "hydra.sweeper.n_warmup_steps=0")
+    first = sweep(tmp_path, "a", *args, "hydra.sweeper.n_trials=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(_trials(tmp_path, "tpe")) == 3
+    second = sweep(tmp_path, "b", *args, "hydra.sweeper.n_trials=6")  # a new driver: the study goes on
+    assert second.returncode == 0, second.stderr[-3000:]
+    trials = _trials(tmp_path, "tpe")
+    assert [t.number for t in trials] == list(range(6))
+    states = [t.state for t in trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, states
+    assert all(t.intermediate_values for t in trials)  # every trial reported its per-epoch k-NN
+    runs = Store(tmp_path / "r.duckdb").query("SELECT status, epochs_done FROM runs WHERE status = 'pruned'")
+    assert len(runs) == len(pruned) and all(r["epochs_done"] < 2 for r in runs)
