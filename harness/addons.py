@@ -63,13 +63,17 @@ def combine(batch: Batch, addons: list) -> tuple[torch.Tensor | None, torch.Tens
     return weights, extra, logs
 
 
-def build_addons(cfg) -> list:
-    """The add-ons a job's config asks for, from `_target_` entries of weighting and positives."""
+def build_addons(cfg, feat_dim: int | None = None) -> list:
+    """The add-ons a job's config asks for: `_target_` entries of weighting and positives, and the
+    online linear classifier when ``eval.online_linear`` (it needs the backbone's `feat_dim`)."""
     from harness.config import instantiate
+    from harness.evaluate import OnlineLinear
 
     found = []
     for group in ("weighting", "positives"):
         node = cfg.get(group)
         if node is not None and node.get("_target_"):
             found.append(instantiate(node))
+    if cfg.get("eval") is not None and cfg.eval.get("online_linear"):
+        found.append(OnlineLinear(cfg, feat_dim))
     return found
