@@ -227,7 +227,11 @@ class OnlineLinear(nn.Module):
 
     def setup(self, data, info) -> None:
         self.classifier = nn.Linear(self.feat_dim, data.num_classes).to(info.device)
-        self.labels = data.train_y.to(info.device)
+        # Add-on batches carry positions in the full training split: labels are looked up by them.
+        index = data.train_index if data.train_index is not None else torch.arange(len(data.train_y))
+        self.labels = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
+        self.labels[index] = data.train_y
+        self.labels = self.labels.to(info.device)
 
     def optim_groups(self) -> list[tuple[nn.Module, dict]]:
         return [(self, {"lr_scale": self.lr_scale, "weight_decay": self.weight_decay})]

@@ -78,10 +78,9 @@ def test_optimizer_groups_give_a_module_its_own_weight_decay_lr_scale_and_static
     optimizer = build_optimizer(model, cfg, 0.1, special)
     by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 6  # every parameter exactly once
-    assert by_param[id(model["body"].weight)]["weight_decay"] == 1e-4 and "static_lr" not in by_param[
-        id(model["body"].weight)]
-    assert by_param[id(model["head"].weight)]["static_lr"] and by_param[id(model["head"].weight)]["weight_decay"] == 1e-4
-    probe = by_param[id(model["probe"].weight)]
+    body, head, probe = (by_param[id(model[k].weight)] for k in ("body", "head", "probe"))
+    assert body["weight_decay"] == 1e-4 and "static_lr" not in body and "lr_scale" not in body
+    assert head["static_lr"] and head["weight_decay"] == 1e-4
     assert probe["lr_scale"] == 0.5 and probe["weight_decay"] == 0.0
 
 
