@@ -11,6 +11,10 @@ file or the training loop. Each is an object built from config (``weighting``, `
   gradient), an extra ``loss`` (added to the total), and scalars to ``log`` (epoch means).
 - ``epoch_metrics() -> dict[str, float]``: extra per-epoch metrics, e.g. a weight distribution;
   called on every rank at each epoch end (reduce over ranks inside if needed).
+- ``evaluate(backbone, queries, prepare) -> {split: {protocol: (top1, top5)}}``: results under the
+  add-on's own protocol name, stored with the k-NN ones (the online linear classifier).
+- ``optim_groups() -> [(module, settings)]``: its parameters' own lr scale / weight decay (see
+  harness/method.py).
 
 An add-on that is an ``nn.Module`` with parameters is trained by the same optimizer as the
 method and saved in the same checkpoint.

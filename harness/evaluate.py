@@ -167,8 +167,9 @@ def linear_probe(backbone: nn.Module, train_x: torch.Tensor, train_y: torch.Tens
     labels = train_y.to(device)
 
     g = torch.Generator(device=device).manual_seed(seed)
-    torch.manual_seed(seed)  # the classifier's initialisation
-    classifier = nn.Linear(train_feats.shape[2], num_classes).to(device)
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the global RNG as it was
+        torch.manual_seed(seed)
+        classifier = nn.Linear(train_feats.shape[2], num_classes).to(device)
     batch_size = int(lc.batch_size)
     peak = float(lc.lr) * batch_size / 256  # solo-learn's linear scaling rule
     if lc.optimizer == "sgd":

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from harness.config import compose
+from harness.config import ConfigError, compose, validate
 from harness.data.augment import pad_crop_flip
 from harness.evaluate import LINEAR_DEFAULTS, linear_lr_factor, linear_probe, linear_protocol
 from harness.optim import build_optimizer
@@ -107,3 +107,14 @@ def test_linear_probe_and_online_linear_on_a_trained_convnet(tmp_path, cifar10_c
     groups = state["optimizer"]["param_groups"]
     assert any(g.get("static_lr") and g["lr"] == pytest.approx(1e-3) for g in groups)
     assert any(g.get("lr_scale") == pytest.approx(2.0) and g["weight_decay"] == 0.0 for g in groups)
+
+
+def test_bad_linear_probe_settings_are_refused_with_the_field_value_and_allowed_values():
+    cfg = compose(["eval.linear.enabled=true", "eval.linear.augment=rotate", "eval.linear.epochs=0",
+                   "eval.linear.milestones=[0.5,1.5]", "trainer.classifier_lr=-1"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    text = str(e.value)
+    for fragment in ("eval.linear.augment = 'rotate'", "one of none, flip, crop_flip", "eval.linear.epochs = 0",
+                     "eval.linear.milestones.1 = 1.5", "trainer.classifier_lr = -1"):
+        assert fragment in text
