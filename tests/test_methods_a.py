@@ -226,3 +226,17 @@ def test_each_method_returns_per_image_losses_and_detached_features(name):
 def test_wmse_whitening_size_that_does_not_divide_the_batch_is_refused_before_running():
     with pytest.raises(ConfigError, match=r"method.whitening_size = 128 .* divisor of trainer.batch_size=200"):
         validate(compose(["method=wmse", "trainer.batch_size=200"]))
+
+
+def test_wmse_permutations_follow_a_step_counter_that_is_checkpointed():
+    """Every rank, and a resumed run, draws the same sub-batches: the counter lives in the checkpoint."""
+    cfg = compose(["method=wmse", "backbone=convnet", "method.proj_output_dim=8", "method.whitening_size=16"])
+    torch.manual_seed(0)
+    model = instantiate(cfg.method, instantiate(cfg.backbone))
+    views = [torch.randn(32, 3, 16, 16) for _ in range(2)]
+    first, second = model(views).pair, model(views).pair
+    assert model.steps == 2 and not torch.equal(first, second)  # a new permutation each step
+    resumed = instantiate(cfg.method, instantiate(cfg.backbone))
+    resumed.load_state_dict(model.state_dict())
+    assert resumed.steps == 2
+    torch.testing.assert_close(resumed(views).pair, model(views).pair, atol=1e-6, rtol=0)
