@@ -11,6 +11,10 @@ file or the training loop. Each is an object built from config (``weighting``, `
   gradient), an extra ``loss`` (added to the total), and scalars to ``log`` (epoch means).
 - ``epoch_metrics() -> dict[str, float]``: extra per-epoch metrics, e.g. a weight distribution;
   called on every rank at each epoch end (reduce over ranks inside if needed).
+- ``evaluate(backbone, queries, prepare) -> {split: {protocol: (top1, top5)}}``: results under the
+  add-on's own protocol name, stored with the k-NN ones (the online linear classifier).
+- ``optim_groups() -> [(module, settings)]``: its parameters' own lr scale / weight decay (see
+  harness/method.py).
 
 An add-on is built as ``Target(job_cfg, **node_keys)``: its constructor gets the whole job config
 first (for artifact paths, see harness/artifacts.py, and dataset normalisation), then the other
@@ -67,13 +71,17 @@ def combine(batch: Batch, addons: list) -> tuple[torch.Tensor | None, torch.Tens
     return weights, extra, logs
 
 
-def build_addons(cfg) -> list:
-    """The add-ons a job's config asks for, from `_target_` entries of weighting and positives."""
+def build_addons(cfg, feat_dim: int | None = None) -> list:
+    """The add-ons a job's config asks for: `_target_` entries of weighting and positives, and the
+    online linear classifier when ``eval.online_linear`` (it needs the backbone's `feat_dim`)."""
     from harness.config import instantiate
+    from harness.evaluate import OnlineLinear
 
     found = []
     for group in ("weighting", "positives"):
         node = cfg.get(group)
         if node is not None and node.get("_target_"):
             found.append(instantiate(node, cfg))
+    if cfg.get("eval") is not None and cfg.eval.get("online_linear"):
+        found.append(OnlineLinear(cfg, feat_dim))
     return found

@@ -226,8 +226,25 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "dataset.val_size", low=0, integer=True, optional=True),
         _number(cfg, "eval.every", low=0, integer=True),
         _number(cfg, "positives.ratio", low=0, high=1, optional=True),
+        _number(cfg, "trainer.classifier_lr", low=0, strict_low=True, optional=True),
+        _number(cfg, "trainer.classifier_weight_decay", low=0, optional=True),
     ]
     errors += _clsp_errors(cfg)
+    if OmegaConf.select(cfg, "eval.linear.enabled", default=False):
+        errors += [
+            _number(cfg, "eval.linear.epochs", low=1, integer=True),
+            _number(cfg, "eval.linear.lr", low=0, strict_low=True),
+            _number(cfg, "eval.linear.momentum", low=0, high=1),
+            _number(cfg, "eval.linear.weight_decay", low=0),
+            _number(cfg, "eval.linear.batch_size", low=1, integer=True),
+            _number(cfg, "eval.linear.gamma", low=0, strict_low=True),
+            _number(cfg, "eval.linear.copies", low=1, integer=True),
+            _choice(cfg, "eval.linear.optimizer", ("sgd", "adam")),
+            _choice(cfg, "eval.linear.schedule", ("step", "cosine", "constant")),
+            _choice(cfg, "eval.linear.augment", ("none", "flip", "crop_flip")),
+        ]
+        for i, _ in enumerate(OmegaConf.select(cfg, "eval.linear.milestones", default=[]) or []):
+            errors.append(_number(cfg, f"eval.linear.milestones.{i}", low=0, high=1))
     for i, _ in enumerate(OmegaConf.select(cfg, "eval.knn", default=[]) or []):
         errors.append(_number(cfg, f"eval.knn.{i}.k", low=1, integer=True))
         errors.append(_number(cfg, f"eval.knn.{i}.T", low=0, strict_low=True))
@@ -238,9 +255,11 @@ def validate(cfg: DictConfig) -> None:
         if group in ("weighting", "positives") and target is None:  # optional add-ons
             continue
         try:
-            import_target(str(target))
+            found_class = import_target(str(target))
         except (ImportError, AttributeError, ValueError):
             errors.append(ConfigError(f"{group}._target_", target, f"an importable class path for the {group}"))
+        else:  # a class may check its own settings against the rest of the job (e.g. W-MSE's sub-batch size)
+            errors.extend(getattr(found_class, "check_config", lambda _: [])(cfg))
     if cfg.trainer.device == "cuda":
         import torch
 

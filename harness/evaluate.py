@@ -1,11 +1,16 @@
-"""Evaluation on frozen backbone features: weighted k-NN (InstDisc/DINO style).
+"""Evaluation on frozen backbone features: weighted k-NN (InstDisc/DINO style), the offline linear
+probe, and the online linear classifier trained beside SSL (an add-on).
 
-Every result is stored under an explicit protocol name such as ``knn:cosine:k=200:T=0.1``, so
-numbers from different protocols are never compared by accident.
+Every result is stored under an explicit protocol name such as ``knn:cosine:k=200:T=0.1``,
+``linear:sgd:100ep`` or ``online_linear``, so numbers from different protocols are never compared
+by accident.
 """
 
 from __future__ import annotations
 
+import math
+import sys
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,8 +26,8 @@ def knn_protocol(k: int, temperature: float) -> str:
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
-                     batch_size: int = 512, device: torch.device | None = None) -> torch.Tensor:
-    """L2-normalised backbone features of uint8 `images`, computed in eval mode.
+                     batch_size: int = 512, device: torch.device | None = None, normalize: bool = True) -> torch.Tensor:
+    """L2-normalised (or, with `normalize=False`, raw) backbone features of uint8 `images`, in eval mode.
 
     Under DDP each rank computes a slice and the slices are gathered, so every rank ends with all
     features at 1/N of the cost.
@@ -39,7 +44,7 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, prepare: Callabl
         x = prepare(mine[start:start + batch_size].to(device, non_blocking=True))
         with autocast:
             f = backbone(x)
-        feats.append(F.normalize(f.float(), dim=1))
+        feats.append(F.normalize(f.float(), dim=1) if normalize else f.float())
     dim = backbone.feat_dim
     out = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
     if world > 1:
@@ -91,3 +96,167 @@ def knn_evaluate(backbone: nn.Module, bank_x: torch.Tensor, bank_y: torch.Tensor
         split: knn_classify(bank, bank_y, extract_features(backbone, x, prepare, batch_size), y, settings, num_classes)
         for split, (x, y) in queries.items()
     }
+
+
+# ------------------------------------------------------------------------------- linear probes
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(top-1 %, top-5 %) of `logits` against `labels` (top-5 is top-C when there are fewer classes)."""
+    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = ranked == labels.view(-1, 1)
+    n = max(len(labels), 1)
+    return 100 * hits[:, 0].sum().item() / n, 100 * hits.any(dim=1).sum().item() / n
+
+
+# The default offline protocol: methods.md §1.3, solo-learn's offline linear settings (SGD momentum
+# 0.9, lr 1.0 × batch/256, no weight decay, batch 256, 100 epochs, lr × 0.1 at 60% and 80%) with the
+# CIFAR train augmentation of SCE's linear eval (RandomCrop 32 pad 4 + flip). A setting that differs
+# from these is written into the protocol name, so probes run differently are never mixed.
+LINEAR_DEFAULTS = {"optimizer": "sgd", "lr": 1.0, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 256,
+                   "schedule": "step", "milestones": [0.6, 0.8], "gamma": 0.1, "augment": "crop_flip",
+                   "copies": 10}
+LINEAR_AUGMENTS = {"none": (0, 0.0), "flip": (0, 0.5), "crop_flip": (4, 0.5)}  # (padding, flip probability)
+
+
+def linear_protocol(lc) -> str:
+    """`linear:sgd:100ep`, plus `:key=value` for every setting that is not the default protocol's."""
+    extras = []
+    for key, default in LINEAR_DEFAULTS.items():
+        value = lc.get(key, default)
+        value = list(value) if key == "milestones" else value
+        if key != "optimizer" and value != default and not (key == "copies" and lc.get("augment") == "none"):
+            extras.append(f"{key}={','.join(f'{v:g}' for v in value) if key == 'milestones' else value}")
+    return ":".join([f"linear:{lc.get('optimizer', 'sgd')}:{int(lc.epochs)}ep", *extras])
+
+
+def linear_lr_factor(lc, epoch: int) -> float:
+    """The probe's lr multiplier in `epoch` (0-based): step decay at fractions of the epochs, or cosine."""
+    epochs = int(lc.epochs)
+    if lc.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if lc.schedule == "step":
+        return float(lc.gamma) ** sum(epoch >= round(float(m) * epochs) for m in lc.milestones)
+    return 1.0
+
+
+def linear_probe(backbone: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
+                 queries: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 normalize: Callable[[torch.Tensor], torch.Tensor], lc, num_classes: int, seed: int = 0,
+                 verbose: bool = True) -> dict[str, dict[str, tuple[float, float]]]:
+    """Offline linear probe on frozen features: {split: {linear_protocol(lc): (top1 %, top5 %)}}.
+
+    Fast because the backbone runs once: features of `lc.copies` augmented copies of the training
+    set (one plain copy when `lc.augment` is none) and of each query split are extracted up front
+    (sharded over ranks, gathered) and kept in memory; each epoch every image uses one of its copies
+    at random. Every rank then trains the same probe from the same seed, so all ranks agree.
+    `normalize` maps float images in [0, 1] to the backbone's input normalisation.
+    """
+    from harness.data.augment import pad_crop_flip
+
+    device = next(backbone.parameters()).device
+    padding, flip = LINEAR_AUGMENTS[lc.augment]
+    copies = 1 if lc.augment == "none" else int(lc.copies)
+    generator = torch.Generator(device=device).manual_seed(seed * 7907 + distributed.rank())
+    if lc.augment == "none":
+        train = [extract_features(backbone, train_x, lambda x: normalize(x.float().div(255)), normalize=False)]
+    else:
+        train = [extract_features(backbone, train_x, lambda x: normalize(pad_crop_flip(x, padding, flip, generator)),
+                                  normalize=False) for _ in range(copies)]
+    train_feats = torch.stack(train)  # copies × N × d
+    test_feats = {s: (extract_features(backbone, x, lambda x: normalize(x.float().div(255)), normalize=False),
+                      y.to(device)) for s, (x, y) in queries.items()}
+    labels = train_y.to(device)
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the global RNG as it was
+        torch.manual_seed(seed)
+        classifier = nn.Linear(train_feats.shape[2], num_classes).to(device)
+    batch_size = int(lc.batch_size)
+    peak = float(lc.lr) * batch_size / 256  # solo-learn's linear scaling rule
+    if lc.optimizer == "sgd":
+        optimizer = torch.optim.SGD(classifier.parameters(), lr=peak, momentum=float(lc.momentum),
+                                    weight_decay=float(lc.weight_decay))
+    else:
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=peak, weight_decay=float(lc.weight_decay))
+    n, epochs = len(labels), int(lc.epochs)
+    start = last = time.monotonic()
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = peak * linear_lr_factor(lc, epoch)
+        order = torch.randperm(n, generator=g, device=device)
+        which = torch.randint(0, copies, (n,), generator=g, device=device)
+        for begin in range(0, n, batch_size):
+            idx = order[begin:begin + batch_size]
+            loss = F.cross_entropy(classifier(train_feats[which[idx], idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        now = time.monotonic()
+        if verbose and distributed.rank() == 0 and (now - last > 10 or epoch == epochs - 1):
+            last = now
+            eta = (now - start) / (epoch + 1) * (epochs - epoch - 1)
+            print(f"[linear] epoch {epoch + 1}/{epochs} | loss {loss.item():.4f} | "
+                  f"{(epoch + 1) * n / (now - start):,.0f} samples/s | ETA {eta:.0f}s", file=sys.stderr, flush=True)
+    protocol = linear_protocol(lc)
+    with torch.no_grad():
+        return {s: {protocol: topk_accuracy(classifier(f), y)} for s, (f, y) in test_feats.items()}
+
+
+class OnlineLinear(nn.Module):
+    """The online linear classifier of solo-learn, as an add-on (``eval.online_linear=true``).
+
+    Trained during SSL on the detached backbone features the method returns in ``LossParts.feats``
+    (all its views, as solo-learn does with its large crops), with its own lr and weight decay
+    (`trainer.classifier_lr`, scaled and scheduled like `trainer.lr`, and
+    `trainer.classifier_weight_decay`) through an optimizer group of its own. Its loss is added to
+    the total but cannot reach the backbone. Evaluated on un-augmented images and stored as protocol
+    ``online_linear``, apart from the offline probe.
+
+    Under DDP the add-on is not wrapped by DistributedDataParallel, so each rank computes the
+    classifier's loss on the features gathered from all ranks: every rank then takes the same step
+    and the copies stay identical, as with one process on the whole batch.
+    """
+
+    protocol = "online_linear"
+
+    def __init__(self, cfg, feat_dim: int):
+        super().__init__()
+        self.feat_dim = feat_dim
+        self.lr_scale = float(cfg.trainer.classifier_lr) / float(cfg.trainer.lr)
+        self.weight_decay = float(cfg.trainer.get("classifier_weight_decay", 0.0))
+        self.classifier: nn.Linear | None = None
+        self.labels: torch.Tensor | None = None
+
+    def setup(self, data, info) -> None:
+        self.classifier = nn.Linear(self.feat_dim, data.num_classes).to(info.device)
+        # Add-on batches carry positions in the full training split: labels are looked up by them.
+        index = data.train_index if data.train_index is not None else torch.arange(len(data.train_y))
+        self.labels = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
+        self.labels[index] = data.train_y
+        self.labels = self.labels.to(info.device)
+
+    def optim_groups(self) -> list[tuple[nn.Module, dict]]:
+        return [(self, {"lr_scale": self.lr_scale, "weight_decay": self.weight_decay})]
+
+    def step(self, batch):
+        from harness.addons import AddonOut
+
+        feats = batch.parts.feats
+        if feats is None:
+            raise ValueError(f"eval.online_linear=true needs backbone features, but {type(batch.method).__name__} "
+                             "returns LossParts.feats=None")
+        copies = feats.shape[0] // batch.index.shape[0]
+        x = distributed.gather(feats.detach(), grad=False)
+        y = distributed.gather(self.labels[batch.index].repeat(copies), grad=False)
+        logits = self.classifier(x)
+        loss = F.cross_entropy(logits.float(), y)
+        accuracy = (logits.argmax(dim=1) == y).float().mean() * 100
+        return AddonOut(loss=loss, logs={"online_linear_loss": loss.detach(), "online_linear_train_acc": accuracy})
+
+    @torch.no_grad()
+    def evaluate(self, backbone: nn.Module, queries: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 prepare: Callable) -> dict[str, dict[str, tuple[float, float]]]:
+        out = {}
+        for split, (x, y) in queries.items():
+            feats = extract_features(backbone, x, prepare, normalize=False)
+            out[split] = {self.protocol: topk_accuracy(self.classifier(feats), y.to(feats.device))}
+        return out

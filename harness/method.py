@@ -10,6 +10,9 @@ Optional hooks a method may define:
 - ``after_step(progress: float)``: after each optimizer step (EMA updates, queue pushes);
   `progress` is the fraction of training done, for momentum schedules.
 - ``embed(x) -> Tensor``: the L2-normalised embedding an extra positive is compared in.
+- ``optim_groups() -> list[tuple[nn.Module, dict]]``: sub-modules whose parameters need their own
+  optimizer settings: ``weight_decay``, ``lr_scale`` (times the scheduled lr) or ``static_lr``
+  (the peak lr throughout, e.g. SimSiam's predictor). Add-ons may define it too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ class LossParts:
     pair: torch.Tensor  # shape (n,), one loss per anchor image of this rank's batch
     batch: torch.Tensor  # scalar; zero for methods without batch-level terms
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Detached backbone features of one or more views of this rank's batch, stacked view after
+    # view ((k·n) × feat_dim): what an online linear probe trains on (harness/evaluate.py). None
+    # when a method does not expose them.
+    feats: torch.Tensor | None = None
 
     def total(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         pair = self.pair if weights is None else weights * self.pair

@@ -9,6 +9,7 @@ experiment on one GPU or sixteen; the lr actually used is recorded with the run.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -53,11 +54,12 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = True) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = True,
+                 skip: frozenset[int] = frozenset()) -> list[dict]:
     """Two groups: weights with decay; biases and norm parameters without (and without LARS)."""
     decay, plain = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in skip:
             continue
         (plain if exclude_bias_and_norm and (p.ndim <= 1 or name.endswith(".bias")) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
@@ -74,10 +76,22 @@ def scaled_lr(base_lr: float, global_batch: int, base_batch: int, rule: str) -> 
     return base_lr
 
 
-def build_optimizer(model: nn.Module, trainer_cfg, lr: float) -> torch.optim.Optimizer:
-    """The configured optimizer over `model`'s parameters, biases and norm layers without decay."""
+def build_optimizer(model: nn.Module, trainer_cfg, lr: float,
+                    special: Sequence[tuple[nn.Module, dict]] = ()) -> torch.optim.Optimizer:
+    """The configured optimizer over `model`'s parameters, biases and norm layers without decay.
+
+    `special`: (sub-module, settings) pairs (from ``optim_groups()`` hooks) whose parameters get
+    groups of their own; settings may give ``weight_decay`` and the keys the trainer reads when it
+    sets each step's lr: ``lr_scale`` (times the scheduled lr) and ``static_lr`` (no schedule).
+    """
     name = trainer_cfg.optimizer
-    groups = param_groups(model, float(trainer_cfg.weight_decay), bool(trainer_cfg.get("exclude_bias_and_norm", True)))
+    weight_decay, exclude = float(trainer_cfg.weight_decay), bool(trainer_cfg.get("exclude_bias_and_norm", True))
+    owned = frozenset(id(p) for module, _ in special for p in module.parameters())
+    groups = param_groups(model, weight_decay, exclude, skip=owned)
+    for module, settings in special:
+        for group in param_groups(module, float(settings.get("weight_decay", weight_decay)), exclude):
+            if group["params"]:
+                groups.append({**group, **{k: v for k, v in settings.items() if k != "weight_decay"}})
     if name == "lars":
         return LARS(groups, lr=lr, momentum=float(trainer_cfg.momentum), eta=float(trainer_cfg.get("lars_eta", 0.02)),
                     clip_lr=bool(trainer_cfg.get("lars_clip_lr", True)))

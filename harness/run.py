@@ -225,7 +225,7 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
     try:
         data = load_dataset(cfg.dataset)
         model = instantiate(cfg.method, instantiate(cfg.backbone))
-        result = fit(cfg, model, data, info, checkpoint, log_epoch, build_addons(cfg))
+        result = fit(cfg, model, data, info, checkpoint, log_epoch, build_addons(cfg, model.backbone.feat_dim))
     except Diverged as e:
         record(status="diverged", error=str(e), finished_at=utcnow())
         outcome.update(status="diverged", error=str(e))

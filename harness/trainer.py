@@ -23,7 +23,7 @@ from harness import distributed, preempt
 from harness.addons import Batch, combine
 from harness.data.augment import ViewMaker
 from harness.data.datasets import ImageData
-from harness.evaluate import knn_evaluate, knn_protocol
+from harness.evaluate import knn_evaluate, knn_protocol, linear_probe
 from harness.optim import build_optimizer, lr_at, scaled_lr
 
 
@@ -131,7 +131,8 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     total_steps = steps_per_epoch * epochs
     peak_lr = scaled_lr(float(tc.lr), global_batch, int(tc.base_batch), tc.lr_scaling)
     warmup_steps = int(round(float(tc.warmup_epochs) * steps_per_epoch))
-    optimizer = build_optimizer(nn.ModuleList([method, trained_addons]), tc, peak_lr)
+    special = [g for owner in (method, *addons) if hasattr(owner, "optim_groups") for g in owner.optim_groups()]
+    optimizer = build_optimizer(nn.ModuleList([method, trained_addons]), tc, peak_lr, special)
 
     train_x = data.train_x.to(device)  # the whole uint8 dataset lives on the training device
     train_index = data.train_index.to(device)  # positions in the full training split (for per-image artifacts)
@@ -144,9 +145,18 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     settings = knn_settings(cfg.eval)
     primary = knn_protocol(*settings[0])
 
-    def evaluate(splits: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
-        return knn_evaluate(method.backbone, data.train_x, data.train_y, {s: final_queries[s] for s in splits},
-                            views.plain, settings, data.num_classes)
+    def evaluate(splits: list[str], final: bool = False) -> dict[str, dict[str, tuple[float, float]]]:
+        queries = {s: final_queries[s] for s in splits}
+        out = knn_evaluate(method.backbone, data.train_x, data.train_y, queries, views.plain, settings,
+                           data.num_classes)
+        extra = [a.evaluate(method.backbone, queries, views.plain) for a in addons if hasattr(a, "evaluate")]
+        if final and cfg.eval.get("linear") and cfg.eval.linear.enabled:
+            extra.append(linear_probe(method.backbone, data.train_x, data.train_y, queries, views.normalize,
+                                      cfg.eval.linear, data.num_classes, seed=int(cfg.seed), verbose=info.is_main))
+        for results in extra:
+            for split, by_protocol in results.items():
+                out[split].update(by_protocol)
+        return out
 
     start_epoch, start_step, start_sums = 0, 0, {}
     if checkpoint.exists():
@@ -182,7 +192,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
             global_step = epoch * steps_per_epoch + step
             lr = lr_at(global_step, total_steps, warmup_steps, peak_lr, float(tc.warmup_start_lr), float(tc.min_lr))
             for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+                group["lr"] = (peak_lr if group.get("static_lr") else lr) * group.get("lr_scale", 1.0)
             idx = order[step * global_batch + info.rank * local_batch:][:local_batch]
             batch_views = views(train_x[idx])
             with autocast:
@@ -222,8 +232,11 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
         last = epoch == epochs - 1
         every = int(cfg.eval.every)
         if last or (every and (epoch + 1) % every == 0):
-            evals = evaluate(list(final_queries) if last else [objective_split])
+            evals = evaluate(list(final_queries) if last else [objective_split], final=last)
             metrics["knn_top1"] = evals[objective_split][primary][0]
+            for protocol, (top1, _) in evals[objective_split].items():
+                if not protocol.startswith(("knn:", "linear:")):  # add-on protocols, e.g. online_linear
+                    metrics[f"{protocol}_top1"] = top1
         log_epoch(epoch, metrics)
         if info.is_main:
             save_atomic({"model": method.state_dict(), "addons": trained_addons.state_dict(),
@@ -236,5 +249,5 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
         if not last and preempt.requested():  # the epoch's checkpoint is written: stop here
             raise preempt.Preempted(f"stopped after epoch {epoch + 1} for a requeue")
     if set(evals) != set(final_queries):  # resumed after the last epoch's checkpoint: evaluate again
-        evals = evaluate(list(final_queries))
+        evals = evaluate(list(final_queries), final=True)
     return TrainResult(evals=evals, objective_split=objective_split)

@@ -53,6 +53,7 @@ class SimCLR(nn.Module):
         return F.normalize(self.projector(self.backbone(x)), dim=1)
 
     def forward(self, views: list[torch.Tensor]) -> LossParts:
-        z1, z2 = (self.embed(v) for v in views[:2])
+        f1, f2 = (self.backbone(v) for v in views[:2])
+        z1, z2 = (F.normalize(self.projector(f), dim=1) for f in (f1, f2))
         pair = nt_xent_pairs(z1.float(), z2.float(), self.temperature)
-        return LossParts(pair=pair, batch=pair.new_zeros(()))
+        return LossParts(pair=pair, batch=pair.new_zeros(()), feats=torch.cat([f1, f2]).detach())

@@ -248,3 +248,24 @@ class ViewMaker:
     def plain(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """The un-augmented, normalised images (for evaluation)."""
         return self.normalize(x_uint8.float().div(255))
+
+
+def pad_crop_flip(x_uint8: torch.Tensor, padding: int, flip: float, g: torch.Generator) -> torch.Tensor:
+    """RandomCrop(size, padding, zero fill) + RandomHorizontalFlip for a whole uint8 batch, on its device.
+
+    The standard CIFAR supervised/linear-probe augmentation: each image is shifted by up to
+    `padding` pixels each way (uncovered pixels are 0) and mirrored with probability `flip`.
+    Returns float images in [0, 1].
+    """
+    n, _, height, width = x_uint8.shape
+    dev = x_uint8.device
+    padded = F.pad(x_uint8.float().div(255), (padding,) * 4)
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=g, device=dev)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=g, device=dev)
+    mirror = _coin(n, flip, g, dev)
+    cols = torch.arange(width, device=dev).view(1, -1)
+    cols = torch.where(mirror.view(-1, 1), width - 1 - cols, cols) + left.view(-1, 1)  # n × W
+    rows = torch.arange(height, device=dev).view(1, -1) + top.view(-1, 1)  # n × H
+    batch = torch.arange(n, device=dev).view(-1, 1, 1, 1)
+    channel = torch.arange(x_uint8.shape[1], device=dev).view(1, -1, 1, 1)
+    return padded[batch, channel, rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
