@@ -25,6 +25,7 @@ class LossParts:
     pair: torch.Tensor  # shape (n,), one loss per anchor image of this rank's batch
     batch: torch.Tensor  # scalar; zero for methods without batch-level terms
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    feats: torch.Tensor | None = None  # detached backbone features of view 1 (for an online linear probe)
 
     def total(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         pair = self.pair if weights is None else weights * self.pair
