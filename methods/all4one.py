@@ -25,6 +25,7 @@ from harness.method import LossParts, mlp
 from methods.common import (
     Queue,
     ema_update,
+    full_precision,
     keep_queues_out_of_ddp_broadcast,
     momentum_copy,
     momentum_tau,
@@ -47,6 +48,7 @@ def off_diagonal(c: torch.Tensor) -> torch.Tensor:
     return c[~torch.eye(len(c), dtype=torch.bool, device=c.device)]
 
 
+@full_precision
 def feature_decorrelation(m1: torch.Tensor, m2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     """All4One's feature term over the global batch (momentum projections m without gradient)."""
     m1, m2 = distributed.gather(m1, grad=False), distributed.gather(m2, grad=False)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -22,6 +23,19 @@ from torch import nn
 from harness import distributed
 
 SCHEDULES = ("constant", "cosine")
+
+
+def full_precision(loss_fn):
+    """Run a loss in float32 with autocast off: logits at τ = 0.05 lose too much in bfloat16."""
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs):
+        args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return loss_fn(*args, **kwargs)
+
+    return wrapper
 
 
 def momentum_tau(progress: float, base: float, final: float, schedule: str) -> float:
@@ -100,6 +114,7 @@ def keep_queues_out_of_ddp_broadcast(method: nn.Module) -> None:
     method._ddp_params_and_buffers_to_ignore = [f"{prefix}.{buf}" for prefix in queues for buf in ("keys", "ptr")]
 
 
+@full_precision
 def infonce_queue_pairs(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo's InfoNCE per anchor: −log softmax of q_i·k_i among [q_i·k_i, q_i·queue_j for all j].
 
@@ -111,6 +126,7 @@ def infonce_queue_pairs(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t
     return torch.logsumexp(logits, dim=1) - logits[:, 0]
 
 
+@full_precision
 def nn_infonce_pairs(positives: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
     """NNCLR's InfoNCE per anchor image, with the predictions of the whole global batch as candidates.
 

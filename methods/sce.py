@@ -21,6 +21,7 @@ from methods.common import (
     Queue,
     ema_update,
     forward_in_shuffled_groups,
+    full_precision,
     keep_queues_out_of_ddp_broadcast,
     momentum_copy,
     momentum_tau,
@@ -29,6 +30,7 @@ from methods.common import (
 TARGET_SELF = ("exclude", "zero")
 
 
+@full_precision
 def sce_pairs(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, temperature_m: float,
               lam: float, target_self: str = "exclude") -> torch.Tensor:
     """SCE loss per anchor. q: online (n, d); k: momentum keys of the same images (n, d); queue: (K, d).

@@ -36,7 +36,7 @@ def random_init_knn(cifar10_cached) -> float:
     data = load_dataset(cfg.dataset)
     torch.manual_seed(0)
     backbone = instantiate(cfg.backbone)
-    plain = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, torch.device("cpu")).plain
+    plain = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, torch.device("cpu"), seed=0).plain
     result = knn_evaluate(backbone, data.train_x, data.train_y, {"test": (data.test_x, data.test_y)}, plain,
                           [(200, 0.1)], data.num_classes)
     return result["test"][PROTOCOL][0]
