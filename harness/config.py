@@ -250,6 +250,15 @@ def validate(cfg: DictConfig) -> None:
         errors.append(_number(cfg, f"eval.knn.{i}.T", low=0, strict_low=True))
     if OmegaConf.select(cfg, "weighting.name", default=None) == "scorecl":
         errors += _scorecl_errors(cfg)
+    # Method hyper-parameters that several methods share, checked wherever a method has them.
+    for name in ("temperature", "temperature_m", "temperature_centroid"):
+        errors.append(_number(cfg, f"method.{name}", low=0, strict_low=True, optional=True))
+    for name in ("momentum_base", "momentum_final", "lam"):
+        errors.append(_number(cfg, f"method.{name}", low=0, high=1, optional=True))
+    errors.append(_number(cfg, "method.queue_size", low=1, integer=True, optional=True))
+    for name, allowed in (("momentum_schedule", ("constant", "cosine")), ("target_self", ("exclude", "zero"))):
+        if OmegaConf.select(cfg, f"method.{name}", default=None) is not None:
+            errors.append(_choice(cfg, f"method.{name}", allowed))
     for group in ("method", "backbone", "weighting", "positives"):
         target = OmegaConf.select(cfg, f"{group}._target_", default=None)
         if group in ("weighting", "positives") and target is None:  # optional add-ons

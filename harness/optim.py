@@ -56,15 +56,28 @@ class LARS(torch.optim.Optimizer):
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = True,
                  skip: frozenset[int] = frozenset()) -> list[dict]:
-    """Two groups: weights with decay; biases and norm parameters without (and without LARS)."""
-    decay, plain = [], []
+    """Weights with decay; biases and norm parameters without (and without LARS).
+
+    A parameter carrying an ``lr_scale`` attribute (set by a method, e.g. All4One's transformer)
+    goes in a group of its own whose lr is the scheduled lr times that factor. Parameters in
+    `skip` (by id) are left out: their owner gives them groups of their own.
+    """
+    found: dict[tuple[bool, float], list] = {(False, 1.0): []}
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in skip:
             continue
-        (plain if exclude_bias_and_norm and (p.ndim <= 1 or name.endswith(".bias")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if plain:
-        groups.append({"params": plain, "weight_decay": 0.0, "lars_exclude": True})
+        plain = exclude_bias_and_norm and (p.ndim <= 1 or name.endswith(".bias"))
+        found.setdefault((plain, float(getattr(p, "lr_scale", 1.0))), []).append(p)
+    groups = []
+    for (plain, scale), params in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] != 1.0, kv[0][1])):
+        if not params and (plain or scale != 1.0):
+            continue
+        group = {"params": params, "weight_decay": 0.0 if plain else weight_decay}
+        if plain:
+            group["lars_exclude"] = True
+        if scale != 1.0:
+            group["lr_scale"] = scale
+        groups.append(group)
     return groups
 
 

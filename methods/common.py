@@ -1,0 +1,161 @@
+"""Pieces the momentum and queue methods share (MoCo v2+, SCE, BYOL, NNCLR, All4One), written once.
+
+- a momentum (EMA) copy of a module and its update, with a constant or cosine schedule;
+- a FIFO queue (memory bank / NNCLR support set) filled with the keys of EVERY rank in rank order,
+  so it is identical on all ranks and equal to the queue one process would build on the whole batch
+  (solo-learn's NNCLR kept a per-GPU support set; ours does not);
+- nearest-neighbour lookup in that queue;
+- the two InfoNCE forms these methods use, per anchor: a query against its key and the queue
+  (MoCo), and a support-set neighbour against the predictions of the global batch (NNCLR), the
+  latter with negatives gathered from all ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness import distributed
+
+SCHEDULES = ("constant", "cosine")
+
+
+def full_precision(loss_fn):
+    """Run a loss in float32 with autocast off: logits at τ = 0.05 lose too much in bfloat16."""
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs):
+        args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return loss_fn(*args, **kwargs)
+
+    return wrapper
+
+
+def momentum_tau(progress: float, base: float, final: float, schedule: str) -> float:
+    """The EMA coefficient at `progress` (fraction of training done, 0..1).
+
+    `cosine` rises from `base` at 0 to `final` at 1 as ``final − (final − base)·(cos(π·progress) + 1)/2``
+    (solo-learn's and BYOL's rule); `constant` stays at `base`.
+    """
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        progress = min(max(progress, 0.0), 1.0)
+        return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+    raise ValueError(f"momentum schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy of `module` that only ever moves by EMA updates."""
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update(online: nn.Module, target: nn.Module, tau: float) -> None:
+    """θ_target ← τ·θ_target + (1 − τ)·θ_online for every parameter (buffers such as BN statistics are
+    the target's own, from its own forward passes, as in solo-learn and MoCo)."""
+    target_params = list(target.parameters())
+    online_params = [p.detach() for p in online.parameters()]
+    torch._foreach_lerp_(target_params, online_params, 1.0 - tau)
+
+
+class Queue(nn.Module):
+    """A FIFO of L2-normalised keys; `push` adds the keys of every rank, in rank order.
+
+    Starts as random unit vectors (as solo-learn and MoCo do) drawn from a fixed seed, so every rank
+    starts from the same queue without communicating. The keys and the write pointer are buffers:
+    they are saved in checkpoints.
+    """
+
+    def __init__(self, size: int, dim: int, seed: int = 0):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"queue size must be >= 1, got {size}")
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=g), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, keys: torch.Tensor) -> None:
+        """Enqueue this rank's `keys` together with every other rank's (all ranks must call it)."""
+        keys = distributed.gather(keys.detach(), grad=False).to(self.keys.dtype)
+        size = len(self.keys)
+        if len(keys) >= size:  # a queue smaller than the global batch keeps the newest keys
+            self.keys.copy_(keys[-size:])
+            self.ptr.zero_()
+            return
+        # Index arithmetic on the device: no host sync per step.
+        index = (self.ptr + torch.arange(len(keys), device=keys.device)) % size
+        self.keys.index_copy_(0, index, keys)
+        self.ptr.copy_((self.ptr + len(keys)) % size)
+
+    @torch.no_grad()
+    def neighbours(self, z: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """The `k` queue entries with the largest dot product with each row of `z`: (n, k, d), nearest first."""
+        index = (z.to(self.keys.dtype) @ self.keys.T).topk(k, dim=1).indices
+        return self.keys[index]
+
+
+def keep_queues_out_of_ddp_broadcast(method: nn.Module) -> None:
+    """DDP re-broadcasts every buffer from rank 0 before each forward. Queues are already identical on
+    all ranks (filled with gathered keys), so broadcasting them (64 MB for NNCLR's 65,536×256) is pure
+    waste: mark them as buffers DDP leaves alone. Call at the end of a method's __init__."""
+    queues = [prefix for prefix, m in method.named_modules() if isinstance(m, Queue)]
+    method._ddp_params_and_buffers_to_ignore = [f"{prefix}.{buf}" for prefix in queues for buf in ("keys", "ptr")]
+
+
+@full_precision
+def infonce_queue_pairs(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE per anchor: −log softmax of q_i·k_i among [q_i·k_i, q_i·queue_j for all j].
+
+    q, k: (n, d) L2-normalised queries and their keys (same image); queue: (K, d) past keys.
+    Purely local apart from the queue, so N ranks give the same per-anchor values as one process.
+    """
+    positive = (q * k).sum(dim=1, keepdim=True)
+    logits = torch.cat([positive, q @ queue.T.to(q.dtype)], dim=1) / temperature
+    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+@full_precision
+def nn_infonce_pairs(positives: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NNCLR's InfoNCE per anchor image, with the predictions of the whole global batch as candidates.
+
+    positives: (n, d), or (n, P, d) when other positives stand beside the support-set neighbour (e.g. a
+    synthetic positive): row i's positives each pick out p_i among the M predictions of the global
+    batch (gathered from all ranks, with gradient), and image i's loss is the mean over its P rows.
+    p: this rank's (n, d) predictions. Both sides are L2-normalised here.
+    """
+    if positives.dim() == 2:
+        positives = positives.unsqueeze(1)
+    n, num_pos, dim = positives.shape
+    anchors = F.normalize(positives, dim=-1).reshape(n * num_pos, dim)
+    candidates = distributed.gather(F.normalize(p, dim=-1))
+    logits = anchors @ candidates.T / temperature
+    target = (torch.arange(n, device=p.device) + distributed.rank() * n).repeat_interleave(num_pos)
+    per_row = torch.logsumexp(logits, dim=1) - logits[torch.arange(n * num_pos, device=p.device), target]
+    return per_row.view(n, num_pos).mean(dim=1)
+
+
+def forward_in_shuffled_groups(module: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """`module(x)` with the batch shuffled and split into `groups` parts for BatchNorm, then put back in order.
+
+    MoCo's shuffle-BN, simulated on one device as SCE does on CIFAR: a key's BN statistics then come
+    from other images than its query's, so the encoder cannot find the positive through the batch
+    statistics. `groups` is capped so that every part keeps at least 2 images.
+    """
+    groups = max(1, min(groups, len(x) // 2))
+    if groups == 1 or not module.training:
+        return module(x)
+    order = torch.randperm(len(x), device=x.device)
+    out = torch.cat([module(part) for part in x[order].chunk(groups)])
+    return out[torch.argsort(order)]
