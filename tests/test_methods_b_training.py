@@ -55,5 +55,7 @@ def test_momentum_and_queue_method_learns_in_three_epochs(name, tmp_path, random
     print(f"\n{name}: loss {' → '.join(f'{v:.3f}' for v in losses)} | k-NN {knn:.2f} vs random init "
           f"{random_init_knn:.2f}")
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    assert losses[-1] < losses[0]
+    # A queue starts as random unit vectors (easy negatives, random neighbours), so the first epoch's
+    # mean loss of a queue method is artificially low; its first epoch with real keys is the second.
+    assert losses[-1] < (losses[1] if name in QUEUE else losses[0])
     assert knn > random_init_knn
