@@ -93,6 +93,10 @@ class SyntheticPositives:
         if not np.array_equal(index, data.train_index.numpy()):
             raise RuntimeError(f"synthetic set {folder} was made for other training images than this job's")
         self.candidates = torch.from_numpy(np.load(folder / "candidates.npy")).to(info.device)
+        # Add-on batches carry full-training-split positions; the set's rows follow data.train_index.
+        row_of = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
+        row_of[torch.from_numpy(index)] = torch.arange(len(index))
+        self.row_of = row_of.to(info.device)
         if info.is_main:
             self._copy_grid(folder)
 
@@ -106,8 +110,9 @@ class SyntheticPositives:
         print(f"[clsp] synthetic set {folder}; anchors | candidates grid in {target / 'clsp_grid.png'}",
               file=sys.stderr, flush=True)
 
-    def synthetic_views(self, rows: torch.Tensor) -> torch.Tensor:
-        """One random candidate of each training image in `rows`, augmented and normalised."""
+    def synthetic_views(self, image_ids: torch.Tensor) -> torch.Tensor:
+        """One random candidate of each training image (full-split positions), augmented and normalised."""
+        rows = self.row_of[image_ids]
         pick = torch.randint(self.candidates.shape[1], (len(rows),), generator=self.generator,
                              device=rows.device)
         images = self.candidates[rows, pick].permute(0, 3, 1, 2)

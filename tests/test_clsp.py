@@ -160,6 +160,7 @@ def _addon_with(cfg_overrides, images, candidates, ratio):
                      ["a"], "test", train_index=torch.arange(len(images)))
     addon.setup(data, DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), host="h"))
     addon.ratio, addon.candidates = ratio, candidates  # given here instead of generated (see the stage tests)
+    addon.row_of = torch.arange(len(candidates))  # the set's rows are the training images' positions
     return cfg, addon
 
 
