@@ -11,7 +11,6 @@ harness/conf/augment/) on the same real CIFAR-10 images, in one run, and we repo
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -22,29 +21,10 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks.common import report  # noqa: E402
-from harness.data.augment import Pipeline, ViewMaker  # noqa: E402
+from harness.data.augment import Pipeline, ViewMaker, torchvision_equivalent  # noqa: E402
 from harness.data.datasets import load_dataset  # noqa: E402
-from harness.tv import import_torchvision  # noqa: E402
 
-import_torchvision()
-v2 = importlib.import_module("torchvision.transforms.v2")
 CONF = Path(__file__).resolve().parents[1] / "harness" / "conf"
-
-
-def torchvision_views(p: Pipeline, mean, std) -> v2.Compose:
-    ops = [v2.RandomResizedCrop(32, scale=p.crop_scale, ratio=p.crop_ratio, antialias=True),
-           v2.RandomHorizontalFlip(p.flip)]
-    if p.jitter_p > 0:
-        ops.append(v2.RandomApply([v2.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)], p=p.jitter_p))
-    if p.grayscale > 0:
-        ops.append(v2.RandomGrayscale(p.grayscale))
-    if p.blur_p > 0:
-        ops.append(v2.RandomApply([v2.GaussianBlur(p.blur_kernel, p.blur_sigma)], p=p.blur_p))
-    ops.append(v2.ToDtype(torch.float32, scale=True))
-    if p.solarize > 0:
-        ops.append(v2.RandomSolarize(0.5, p.solarize))
-    ops.append(v2.Normalize(list(mean), list(std)))
-    return v2.Compose(ops)
 
 
 class TwoViews(torch.utils.data.Dataset):
@@ -95,7 +75,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     maker = ViewMaker(recipe, ds.mean, ds.std, "cpu", seed=0)
     ours = batched_rate(data.train_x, maker, args.batch)
-    theirs = per_image_rate(data.train_x, [torchvision_views(p, ds.mean, ds.std) for p in pipelines],
+    theirs = per_image_rate(data.train_x, [torchvision_equivalent(p, ds.mean, ds.std) for p in pipelines],
                             args.batch, args.workers)
     rows = [
         {"pipeline": f"torchvision v2 per image, DataLoader {args.workers} workers", "images_per_s": theirs,

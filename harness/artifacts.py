@@ -90,6 +90,17 @@ def dataset_identity(ds: DictConfig) -> dict:
     return ident
 
 
+def lock_or_wait(lock_path: str, waiting_message: str) -> FileLock:
+    """Take a file lock; when another job holds it, say so once and wait for it. Returns the held lock."""
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(waiting_message, file=sys.stderr, flush=True)
+        lock.acquire()
+    return lock
+
+
 def build_once(path: Path, build: Callable[[Path], None], *, config: Any = None, what: str | None = None) -> Path:
     """Make artifact folder `path` exist, building it with ``build(tmp_folder)`` only if no job has.
 
@@ -101,12 +112,8 @@ def build_once(path: Path, build: Callable[[Path], None], *, config: Any = None,
         return path
     what = what or f"{path.parent.name} {path.name}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"[artifact] {what} is being built by another job; waiting for it ({path})", file=sys.stderr, flush=True)
-        lock.acquire()
+    lock = lock_or_wait(str(path) + ".lock",
+                        f"[artifact] {what} is being built by another job; waiting for it ({path})")
     try:
         if (path / MANIFEST).exists():
             print(f"[artifact] reusing {what} ({path})", file=sys.stderr, flush=True)

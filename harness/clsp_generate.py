@@ -32,10 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from harness.artifacts import MANIFEST, artifact_path, artifacts_root, build_once, dataset_identity
+from harness.artifacts import MANIFEST, artifact_path, artifacts_root, build_once, dataset_identity, lock_or_wait
 from harness.data.datasets import ImageData, load_dataset
 from harness.diffusion import (
     ddim_scheduler,
@@ -103,12 +102,7 @@ def run_shard(cfg: DictConfig, shard: int, shards: int, data: ImageData | None =
         print(f"{label}: already done", file=sys.stderr, flush=True)
         return out
     parts.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"{label}: another job is generating it; waiting", file=sys.stderr, flush=True)
-        lock.acquire()
+    lock = lock_or_wait(str(out) + ".lock", f"{label}: another job is generating it; waiting")
     try:
         if out.exists():
             return out

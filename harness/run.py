@@ -19,11 +19,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from harness import distributed, preempt, tuning
 from harness.addons import build_addons
+from harness.artifacts import lock_or_wait
 from harness.callbacks import SWEEP_ENV
 from harness.config import instantiate, run_key, to_container, validate
 from harness.data.datasets import load_dataset
@@ -163,12 +163,8 @@ def _run(cfg: DictConfig, key: str, info: distributed.DistInfo, outcome: dict) -
     if info.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         # One job per run key at a time: a second one waits here, then finds the run done.
-        lock = FileLock(str(folder / ".lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            print(f"[harness] run {key} is being trained by another job; waiting for it", file=sys.stderr, flush=True)
-            lock.acquire()
+        lock = lock_or_wait(str(folder / ".lock"),
+                            f"[harness] run {key} is being trained by another job; waiting for it")
         done = None if cfg.force else store.completed(key)
         if done is not None:
             decision = ("skip", done["objective"], done["run_id"])

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from harness.data.augment import Pipeline, augment, sample_crops
+from harness.data.augment import Pipeline, augment, sample_crops, torchvision_equivalent
 from harness.tv import import_torchvision
 from tests.conftest import requires_cifar
 
@@ -53,22 +53,6 @@ def per_image_stats(x: torch.Tensor) -> dict[str, torch.Tensor]:
         "red_minus_blue": (x[:, 0] - x[:, 2]).mean(dim=(1, 2)),
         "sharpness": (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3)),
     }
-
-
-def torchvision_recipe(p: Pipeline) -> v2.Compose:
-    ops = [
-        v2.RandomResizedCrop(32, scale=p.crop_scale, ratio=p.crop_ratio, antialias=True),
-        v2.RandomHorizontalFlip(p.flip),
-    ]
-    if p.jitter_p > 0:
-        ops.append(v2.RandomApply([v2.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)], p=p.jitter_p))
-    if p.grayscale > 0:
-        ops.append(v2.RandomGrayscale(p.grayscale))
-    if p.blur_p > 0:
-        ops.append(v2.RandomApply([v2.GaussianBlur(p.blur_kernel, p.blur_sigma)], p=p.blur_p))
-    if p.solarize > 0:
-        ops.append(v2.RandomSolarize(0.5, p.solarize))
-    return v2.Compose(ops)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +93,7 @@ CASES = {
 def test_outputs_match_torchvision_v2_per_image(real_images, case):
     p = Pipeline(**CASES[case])
     ours = augment(real_images, p, torch.Generator().manual_seed(1))
-    recipe = torchvision_recipe(p)
+    recipe = torchvision_equivalent(p)
     torch.manual_seed(1)
     theirs = torch.stack([recipe(img.float() / 255) for img in real_images])
     for name, ours_stat in per_image_stats(ours).items():
