@@ -24,12 +24,12 @@ from harness import distributed
 from harness.method import LossParts, mlp
 from methods.common import (
     Queue,
-    ema_update,
     full_precision,
     keep_queues_out_of_ddp_broadcast,
     momentum_copy,
     momentum_tau,
     nn_infonce_pairs,
+    update_momentum_encoder,
 )
 from methods.nnclr import nnclr_pairs
 
@@ -92,7 +92,6 @@ class All4One(nn.Module):
         self.register_buffer("positions", sinusoidal_positions(num_neighbours, d), persistent=False)
         self.momentum_encoder = momentum_copy(nn.Sequential(backbone, self.projector))
         self.queue = Queue(queue_size, d)  # support set of momentum projections of view 1
-        self._pending: torch.Tensor | None = None
         keep_queues_out_of_ddp_broadcast(self)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,14 +118,11 @@ class All4One(nn.Module):
         feature = feature_decorrelation(m1, m2, z1, z2)
         w_centroid, w_neighbour, w_feature = self.weights
         pair = w_centroid * centroid + w_neighbour * neighbour
-        self._pending = m1
+        self.queue.stage(m1)
         logs = {"loss_neighbour": neighbour.mean().detach(), "loss_centroid": centroid.mean().detach(),
                 "loss_feature": feature.detach()}
         return LossParts(pair=pair, batch=w_feature * feature, logs=logs, feats=f1.detach())
 
     def after_step(self, progress: float) -> None:
-        ema_update(nn.ModuleList([self.backbone, self.projector]), self.momentum_encoder,
-                   momentum_tau(progress, *self.momentum))
-        if self._pending is not None:
-            self.queue.push(self._pending)
-            self._pending = None
+        update_momentum_encoder(self, progress)
+        self.queue.push_staged()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.method import LossParts, mlp
-from methods.common import ema_update, momentum_copy, momentum_tau
+from methods.common import momentum_copy, momentum_tau, update_momentum_encoder
 
 
 def byol_pairs(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -49,5 +49,4 @@ class BYOL(nn.Module):
         return LossParts(pair=pair, batch=pair.new_zeros(()), feats=f1.detach())
 
     def after_step(self, progress: float) -> None:
-        ema_update(nn.ModuleList([self.backbone, self.projector]), self.momentum_encoder,
-                   momentum_tau(progress, *self.momentum))
+        update_momentum_encoder(self, progress)

@@ -69,6 +69,12 @@ def ema_update(online: nn.Module, target: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(target_params, online_params, 1.0 - tau)
 
 
+def update_momentum_encoder(method: nn.Module, progress: float) -> None:
+    """EMA of the method's backbone + projector into its `momentum_encoder`, at its `momentum` schedule."""
+    ema_update(nn.ModuleList([method.backbone, method.projector]), method.momentum_encoder,
+               momentum_tau(progress, *method.momentum))
+
+
 class Queue(nn.Module):
     """A FIFO of L2-normalised keys; `push` adds the keys of every rank, in rank order.
 
@@ -84,6 +90,17 @@ class Queue(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=g), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.staged: torch.Tensor | None = None
+
+    def stage(self, keys: torch.Tensor) -> None:
+        """Keep this step's keys until the optimizer has stepped: the loss must see the old queue."""
+        self.staged = keys.detach()
+
+    def push_staged(self) -> None:
+        """Enqueue the staged keys, if any (from the method's after_step hook; all ranks call it)."""
+        if self.staged is not None:
+            self.push(self.staged)
+            self.staged = None
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor) -> None:

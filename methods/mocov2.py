@@ -15,11 +15,11 @@ from torch import nn
 from harness.method import LossParts, mlp
 from methods.common import (
     Queue,
-    ema_update,
     infonce_queue_pairs,
     keep_queues_out_of_ddp_broadcast,
     momentum_copy,
     momentum_tau,
+    update_momentum_encoder,
 )
 
 
@@ -40,7 +40,6 @@ class MoCoV2(nn.Module):
         self.momentum_encoder = momentum_copy(nn.Sequential(backbone, self.projector))
         self.queue1 = Queue(queue_size, proj_output_dim, seed=1)  # past keys of view 1
         self.queue2 = Queue(queue_size, proj_output_dim, seed=2)  # past keys of view 2
-        self._pending: tuple[torch.Tensor, ...] = ()
         keep_queues_out_of_ddp_broadcast(self)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,14 +55,11 @@ class MoCoV2(nn.Module):
         k1, k2 = self.keys(views[0]).float(), self.keys(views[1]).float()
         pair = (infonce_queue_pairs(q1, k2, self.queue2.keys, self.temperature)
                 + infonce_queue_pairs(q2, k1, self.queue1.keys, self.temperature)) / 2
-        self._pending = (k1, k2)
+        self.queue1.stage(k1)
+        self.queue2.stage(k2)
         return LossParts(pair=pair, batch=pair.new_zeros(()), feats=f1.detach())
 
     def after_step(self, progress: float) -> None:
-        ema_update(nn.ModuleList([self.backbone, self.projector]), self.momentum_encoder,
-                   momentum_tau(progress, *self.momentum))
-        if self._pending:
-            k1, k2 = self._pending
-            self.queue1.push(k1)
-            self.queue2.push(k2)
-            self._pending = ()
+        update_momentum_encoder(self, progress)
+        self.queue1.push_staged()
+        self.queue2.push_staged()

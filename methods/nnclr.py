@@ -38,7 +38,6 @@ class NNCLR(nn.Module):
         self.projector = mlp([backbone.feat_dim, proj_hidden_dim, proj_hidden_dim, proj_output_dim], last_bn=True)
         self.predictor = mlp([proj_output_dim, pred_hidden_dim, proj_output_dim])
         self.queue = Queue(queue_size, proj_output_dim)  # the support set
-        self._pending: torch.Tensor | None = None
         keep_queues_out_of_ddp_broadcast(self)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,10 +50,8 @@ class NNCLR(nn.Module):
         z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
         nn1, nn2 = self.queue.neighbours(z1)[:, 0], self.queue.neighbours(z2)[:, 0]
         pair = nnclr_pairs(nn1, nn2, p1, p2, self.temperature)
-        self._pending = z1.detach()
+        self.queue.stage(z1)
         return LossParts(pair=pair, batch=pair.new_zeros(()), feats=f1.detach())
 
     def after_step(self, progress: float) -> None:
-        if self._pending is not None:
-            self.queue.push(self._pending)
-            self._pending = None
+        self.queue.push_staged()

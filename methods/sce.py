@@ -19,12 +19,12 @@ from torch import nn
 from harness.method import LossParts, mlp
 from methods.common import (
     Queue,
-    ema_update,
     forward_in_shuffled_groups,
     full_precision,
     keep_queues_out_of_ddp_broadcast,
     momentum_copy,
     momentum_tau,
+    update_momentum_encoder,
 )
 
 TARGET_SELF = ("exclude", "zero")
@@ -70,7 +70,6 @@ class SCE(nn.Module):
         self.predictor = mlp([proj_output_dim, pred_hidden_dim, proj_output_dim]) if pred_hidden_dim else nn.Identity()
         self.momentum_encoder = momentum_copy(nn.Sequential(backbone, self.projector))
         self.queue = Queue(queue_size, proj_output_dim)
-        self._pending: torch.Tensor | None = None
         keep_queues_out_of_ddp_broadcast(self)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,12 +92,9 @@ class SCE(nn.Module):
         if self.symmetric:  # each view also as the online view against the other's keys
             q_first = self.embed(target_view)
             pair = (pair + self._loss(q_first, self.keys(online_view))) / 2
-        self._pending = k
+        self.queue.stage(k)
         return LossParts(pair=pair, batch=pair.new_zeros(()), feats=f_online.detach())
 
     def after_step(self, progress: float) -> None:
-        ema_update(nn.ModuleList([self.backbone, self.projector]), self.momentum_encoder,
-                   momentum_tau(progress, *self.momentum))
-        if self._pending is not None:
-            self.queue.push(self._pending)
-            self._pending = None
+        update_momentum_encoder(self, progress)
+        self.queue.push_staged()
