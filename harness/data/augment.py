@@ -122,44 +122,34 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
 
 
-def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (factor.view(-1, 1, 1, 1) * a + (1 - factor.view(-1, 1, 1, 1)) * b).clamp_(0, 1)
-
-
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each image's hue by `shift` (a fraction of a turn), as torchvision's adjust_hue does
+    through HSV. A hue rotation keeps each pixel's max and spread (max − min), so the way back needs
+    only the new hue: c = max − spread·clamp(min(k, 4 − k), 0, 1), k = (n_c + 6h) mod 6 with
+    n = 5, 3, 1 for R, G, B (the closed form of the six-sector HSV → RGB table)."""
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-12), torch.zeros_like(maxc))
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
+    spread = maxc - minc
+    safe = torch.where(spread > 0, spread, torch.ones_like(spread))
     rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
     h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack([h, s, maxc], dim=1)
-
-
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = torch.stack(
-        [torch.stack(c, dim=1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], dim=0
-    )  # 6 × N × 3 × H × W
-    index = i.unsqueeze(0).unsqueeze(2).expand(1, -1, 3, -1, -1)
-    return torch.gather(choices, 0, index).squeeze(0)
-
-
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    hsv = rgb_to_hsv(x)
-    hsv[:, 0] = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
-    return hsv_to_rgb(hsv)
+    h6 = ((h / 6.0 + shift.view(-1, 1, 1)) % 1.0) * 6.0  # a grey pixel (spread 0) stays grey whatever h is
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (h6 + n) % 6.0
+        channels.append(maxc - spread * torch.minimum(k, 4.0 - k).clamp_(0, 1))
+    return torch.stack(channels, dim=1)
 
 
 def color_jitter(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tensor:
-    """ColorJitter applied with probability p.jitter_p, its four operations in per-image random order."""
+    """ColorJitter applied with probability p.jitter_p, its four operations in per-image random order.
+
+    Brightness, contrast and saturation are all blends ``f·x + (1 − f)·target`` (target 0, the
+    image's mean grey, its grey), so each of the four steps does one blend for every image whose
+    operation at that step is one of them, with factor 1 (exactly the identity) for the others.
+    Hue runs only on the images whose operation it is: on the CPU it is computed for just those
+    (work is the limit there); on a GPU for all, kept where chosen (no host sync for the indices).
+    """
     n, dev = x.shape[0], x.device
     apply = _coin(n, p.jitter_p, g, dev)
     ones = torch.ones(n, device=dev)
@@ -170,20 +160,22 @@ def color_jitter(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tens
     s = torch.where(apply, _uniform(n, max(0.0, 1 - p.saturation), 1 + p.saturation, g, dev), ones)
     hshift = torch.where(apply, _uniform(n, -p.hue, p.hue, g, dev), zeros)
     order = torch.argsort(torch.rand(n, 4, generator=g, device=dev), dim=1)  # a random permutation per image
-    ops = []
-    if p.brightness > 0:
-        ops.append((0, lambda y: (y * b.view(-1, 1, 1, 1)).clamp_(0, 1)))
-    if p.contrast > 0:
-        ops.append((1, lambda y: _blend(y, grayscale(y).mean(dim=(1, 2, 3), keepdim=True).expand_as(y), c)))
-    if p.saturation > 0:
-        ops.append((2, lambda y: _blend(y, grayscale(y).expand_as(y), s)))
-    if p.hue > 0:
-        ops.append((3, lambda y: adjust_hue(y, hshift)))
+    blend_factors = torch.stack([b, c, s, ones], dim=1)  # by operation: brightness, contrast, saturation, hue
     for step in range(4):
-        for op_id, op in ops:
-            chosen = (order[:, step] == op_id) & apply
-            if bool(chosen.any()):
-                x = torch.where(chosen.view(-1, 1, 1, 1), op(x), x)
+        op = order[:, step]
+        factor = blend_factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1)
+        gray = grayscale(x)
+        target = torch.where((op == 2).view(-1, 1, 1, 1), gray,
+                             torch.where((op == 1).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), 0.0))
+        x = (factor * x + (1 - factor) * target).clamp_(0, 1)
+        if p.hue > 0:
+            hue = (op == 3) & apply
+            if dev.type == "cpu":
+                chosen = hue.nonzero().squeeze(1)
+                if len(chosen):
+                    x[chosen] = adjust_hue(x[chosen], hshift[chosen])
+            else:
+                x = torch.where(hue.view(-1, 1, 1, 1), adjust_hue(x, hshift), x)
     return x
 
 
