@@ -29,6 +29,7 @@ from methods.common import (
     momentum_copy,
     momentum_tau,
     nn_infonce_pairs,
+    synthetic_positive_pairs,
     update_momentum_encoder,
 )
 from methods.nnclr import nnclr_pairs
@@ -119,10 +120,17 @@ class All4One(nn.Module):
         w_centroid, w_neighbour, w_feature = self.weights
         pair = w_centroid * centroid + w_neighbour * neighbour
         self.queue.stage(m1)
+        self.predictions = (p1, p2)  # for synthetic_positive_loss in this step (CLSP)
         logs = {"loss_neighbour": neighbour.mean().detach(), "loss_centroid": centroid.mean().detach(),
                 "loss_feature": feature.detach()}
         return LossParts(pair=pair, batch=w_feature * feature, logs=logs, feats=f1.detach())
 
+    def synthetic_positive_loss(self, z_syn: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """CLSP ``extra_positive``: synthetic embeddings stand beside the nearest neighbours of the
+        neighbour term, weighted like it (methods/clsp.py)."""
+        return self.weights[1] * synthetic_positive_pairs(z_syn, selected, *self.predictions, self.temperature)
+
     def after_step(self, progress: float) -> None:
         update_momentum_encoder(self, progress)
         self.queue.push_staged()
+        self.predictions = None

@@ -16,8 +16,8 @@ each get one of their candidates, drawn uniformly, augmented with the pipeline o
 
   called after the method's forward in the same step. ``z_syn`` (k×d) is ``method.embed`` of the
   synthetic views, ``selected`` (k,) the positions of their anchors in this rank's batch; the
-  method uses what its forward kept (its predictions). ``own_prediction_infonce`` below is the
-  NNCLR-form loss such a hook can return. The add-on adds ``λ·mean`` of it.
+  method uses what its forward kept (its predictions). NNCLR and All4One implement it with
+  ``methods.common.synthetic_positive_pairs``. The add-on adds ``λ·mean`` of it.
 
 The embeddings are computed with ``batch.method`` outside the DDP-wrapped forward; DDP still
 averages their gradients (a parameter's gradient hook fires once per backward, with every use of
@@ -46,18 +46,6 @@ def similarity_term(method, anchor_views: torch.Tensor, synthetic_views: torch.T
     z = method.embed(torch.cat([anchor_views, synthetic_views])).float()
     k = len(anchor_views)
     return (2 - 2 * F.cosine_similarity(z[:k], z[k:], dim=1)).mean()
-
-
-def own_prediction_infonce(z_syn: torch.Tensor, selected: torch.Tensor, predictions: torch.Tensor,
-                           temperature: float) -> torch.Tensor:
-    """Per synthetic embedding: InfoNCE picking its anchor's prediction among the global batch's (NNCLR form).
-
-    predictions: this rank's (n, d) predictions (gathered from all ranks with gradient here).
-    """
-    candidates = distributed.gather(F.normalize(predictions.float(), dim=1))
-    logits = F.normalize(z_syn.float(), dim=1) @ candidates.T / temperature
-    target = selected + distributed.rank() * len(predictions)
-    return torch.logsumexp(logits, dim=1) - logits[torch.arange(len(z_syn), device=z_syn.device), target]
 
 
 class SyntheticPositives:

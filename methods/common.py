@@ -144,23 +144,41 @@ def infonce_queue_pairs(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t
 
 
 @full_precision
+def prediction_infonce(anchors: torch.Tensor, targets: torch.Tensor, p: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """Per anchor row: InfoNCE picking out this rank's prediction ``p[targets[row]]`` among the
+    predictions of the whole global batch (gathered from all ranks, with gradient). Both sides are
+    L2-normalised here. anchors: (m, d); targets: (m,) positions in this rank's batch; p: (n, d)."""
+    candidates = distributed.gather(F.normalize(p.float(), dim=-1))
+    logits = F.normalize(anchors.float(), dim=-1) @ candidates.T / temperature
+    target = targets + distributed.rank() * len(p)
+    return torch.logsumexp(logits, dim=1) - logits[torch.arange(len(anchors), device=p.device), target]
+
+
 def nn_infonce_pairs(positives: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
     """NNCLR's InfoNCE per anchor image, with the predictions of the whole global batch as candidates.
 
     positives: (n, d), or (n, P, d) when other positives stand beside the support-set neighbour (e.g. a
-    synthetic positive): row i's positives each pick out p_i among the M predictions of the global
-    batch (gathered from all ranks, with gradient), and image i's loss is the mean over its P rows.
-    p: this rank's (n, d) predictions. Both sides are L2-normalised here.
+    synthetic positive): row i's positives each pick out p_i, and image i's loss is the mean over its
+    P rows. p: this rank's (n, d) predictions.
     """
     if positives.dim() == 2:
         positives = positives.unsqueeze(1)
     n, num_pos, dim = positives.shape
-    anchors = F.normalize(positives, dim=-1).reshape(n * num_pos, dim)
-    candidates = distributed.gather(F.normalize(p, dim=-1))
-    logits = anchors @ candidates.T / temperature
-    target = (torch.arange(n, device=p.device) + distributed.rank() * n).repeat_interleave(num_pos)
-    per_row = torch.logsumexp(logits, dim=1) - logits[torch.arange(n * num_pos, device=p.device), target]
+    targets = torch.arange(n, device=p.device).repeat_interleave(num_pos)
+    per_row = prediction_infonce(positives.reshape(n * num_pos, dim), targets, p, temperature)
     return per_row.view(n, num_pos).mean(dim=1)
+
+
+def synthetic_positive_pairs(z_syn: torch.Tensor, selected: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
+                             temperature: float) -> torch.Tensor:
+    """CLSP's ``extra_positive`` term for NNCLR-style losses, per synthetic embedding.
+
+    The synthetic embedding of image i stands beside both views' neighbours, so like them it picks
+    out the other view's prediction: ½·[InfoNCE(z_syn → p2_i) + InfoNCE(z_syn → p1_i)], i = selected.
+    """
+    return (prediction_infonce(z_syn, selected, p2, temperature)
+            + prediction_infonce(z_syn, selected, p1, temperature)) / 2
 
 
 def forward_in_shuffled_groups(module: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.method import LossParts, mlp
-from methods.common import Queue, keep_queues_out_of_ddp_broadcast, nn_infonce_pairs
+from methods.common import Queue, keep_queues_out_of_ddp_broadcast, nn_infonce_pairs, synthetic_positive_pairs
 
 
 def nnclr_pairs(pos1: torch.Tensor, pos2: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
@@ -51,7 +51,13 @@ class NNCLR(nn.Module):
         nn1, nn2 = self.queue.neighbours(z1)[:, 0], self.queue.neighbours(z2)[:, 0]
         pair = nnclr_pairs(nn1, nn2, p1, p2, self.temperature)
         self.queue.stage(z1)
+        self.predictions = (p1, p2)  # for synthetic_positive_loss in this step (CLSP)
         return LossParts(pair=pair, batch=pair.new_zeros(()), feats=f1.detach())
+
+    def synthetic_positive_loss(self, z_syn: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """CLSP ``extra_positive``: synthetic embeddings stand beside the neighbours (methods/clsp.py)."""
+        return synthetic_positive_pairs(z_syn, selected, *self.predictions, self.temperature)
 
     def after_step(self, progress: float) -> None:
         self.queue.push_staged()
+        self.predictions = None

@@ -30,7 +30,10 @@ from diffusers import DDIMPipeline
 
 from harness.clsp_generate import generate_candidates, shard_file, synthetic_path
 from harness.diffusion import sample_interpolated
-from methods.clsp import own_prediction_infonce, similarity_term
+from methods.all4one import All4One
+from methods.clsp import similarity_term
+from methods.common import synthetic_positive_pairs
+from methods.nnclr import NNCLR, nnclr_pairs
 from methods.simclr import SimCLR
 
 # The tiny CLSP stages on 128 real CIFAR-10 training images: a DDPM trained for 2 steps (its samples
@@ -141,16 +144,24 @@ def test_synthetic_term_outside_the_ddp_forward_still_averages_gradients():
         torch.testing.assert_close(a, whole, atol=1e-6, rtol=1e-4)  # ... on the whole batch's gradient
 
 
-class SimCLRWithSyntheticPositive(SimCLR):
-    """A method with the extra_positive hook: the synthetic embedding picks out its anchor's view-2
-    embedding among the batch's, the NNCLR form with SimCLR's projections standing in for predictions."""
+def test_a_synthetic_extra_positive_is_a_second_positive_beside_each_neighbour():
+    """synthetic_positive_pairs is the stacked-positives loss minus the base: with every anchor given a
+    synthetic embedding, ½·(NNCLR loss + synthetic term) = NNCLR's loss with (nn, z_syn) as positives."""
+    g = torch.Generator().manual_seed(3)
+    nn1, nn2, z_syn, p1, p2 = (torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1) for _ in range(5))
+    every = torch.arange(6)
+    stacked = nnclr_pairs(torch.stack([nn1, z_syn], 1), torch.stack([nn2, z_syn], 1), p1, p2, 0.2)
+    base = nnclr_pairs(nn1, nn2, p1, p2, 0.2)
+    torch.testing.assert_close(stacked, (base + synthetic_positive_pairs(z_syn, every, p1, p2, 0.2)) / 2)
+    # A subset of anchors: each synthetic embedding picks out its own anchor's predictions among all 6.
+    some = torch.tensor([4, 1])
 
-    def forward(self, views):
-        self._z2 = self.embed(views[1])
-        return super().forward(views)
+    def slow(p):
+        return torch.stack([-torch.log_softmax(z_syn[r] @ p.T / 0.2, dim=0)[some[r]] for r in range(2)])
 
-    def synthetic_positive_loss(self, z_syn, selected):
-        return own_prediction_infonce(z_syn, selected, self._z2, self.temperature)
+    torch.testing.assert_close(synthetic_positive_pairs(z_syn[:2], some, p1, p2, 0.2), (slow(p1) + slow(p2)) / 2)
+    validate(compose(["method=nnclr", "positives=clsp", "positives.mode=extra_positive"]))
+    validate(compose(["method=all4one", "positives=clsp", "positives.mode=extra_positive"]))
 
 
 def _addon_with(cfg_overrides, images, candidates, ratio):
@@ -164,14 +175,17 @@ def _addon_with(cfg_overrides, images, candidates, ratio):
     return cfg, addon
 
 
-@pytest.mark.parametrize("mode", ["similarity", "extra_positive"])
-def test_the_addon_gives_a_ratio_share_of_anchors_a_candidate(mode):
+@pytest.mark.parametrize("mode,method_cls", [("similarity", SimCLR), ("extra_positive", NNCLR),
+                                             ("extra_positive", All4One)])
+def test_the_addon_gives_a_ratio_share_of_anchors_a_candidate(mode, method_cls):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
     candidates = torch.randint(0, 256, (40, 3, 32, 32, 3), dtype=torch.uint8, generator=g)
     cfg, addon = _addon_with([f"positives.mode={mode}"], images, candidates, ratio=0.5)
-    method = (SimCLRWithSyntheticPositive if mode == "extra_positive" else SimCLR)(
-        instantiate_backbone(cfg), proj_hidden_dim=32, proj_output_dim=16)
+    small = {"proj_hidden_dim": 32, "proj_output_dim": 16}
+    if method_cls is not SimCLR:
+        small |= {"pred_hidden_dim": 32, "queue_size": 64}
+    method = method_cls(instantiate_backbone(cfg), **small)
     index = torch.arange(16) * 2
     views = [(images[index].float() / 255 - 0.5) for _ in range(2)]
     parts = method(views)
@@ -179,6 +193,10 @@ def test_the_addon_gives_a_ratio_share_of_anchors_a_candidate(mode):
     assert torch.isfinite(out.loss) and out.loss > 0
     out.loss.backward()
     assert method.projector[0].weight.grad.abs().sum() > 0  # the term trains the encoder
+    if mode == "extra_positive":
+        assert method.predictor[0].weight.grad.abs().sum() > 0  # through the anchors' predictions
+        method.after_step(0.5)
+        assert method.predictions is None  # the step's graph is not kept past it
     assert out.logs["loss_synthetic"] > 0
     assert addon.epoch_metrics() == {"synthetic_share": 0.5}
 
