@@ -13,11 +13,14 @@ candidate's randomness comes from its own generators seeded from (seed, image id
 so an image's candidates do not depend on the shard layout or on which job made them.
 
 Shards are separate processes: locally this module starts them (``positives.generate.workers``
-at a time); on a cluster each array task runs one. A finished shard file is never redone, so a
-killed generation resumes where it stopped.
+at a time); on Slurm (``submit_stages``, which the Slurm sweep launcher calls before it submits
+the training jobs) each task of a job array runs one, after a job that trains the DDPM and before
+one that assembles the set, each waiting for the one before. A finished shard file is never
+redone, so a killed generation resumes where it stopped.
 
     python -m harness.clsp_generate [OVERRIDES...] shard=3/8     # one shard (0-based index / count)
     python -m harness.clsp_generate [OVERRIDES...] shard=all     # every missing shard, then assemble
+    python -m harness.clsp_generate [OVERRIDES...] launcher=slurm shard=all   # the same as Slurm jobs
     python -m harness.clsp_generate CONFIG.yaml shard=3/8        # a saved job config instead of overrides
 """
 
@@ -28,7 +31,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,15 +153,21 @@ def _child_env(slot: int) -> dict[str, str]:
     return env
 
 
+def with_absolute_artifacts(cfg: DictConfig) -> DictConfig:
+    """A resolved copy of `cfg` whose artifacts.dir is absolute, so other processes, started
+    elsewhere, find the same artifacts."""
+    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    saved.artifacts.dir = str(artifacts_root(cfg))
+    return saved
+
+
 def run_shards_locally(cfg: DictConfig, todo: list[int], shards: int) -> None:
     """Run shards `todo` as `python -m harness.clsp_generate` processes, `generate.workers` at a time."""
     parts = parts_dir(synthetic_path(cfg))
     parts.mkdir(parents=True, exist_ok=True)
     config_file = parts / "config.yaml"
     tmp = config_file.with_name(f".config.{os.getpid()}.tmp")
-    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    saved.artifacts.dir = str(artifacts_root(cfg))  # absolute, so the children find the same artifacts
-    tmp.write_text(OmegaConf.to_yaml(saved))
+    tmp.write_text(OmegaConf.to_yaml(with_absolute_artifacts(cfg)))
     os.replace(tmp, config_file)
     workers = int(cfg.positives.generate.get("workers") or max(torch.cuda.device_count(), 1))
     waiting, running = list(todo), {}  # slot -> (shard, process)
@@ -228,6 +239,55 @@ def synthetic_set(cfg: DictConfig, data: ImageData, device: torch.device) -> Pat
     return path
 
 
+def needs_synthetic_set(cfg: DictConfig) -> bool:
+    """Whether a job with this config draws synthetic positives (ratio 0 never reads the set)."""
+    return OmegaConf.select(cfg, "positives.name") == "clsp" and float(cfg.positives.ratio) > 0
+
+
+def _stage_device(cfg: DictConfig) -> torch.device:
+    return resolve_device(str(cfg.positives.generate.device))
+
+
+def stage_diffusion_model(cfg: DictConfig) -> str:
+    """Slurm stage 1: train (or find) the DDPM."""
+    return diffusion_model(cfg, load_dataset(cfg.dataset).train_x, _stage_device(cfg))
+
+
+def stage_assemble(cfg: DictConfig) -> str:
+    """Slurm stage 3: every shard is there (the array succeeded); put them into the set."""
+    return str(synthetic_set(cfg, load_dataset(cfg.dataset), _stage_device(cfg)))
+
+
+def submit_stages(cfg: DictConfig, executor_for: Callable[[str, list[str]], Any]) -> Any | None:
+    """Queue what is missing of the job's synthetic set as Slurm jobs, each waiting for the one before
+    it to succeed: the DDPM (unless it is built or given), one array task per missing shard, then the
+    assembly. ``executor_for(name, after_job_ids)`` returns a submitit executor set up for one stage.
+    Returns the assembly job (the one training jobs wait for), or None when the set already exists.
+    """
+    cfg = with_absolute_artifacts(cfg)
+    path = synthetic_path(cfg)
+    if (path / MANIFEST).exists():
+        return None
+    after: list[str] = []
+    queued = []
+    ident = model_identity(cfg)
+    model_given = "path" in ident or "hub_id" in ident
+    if not model_given and not (artifact_path(cfg, "diffusion", ident) / MANIFEST).exists():
+        after = [executor_for("clsp-diffusion", after).submit(stage_diffusion_model, cfg).job_id]
+        queued.append("the DDPM")
+    shards = int(cfg.positives.generate.shards)
+    todo = [i for i in range(shards) if not shard_file(parts_dir(path), i, shards).exists()]
+    if todo:
+        tasks = executor_for("clsp-shards", after).map_array(run_shard, [cfg] * len(todo), todo, [shards] * len(todo))
+        after = [tasks[0].job_id.split("_")[0]]  # the array's id: afterok on it waits for every task
+        queued.append(f"{len(todo)} shard task(s)")
+    job = executor_for("clsp-assemble", after).submit(stage_assemble, cfg)
+    queued.append("the assembly")
+    print(f"[clsp] synthetic set {path.name}: {', '.join(queued)} queued on Slurm (assembly job {job.job_id})",
+          file=sys.stderr, flush=True)
+    return job
+
+
 def _job_config(args: list[str]) -> DictConfig:
     from harness.config import compose, validate
 
@@ -251,6 +311,14 @@ def main(argv: list[str]) -> int:
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
     value = shard_args[0].split("=", 1)[1]
+    if value == "all" and OmegaConf.select(cfg, "launcher.name") == "slurm":
+        from hydra_plugins.harness_launchers.launchers import stage_executor
+
+        job = submit_stages(cfg, lambda name, after: stage_executor(cfg, name, after, Path.cwd() / ".submitit"))
+        if job is not None:
+            job.result()  # waits; raises with the job's error when a stage failed
+        print(synthetic_path(cfg))
+        return 0
     if value == "all":
         data = load_dataset(cfg.dataset)
         print(synthetic_set(cfg, data, resolve_device(str(cfg.positives.generate.device))))

@@ -209,3 +209,36 @@ def test_a_tuned_sweep_prunes_and_continues_after_its_driver_is_killed(tmp_path,
     assert pruned, [t.state for t in done]
     runs = Store(tmp_path / "r.duckdb").query("SELECT status FROM runs WHERE status = 'pruned'")
     assert len(runs) >= 1
+
+
+def sacct_jobs(name: str) -> list[dict[str, str]]:
+    """The allocation record of this user's jobs called `name` (array tasks one each)."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-S", "now-1hour", "--name", name, "-o", "JobID,State,Start,End"],
+                         capture_output=True, text=True, check=True).stdout
+    return [dict(zip(("id", "state", "start", "end"), line.split("|"))) for line in out.splitlines() if line]
+
+
+def test_clsp_stages_run_as_jobs_and_an_array_before_the_points_that_share_them(tmp_path, cifar10_cached):
+    before = {j["id"] for name in ("clsp-diffusion", "clsp-shards", "clsp-assemble") for j in sacct_jobs(name)}
+    out = run_harness(*args(tmp_path, "a", "positives=clsp_tiny", "positives.ratio=0.5", "dataset.train_size=256",
+                            "trainer.epochs=1", "positives.diffusion.epochs=1"), check=False)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "Sweep finished: 2 point(s): 2 completed." in out.stderr
+    assert out.stderr.count("queued on Slurm") == 1  # both seeds share one synthetic set
+    stages = {name: [j for j in sacct_jobs(name) if j["id"] not in before]
+              for name in ("clsp-diffusion", "clsp-shards", "clsp-assemble")}
+    assert [len(stages[n]) for n in stages] == [1, 2, 1]  # the DDPM, one array task per shard, the assembly
+    assert all(j["state"] == "COMPLETED" for jobs in stages.values() for j in jobs)
+    # Each stage started after the one before it ended; the training jobs after the assembly.
+    assert min(j["start"] for j in stages["clsp-shards"]) >= stages["clsp-diffusion"][0]["end"]
+    assert stages["clsp-assemble"][0]["start"] >= max(j["end"] for j in stages["clsp-shards"])
+    sweep_dir = tmp_path / "a"
+    for job in job_ids(sweep_dir):
+        log = log_of(sweep_dir, job)
+        if "[train]" in log:
+            assert "[artifact] building" not in log and "[clsp] shard" not in log  # nothing built in training
+    store = Store(tmp_path / "r.duckdb")
+    runs = store.query("SELECT status FROM runs")
+    assert [r["status"] for r in runs] == ["completed"] * 2
+    share = store.query("SELECT value FROM metrics WHERE name = 'synthetic_share'")
+    assert len(share) == 2 and all(abs(r["value"] - 0.5) < 0.02 for r in share)

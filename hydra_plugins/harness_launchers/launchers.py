@@ -255,6 +255,30 @@ def check_slurm(cfg: DictConfig, cluster: dict[str, dict[str, int]] | None) -> N
         raise ConfigError(*found[0].problems[0], more=found[1:])
 
 
+def with_dependency(params: dict[str, Any], after: list[str]) -> dict[str, Any]:
+    """`params` for a job that starts only when jobs `after` have succeeded, and is cancelled when one
+    fails (instead of pending forever on a dependency that can never be met)."""
+    if not after:
+        return params
+    extra = dict(params.get("slurm_additional_parameters") or {})
+    extra.update({"dependency": "afterok:" + ":".join(after), "kill_on_invalid_dep": "yes"})
+    return {**params, "slurm_additional_parameters": extra}
+
+
+def stage_executor(cfg: DictConfig, name: str, after: list[str], folder: Path | str):
+    """A submitit executor for one job of a shared stage (CLSP's DDPM, shards, assembly): the point's
+    partition, account and time limit on one node, one task and at most one GPU, after jobs `after`."""
+    import submitit
+
+    params = {k: v for k, v in resources(cfg).items() if k != "slurm_signal_delay_s"}  # stages do not requeue
+    params.update(nodes=1, tasks_per_node=1)
+    if params.get("gpus_per_node"):
+        params["gpus_per_node"] = 1
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor.update_parameters(name=name, **with_dependency(params, after))
+    return executor
+
+
 class SlurmLauncher(_SubmititSlurmLauncher):
     """hydra-submitit-launcher's Slurm launcher with per-point resources, checks and failure reports.
 
@@ -276,9 +300,10 @@ class SlurmLauncher(_SubmititSlurmLauncher):
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        after = self._submit_shared_stages(points)
         groups: dict[str, list[int]] = {}
         for i, cfg in enumerate(points):
-            groups.setdefault(json.dumps(resources(cfg), sort_keys=True), []).append(i)
+            groups.setdefault(json.dumps(with_dependency(resources(cfg), after[i]), sort_keys=True), []).append(i)
         jobs: dict[int, Any] = {}
         for spec, members in groups.items():
             params = json.loads(spec)
@@ -295,6 +320,26 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         log.info(f"Submitted {len(jobs)} job(s) in {len(groups)} array(s); submitit folder "
                  f"{self.params['submitit_folder']}")
         return [self._collect(i, jobs[i], points[i], job_overrides[i], initial_job_idx) for i in range(len(points))]
+
+    def _submit_shared_stages(self, points: list[DictConfig]) -> list[list[str]]:
+        """Queue the stages that points share before their training jobs (CLSP's synthetic sets, once
+        per set), so no training job holds GPUs while it builds or waits; returns, per point, the job
+        ids its training job must wait for."""
+        from harness.clsp_generate import needs_synthetic_set, submit_stages, synthetic_path
+
+        folder = self.params["submitit_folder"]
+        stage_of: dict[Path, list[str]] = {}
+        after: list[list[str]] = []
+        for cfg in points:
+            if not needs_synthetic_set(cfg):
+                after.append([])
+                continue
+            path = synthetic_path(cfg)
+            if path not in stage_of:
+                job = submit_stages(cfg, lambda name, deps, cfg=cfg: stage_executor(cfg, name, deps, folder))
+                stage_of[path] = [job.job_id] if job is not None else []
+            after.append(stage_of[path])
+        return after
 
     @staticmethod
     def _collect(i: int, job, cfg: DictConfig, overrides: Sequence[str], first_idx: int) -> JobReturn:
