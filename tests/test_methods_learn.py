@@ -4,9 +4,9 @@ random initialisation.
 
 The check uses Adam: with the papers' LARS/SGD settings and warm-up (tuned for ResNet-18 and 1000
 epochs), 45 steps of a ConvNet do not move k-NN off the random-init baseline, which is already
-about 30% here. The methods' own optimizer settings are checked by the YAML-defaults tests; the
-README's k-NN table gives the numbers with both. Queues are shrunk to fit the run: a 65,536-entry
-support set over 2,000 images would hold only its random initial keys.
+about 30% here. The methods' own optimizer settings are checked by the YAML-defaults tests. Queues
+are shrunk to fit the run: a 65,536-entry support set over 2,000 images would hold only its random
+initial keys.
 
 To add a method to the check, add its name and the overrides its small budget needs to BUDGETS.
 """
