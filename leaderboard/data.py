@@ -29,6 +29,14 @@ NOT_IDENTITY = (*NOT_IN_RUN_KEY, "seed", "sweep_name")
 
 # Columns a setting is made of (one ranking row per setting and dataset x protocol).
 SETTING = ("method", "backbone", "weighting", "positives", "synthetic_ratio", "epochs")
+# A run from a tree with uncommitted changes did not run its commit's code: it counts as a commit of
+# its own, `<hash>+dirty`, so it never mixes with (or stands in for) the clean commit's runs.
+DIRTY = "+dirty"
+
+
+def short_commit(commit: str) -> str:
+    """The first 10 characters of a hash, keeping the dirty mark."""
+    return commit.removesuffix(DIRTY)[:10] + (DIRTY if commit.endswith(DIRTY) else "")
 
 
 def _drop(tree: dict, dotted: str) -> None:
@@ -97,7 +105,8 @@ def prepare(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"""CREATE OR REPLACE TEMP TABLE all_seeds AS
         SELECT r.dataset, e.protocol, i.config_key, i.weight_key, i.pos_key, r.seed, e.top1, e.top5,
                r.run_id, r.name, {", ".join("r." + c for c in SETTING)}, r.batch_size, r.lr, r.gpu_hours,
-               coalesce(r.git_commit, 'unknown') AS git_commit, r.git_dirty, r.finished_at
+               coalesce(r.git_commit, 'unknown') || CASE WHEN r.git_dirty THEN '{DIRTY}' ELSE '' END AS git_commit,
+               r.git_dirty, r.finished_at
         FROM evals e JOIN runs r ON r.run_id = e.run_id JOIN run_ident i ON i.run_id = e.run_id
         WHERE r.status = 'completed' AND e.split = 'test' AND e.top1 IS NOT NULL""")
     con.execute("""CREATE OR REPLACE TEMP TABLE per_seed AS

@@ -242,7 +242,7 @@ def across_commits(page: Page, con: duckdb.DuckDBPyConnection) -> None:
         page.sections.append("<p>Every configuration has runs at one commit only: no series yet.</p>")
     for (dataset, protocol), series in sorted(by_block.items()):
         traces = [{"type": "scatter", "mode": "lines+markers", "name": plot_text(setting_label(s[0])),
-                   "x": [p["git_commit"][:10] for p in s], "y": [p["mean"] for p in s],
+                   "x": [data.short_commit(p["git_commit"]) for p in s], "y": [p["mean"] for p in s],
                    "error_y": {"type": "data", "array": [p["std"] or 0 for p in s], "visible": True},
                    "text": [f"n={p['n']}" for p in s],
                    "hovertemplate": "commit %{x}: %{y:.2f} (%{text})<extra></extra>"} for s in series]
@@ -263,8 +263,9 @@ def regressions(page: Page, con: duckdb.DuckDBPyConnection) -> None:
                               with_bound=False)
     results = [r for r in results if r["verdict"] not in ("missing", "new")]
     if not results:
-        page.sections.append(f"<p>No configuration has runs at both of the two newest commits ({esc(base[:10])}, "
-                             f"{esc(cand[:10])}): nothing to compare.</p>")
+        both = f"{esc(data.short_commit(base))}, {esc(data.short_commit(cand))}"
+        page.sections.append(f"<p>No configuration has runs at both of the two newest commits ({both}): "
+                             "nothing to compare.</p>")
         return
     n_bad = sum(r["verdict"] == "REGRESSED" for r in results)
     body = [row_html([("verdict", r["verdict"]), ("dataset", r["dataset"]), ("protocol", r["protocol"]),
@@ -275,7 +276,7 @@ def regressions(page: Page, con: duckdb.DuckDBPyConnection) -> None:
             for r in results[:MAX_REGRESSION_ROWS]]
     page.sections.append(
         f'<p class="verdict {"bad" if n_bad else "good"}">{n_bad} of {len(results)} configurations regressed from '
-        f"commit {esc(base[:10])} to {esc(cand[:10])} (the two newest commits; rule as in "
+        f"commit {esc(data.short_commit(base))} to {esc(data.short_commit(cand))} (the two newest commits; rule as in "
         "<code>python -m leaderboard regress</code>).</p>"
         + table(["verdict", "dataset", "protocol", "configuration", "baseline", "candidate", "diff", "p", "rule"],
                 body, "regressions"))

@@ -1,9 +1,10 @@
 """Did anything get worse? Compare every configuration's test top-1 between a baseline and a candidate.
 
-Each side is a git commit (runs recorded at that commit; a unique prefix is enough) or, for the
-baseline, a pinned file of expected values written by `--write-baseline`. Configurations are
-matched by config_key (the config without seed and launch settings, see leaderboard.data), per
-dataset and protocol.
+Each side is a git commit (runs recorded at that commit; a unique prefix is enough; runs from a tree
+with uncommitted changes are the commit `<hash>+dirty`, so by default the candidate is your
+uncommitted change when its runs are the newest) or, for the baseline, a pinned file of expected
+values written by `--write-baseline`. Configurations are matched by config_key (the config without
+seed and launch settings, see leaderboard.data), per dataset and protocol.
 
 The rule, per configuration:
 - at least two seeds on both sides: Welch's one-sided t-test of "candidate mean < baseline mean".
@@ -37,11 +38,13 @@ TABLE_COLUMNS = ["verdict", "dataset", "protocol", "label", "n_base", "base", "n
 def resolve_commit(con: duckdb.DuckDBPyConnection, ref: str) -> str:
     """The one commit in the store that `ref` (a full hash or a prefix) names."""
     commits = data.commits_in_order(con)
-    found = [c for c in commits if c == ref] or [c for c in commits if c.startswith(ref)]
+    prefixed = [c for c in commits if c.startswith(ref)]
+    # A prefix names the clean commit when runs from its dirty tree are also in the store.
+    found = [c for c in commits if c == ref] or [c for c in prefixed if not c.endswith(data.DIRTY)] or prefixed
     if len(found) == 1:
         return found[0]
     if not found:
-        known = ", ".join(c[:10] for c in commits[-10:]) or "none"
+        known = ", ".join(data.short_commit(c) for c in commits[-10:]) or "none"
         raise SystemExit(f"error: no completed runs at commit {ref!r} in the store (newest commits: {known}); "
                          "a baseline file path must exist")
     raise SystemExit(f"error: commit prefix {ref!r} is ambiguous: {', '.join(found)}")
@@ -69,7 +72,7 @@ def read_baseline_file(path: Path) -> tuple[str, dict[tuple, dict[str, Any]]]:
         if "values" not in e:  # a hand-written entry may give only the expected mean
             e["values"] = [e["mean"]]
         entries[(e["dataset"], e["protocol"], e["config_key"])] = e
-    return f"file {path} (commit {str(blob.get('commit'))[:10]})", entries
+    return f"file {path} (commit {data.short_commit(str(blob.get('commit')))})", entries
 
 
 def write_baseline_file(path: Path, commit: str, side: dict[tuple, dict[str, Any]], tolerance: float) -> int:
@@ -145,10 +148,10 @@ def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, a
             base_commit = None
         else:
             base_commit = resolve_commit(con, baseline)
-            base_label, base = f"commit {base_commit[:10]}", side_from_commit(con, base_commit)
+            base_label, base = f"commit {data.short_commit(base_commit)}", side_from_commit(con, base_commit)
             if write_baseline:
                 n = write_baseline_file(write_baseline, base_commit, base, tolerance)
-                print(f"wrote {n} configurations at commit {base_commit[:10]} to {write_baseline}")
+                print(f"wrote {n} configurations at commit {data.short_commit(base_commit)} to {write_baseline}")
                 return 0
         if candidate is None:
             later = [c for c in data.commits_in_order(con) if c != base_commit]
@@ -159,7 +162,7 @@ def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, a
         cand = side_from_commit(con, cand_commit)
     results = compare(base, cand, alpha, min_effect, tolerance)
     regressed = sum(r["verdict"] == "REGRESSED" for r in results)
-    print(f"baseline: {base_label}   candidate: commit {cand_commit[:10]}")
+    print(f"baseline: {base_label}   candidate: commit {data.short_commit(cand_commit)}")
     shown = [{**r, "p": None if r["p"] is None else f"{r['p']:.3g}"} for r in results]
     print(format_table(shown, TABLE_COLUMNS) if results else "nothing to compare")
     print(f"{regressed} regressed, {sum(r['verdict'] == 'improved' for r in results)} improved, "

@@ -107,6 +107,23 @@ def test_unknown_or_ambiguous_commit_is_an_error(tmp_path):
         main(["regress", "--db", str(store.path), "--baseline", "aaaa"])
 
 
+def test_runs_from_a_dirty_tree_are_a_commit_of_their_own(tmp_path, capsys):
+    store = store_with(tmp_path, BASE)  # clean runs at aaaa1111 and bbbb2222, no change between them
+    for seed, v in enumerate(BASE):  # an uncommitted change on top of bbbb2222 that costs 3 points
+        add_run(store, f"d{seed}", v - 3.0, seed=seed, commit="bbbb2222", dirty=True,
+                finished=f"2025-01-03T00:0{seed}:00")
+    with store.connect() as con:
+        data.prepare(con)
+        assert data.commits_in_order(con) == ["aaaa1111", "bbbb2222", "bbbb2222+dirty"]
+        clean = [e for e in data.seeds_at(con, "bbbb2222") if e["values"][0] > 65]
+        assert clean[0]["values"] == BASE  # the clean commit keeps its own runs, not the newer dirty ones
+    # A prefix names the clean commit; the newest runs (the dirty ones) are the default candidate.
+    assert main(["regress", "--db", str(store.path), "--baseline", "aaaa", "--candidate", "bbbb"]) == 0
+    assert main(["regress", "--db", str(store.path), "--baseline", "bbbb"]) == 1
+    out = capsys.readouterr().out
+    assert "candidate: commit bbbb2222+dirty" in out and "REGRESSED" in out
+
+
 def test_configurations_and_addon_effects_pair_seeds(tmp_path):
     store = Store(tmp_path / "r.duckdb")
     for seed in range(3):
