@@ -113,7 +113,7 @@ def run_shard(cfg: DictConfig, shard: int, shards: int, data: ImageData | None =
             return out
         p = cfg.positives
         data = data if data is not None else load_dataset(cfg.dataset)
-        device = resolve_device(str(p.generate.device))
+        device = generation_device(cfg)
         unet, trained = load_model(diffusion_model(cfg, data.train_x, device))
         unet = unet.to(device).eval()
         scheduler = ddim_scheduler(trained, p.sampler)
@@ -244,18 +244,19 @@ def needs_synthetic_set(cfg: DictConfig) -> bool:
     return OmegaConf.select(cfg, "positives.name") == "clsp" and float(cfg.positives.ratio) > 0
 
 
-def _stage_device(cfg: DictConfig) -> torch.device:
+def generation_device(cfg: DictConfig) -> torch.device:
     return resolve_device(str(cfg.positives.generate.device))
 
 
 def stage_diffusion_model(cfg: DictConfig) -> str:
     """Slurm stage 1: train (or find) the DDPM."""
-    return diffusion_model(cfg, load_dataset(cfg.dataset).train_x, _stage_device(cfg))
+    return diffusion_model(cfg, load_dataset(cfg.dataset).train_x, generation_device(cfg))
 
 
-def stage_assemble(cfg: DictConfig) -> str:
-    """Slurm stage 3: every shard is there (the array succeeded); put them into the set."""
-    return str(synthetic_set(cfg, load_dataset(cfg.dataset), _stage_device(cfg)))
+def build_synthetic_set(cfg: DictConfig) -> str:
+    """The job's synthetic set on the generation device: missing shards as local processes, then the
+    assembly. As Slurm stage 3 every shard is already there (the array succeeded)."""
+    return str(synthetic_set(cfg, load_dataset(cfg.dataset), generation_device(cfg)))
 
 
 def submit_stages(cfg: DictConfig, executor_for: Callable[[str, list[str]], Any]) -> Any | None:
@@ -281,7 +282,7 @@ def submit_stages(cfg: DictConfig, executor_for: Callable[[str, list[str]], Any]
         tasks = executor_for("clsp-shards", after).map_array(run_shard, [cfg] * len(todo), todo, [shards] * len(todo))
         after = [tasks[0].job_id.split("_")[0]]  # the array's id: afterok on it waits for every task
         queued.append(f"{len(todo)} shard task(s)")
-    job = executor_for("clsp-assemble", after).submit(stage_assemble, cfg)
+    job = executor_for("clsp-assemble", after).submit(build_synthetic_set, cfg)
     queued.append("the assembly")
     print(f"[clsp] synthetic set {path.name}: {', '.join(queued)} queued on Slurm (assembly job {job.job_id})",
           file=sys.stderr, flush=True)
@@ -320,8 +321,7 @@ def main(argv: list[str]) -> int:
         print(synthetic_path(cfg))
         return 0
     if value == "all":
-        data = load_dataset(cfg.dataset)
-        print(synthetic_set(cfg, data, resolve_device(str(cfg.positives.generate.device))))
+        print(build_synthetic_set(cfg))
         return 0
     try:
         shard, shards = (int(v) for v in value.split("/"))
