@@ -224,8 +224,11 @@ def seeds_at(con: duckdb.DuckDBPyConnection, commit: str) -> list[dict[str, Any]
         SELECT dataset, protocol, config_key, any_value(method) AS method, any_value(backbone) AS backbone,
                any_value(weighting) AS weighting, any_value(positives) AS positives,
                any_value(synthetic_ratio) AS synthetic_ratio, any_value(epochs) AS epochs,
-               list(top1 ORDER BY seed) AS values, list(seed ORDER BY seed) AS seeds
-        FROM newest GROUP BY ALL ORDER BY dataset, protocol, config_key""", [commit])
+               list(top1 ORDER BY seed) AS values, list(seed ORDER BY seed) AS seeds,
+               any_value(i.identity) AS identity
+        FROM newest JOIN (SELECT config_key, any_value(identity) AS identity FROM run_ident GROUP BY 1) i
+             USING (config_key)
+        GROUP BY ALL ORDER BY dataset, protocol, config_key""", [commit])
 
 
 def curves(con: duckdb.DuckDBPyConnection, config_keys: list[str], names: tuple[str, ...] = ("loss", "knn_top1"),

@@ -259,8 +259,9 @@ def regressions(page: Page, con: duckdb.DuckDBPyConnection) -> None:
         page.sections.append("<p>One commit in the store: nothing to compare yet.</p>")
         return
     base, cand = commits[-2], commits[-1]
-    results = regress.compare(regress.side_from_commit(con, base), regress.side_from_commit(con, cand),
-                              with_bound=False)
+    base_side, cand_side, notes = regress.align(regress.side_from_commit(con, base),
+                                                regress.side_from_commit(con, cand))
+    results = regress.compare(base_side, cand_side, with_bound=False)
     results = [r for r in results if r["verdict"] not in ("missing", "new")]
     if not results:
         both = f"{esc(data.short_commit(base))}, {esc(data.short_commit(cand))}"
@@ -278,6 +279,7 @@ def regressions(page: Page, con: duckdb.DuckDBPyConnection) -> None:
         f'<p class="verdict {"bad" if n_bad else "good"}">{n_bad} of {len(results)} configurations regressed from '
         f"commit {esc(data.short_commit(base))} to {esc(data.short_commit(cand))} (the two newest commits; rule as in "
         "<code>python -m leaderboard regress</code>).</p>"
+        + "".join(f'<p class="note">{esc(note)}</p>' for note in notes)
         + table(["verdict", "dataset", "protocol", "configuration", "baseline", "candidate", "diff", "p", "rule"],
                 body, "regressions"))
 

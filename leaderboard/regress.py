@@ -14,13 +14,15 @@ The rule, per configuration:
   is more than `tolerance` points below the baseline's (the file's per-entry tolerance if it has
   one, else --tolerance).
 "Improved" is the mirror image; "missing" (baseline only) and "new" (candidate only) are reported
-but never fail.
+but never fail. Config fields that one side's runs all have and the other's lack (a field added by
+the candidate's code) are left out of the match; see `align`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,49 @@ def side_from_commit(con: duckdb.DuckDBPyConnection, commit: str) -> dict[tuple,
     return {(e["dataset"], e["protocol"], e["config_key"]): e for e in data.seeds_at(con, commit)}
 
 
+def _fields(entry: dict[str, Any]) -> dict[str, Any] | None:
+    identity = entry.get("identity")
+    return data.flatten(json.loads(identity)) if identity else None
+
+
+def align(base: dict[tuple, dict[str, Any]], cand: dict[tuple, dict[str, Any]]
+          ) -> tuple[dict[tuple, dict[str, Any]], dict[tuple, dict[str, Any]], list[str]]:
+    """Match configurations across a change of the config's schema; returns (base, cand, notes).
+
+    A commit that adds a config field (say `trainer.sync_bn`, default false) gives every configuration
+    a new config_key, so nothing would match its baseline and nothing could ever regress. A field that
+    every configuration on one side has and none on the other has is such a schema change: both sides
+    are matched on the config without those fields, and the notes name them with their values. When
+    leaving them out would merge two configurations of one side, nothing is aligned and a note says so.
+    """
+    fields = {"base": [_fields(e) for e in base.values()], "cand": [_fields(e) for e in cand.values()]}
+    if not base or not cand or any(f is None for side in fields.values() for f in side):
+        return base, cand, []
+    every = {side: set.intersection(*(set(f) for f in fs)) for side, fs in fields.items()}
+    some = {side: set.union(*(set(f) for f in fs)) for side, fs in fields.items()}
+    only = {"cand": sorted(every["cand"] - some["base"]), "base": sorted(every["base"] - some["cand"])}
+    if not only["cand"] and not only["base"]:
+        return base, cand, []
+    left_out = set(only["cand"]) | set(only["base"])
+    aligned: dict[str, dict[tuple, dict[str, Any]]] = {}
+    for side, entries in (("base", base), ("cand", cand)):
+        keyed = {}
+        for (dataset, protocol, _), entry, flat in zip(entries, entries.values(), fields[side]):
+            rest = json.dumps({k: v for k, v in flat.items() if k not in left_out}, sort_keys=True, default=str)
+            keyed[(dataset, protocol, "fields:" + rest)] = entry
+        if len(keyed) < len(entries):
+            return base, cand, [f"the config fields {', '.join(sorted(left_out))} are only on one side, and leaving "
+                                "them out would merge configurations: matched on the full config"]
+        aligned[side] = keyed
+    notes = []
+    for side, name in (("cand", "candidate"), ("base", "baseline")):
+        for field in only[side]:
+            values = sorted({json.dumps(f[field], default=str) for f in fields[side]})
+            notes.append(f"config field {field} is only in the {name}'s runs (= {', '.join(values)}): "
+                         "configurations are matched without it")
+    return aligned["base"], aligned["cand"], notes
+
+
 def read_baseline_file(path: Path) -> tuple[str, dict[tuple, dict[str, Any]]]:
     blob = json.loads(path.read_text())
     if blob.get("version") != BASELINE_VERSION or not isinstance(blob.get("entries"), list):
@@ -71,6 +116,8 @@ def read_baseline_file(path: Path) -> tuple[str, dict[tuple, dict[str, Any]]]:
     for e in blob["entries"]:
         if "values" not in e:  # a hand-written entry may give only the expected mean
             e["values"] = [e["mean"]]
+        if e.get("config") is not None:  # lets `align` match it across a change of the config's fields
+            e["identity"] = json.dumps(e["config"], sort_keys=True)
         entries[(e["dataset"], e["protocol"], e["config_key"])] = e
     return f"file {path} (commit {data.short_commit(str(blob.get('commit')))})", entries
 
@@ -84,7 +131,7 @@ def write_baseline_file(path: Path, commit: str, side: dict[tuple, dict[str, Any
                         "label": label(e), "method": e["method"], "backbone": e["backbone"],
                         "weighting": e["weighting"], "synthetic_ratio": e["synthetic_ratio"], "epochs": e["epochs"],
                         "values": e["values"], "seeds": e["seeds"], "mean": mean, "std": std,
-                        "tolerance": tolerance})
+                        "tolerance": tolerance, "config": json.loads(e["identity"]) if e.get("identity") else None})
     path.write_text(json.dumps({"version": BASELINE_VERSION, "commit": commit, "metric": "top1", "split": "test",
                                 "entries": entries}, indent=1) + "\n")
     return len(entries)
@@ -115,7 +162,8 @@ def compare(base: dict[tuple, dict[str, Any]], cand: dict[tuple, dict[str, Any]]
     results = []
     for key in sorted(set(base) | set(cand), key=lambda k: tuple(str(x) for x in k)):
         entry = cand.get(key) or base[key]
-        row: dict[str, Any] = {"dataset": key[0], "protocol": key[1], "config_key": key[2], "label": label(entry)}
+        row: dict[str, Any] = {"dataset": key[0], "protocol": key[1], "config_key": entry["config_key"],
+                               "label": label(entry)}
         if key in base and key in cand:
             row.update(compare_one(base[key], cand[key], alpha, min_effect, tolerance, with_bound))
         else:
@@ -160,9 +208,14 @@ def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, a
             candidate = later[-1]
         cand_commit = resolve_commit(con, candidate)
         cand = side_from_commit(con, cand_commit)
+    base, cand, notes = align(base, cand)
     results = compare(base, cand, alpha, min_effect, tolerance)
     regressed = sum(r["verdict"] == "REGRESSED" for r in results)
     print(f"baseline: {base_label}   candidate: commit {data.short_commit(cand_commit)}")
+    for note in notes:
+        print(f"note: {note}")
+    if base and cand and not any(r["verdict"] not in ("missing", "new") for r in results):
+        print("warning: no configuration has runs on both sides, so nothing was compared", file=sys.stderr)
     shown = [{**r, "p": None if r["p"] is None else f"{r['p']:.3g}"} for r in results]
     print(format_table(shown, TABLE_COLUMNS) if results else "nothing to compare")
     print(f"{regressed} regressed, {sum(r['verdict'] == 'improved' for r in results)} improved, "
@@ -170,6 +223,6 @@ def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, a
     if json_out:
         json_out.write_text(json.dumps({
             "baseline": base_label, "candidate": cand_commit, "alpha": alpha, "min_effect": min_effect,
-            "tolerance": tolerance, "regressed": regressed,
+            "tolerance": tolerance, "regressed": regressed, "notes": notes,
             "results": [{k: _clean(v) for k, v in r.items()} for r in results]}, indent=1) + "\n")
     return 1 if regressed else 0

@@ -132,13 +132,22 @@ def parse_dom(dom: str) -> DomTables:
 def add_run(store: Store, run_id: str, top1: float, *, seed: int = 0, commit: str = "aaaa1111", method: str = "simclr",
             weighting: str = "none", ratio: float = 0.0, lr: float = 0.05, epochs: int = 10, dataset: str = "cifar10",
             name: str | None = None, protocol: str = "knn:cosine:k=200:T=0.1", finished: str = "2025-01-01T00:00:00",
-            metric_epochs: int = 3, dirty: bool = False) -> None:
-    """One completed run shaped like the harness's rows (config JSON with the same top-level groups)."""
+            metric_epochs: int = 3, dirty: bool = False, fields: dict[str, Any] | None = None) -> None:
+    """One completed run shaped like the harness's rows (config JSON with the same top-level groups).
+
+    `fields` sets more config values by dotted name ({"trainer.sync_bn": False}).
+    """
     positives = "clsp" if ratio > 0 else "none"
     config = {"method": {"name": method, "temperature": 0.2}, "dataset": {"name": dataset},
               "backbone": {"name": "convnet"}, "weighting": {"name": weighting},
               "positives": {"name": positives, "ratio": ratio}, "trainer": {"lr": lr, "epochs": epochs},
               "seed": seed, "name": name, "store": {"path": "/somewhere"}}
+    for dotted, value in (fields or {}).items():
+        *groups, leaf = dotted.split(".")
+        node = config
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = value
     store.write("runs", [{"run_id": run_id, "run_key": f"k-{run_id}", "name": name, "status": "completed",
                           "method": method, "dataset": dataset, "backbone": "convnet", "weighting": weighting,
                           "positives": positives, "synthetic_ratio": ratio, "seed": seed, "epochs": epochs,

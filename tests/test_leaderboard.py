@@ -124,6 +124,42 @@ def test_runs_from_a_dirty_tree_are_a_commit_of_their_own(tmp_path, capsys):
     assert "candidate: commit bbbb2222+dirty" in out and "REGRESSED" in out
 
 
+def store_across_a_new_field(tmp_path, candidate_fields: list[dict]) -> Store:
+    """Baseline runs from before a config field existed; candidate runs that have it, 3 points lower."""
+    store = Store(tmp_path / "r.duckdb")
+    for seed, v in enumerate(BASE):
+        add_run(store, f"a{seed}", v, seed=seed, commit="aaaa1111", finished=f"2025-01-01T00:0{seed}:00")
+        add_run(store, f"a-lr{seed}", 60 + seed, seed=seed, lr=0.1, commit="aaaa1111")
+        for i, fields in enumerate(candidate_fields):
+            add_run(store, f"b{i}-{seed}", v - 3.0, seed=seed, commit="bbbb2222", fields=fields,
+                    finished=f"2025-01-02T00:0{seed}:00")
+            add_run(store, f"b{i}-lr{seed}", 60 + seed, seed=seed, lr=0.1, commit="bbbb2222", fields=fields)
+    return store
+
+
+def test_a_config_field_added_since_the_baseline_does_not_hide_a_regression(tmp_path, capsys):
+    store = store_across_a_new_field(tmp_path, [{"trainer.sync_bn": False}])
+    out = tmp_path / "verdict.json"
+    assert main(["regress", "--db", str(store.path), "--baseline", "aaaa", "--json", str(out)]) == 1
+    verdict = json.loads(out.read_text())
+    assert sorted(r["verdict"] for r in verdict["results"]) == ["REGRESSED", "ok"]  # matched, none missing or new
+    assert [r["diff"] for r in verdict["results"] if r["verdict"] == "REGRESSED"] == [pytest.approx(-3.0)]
+    assert "config field trainer.sync_bn is only in the candidate's runs (= false)" in capsys.readouterr().out
+    # A pinned baseline file keeps each configuration's config, so it aligns the same way.
+    pinned = tmp_path / "baseline.json"
+    assert main(["regress", "--db", str(store.path), "--baseline", "aaaa", "--write-baseline", str(pinned)]) == 0
+    assert main(["regress", "--db", str(store.path), "--baseline", str(pinned), "--candidate", "bbbb"]) == 1
+
+
+def test_a_new_field_that_tells_candidate_configurations_apart_is_not_left_out(tmp_path, capsys):
+    # Both values of the new field ran at the candidate: leaving it out would merge two configurations.
+    store = store_across_a_new_field(tmp_path, [{"trainer.sync_bn": False}, {"trainer.sync_bn": True}])
+    assert main(["regress", "--db", str(store.path), "--baseline", "aaaa"]) == 0
+    captured = capsys.readouterr()
+    assert "would merge configurations" in captured.out
+    assert "nothing was compared" in captured.err
+
+
 def test_configurations_and_addon_effects_pair_seeds(tmp_path):
     store = Store(tmp_path / "r.duckdb")
     for seed in range(3):
