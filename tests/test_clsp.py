@@ -3,11 +3,13 @@ resumable shards, and the positives=clsp add-on (ratio 0 = base loss, DDP gradie
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,6 +243,22 @@ def clsp_stages(tmp_path_factory, cifar10_cached):
 TRAINED_MODEL = os.environ.get("HARNESS_CLSP_MODEL")  # a diffusers folder of a DDPM trained on CIFAR-10
 
 
+def model_training_images(model: str, cifar10_cached: ImageData) -> torch.Tensor:
+    """The images `model` was trained on: the split its artifact.json names, else all of CIFAR-10's training set.
+
+    CLSP's anchors are always the DDPM's own training images (the model is trained on the split it
+    makes positives for), so a model built on a subset is tested on that subset.
+    """
+    record = Path(model) / "artifact.json"
+    if not record.exists():
+        return cifar10_cached.train_x
+    split = json.loads(record.read_text())["config"]["data"]
+    assert split["name"] == "cifar10", f"{model} was trained on {split['name']}, not CIFAR-10"
+    overrides = [f"dataset.{key}={value}" for key, value in split.items() if key != "name"]
+    cfg = compose([*overrides, "dataset.download=false"])
+    return load_dataset(cfg.dataset).train_x
+
+
 @requires_cifar
 @pytest.mark.slow
 @pytest.mark.skipif(not TRAINED_MODEL, reason="needs a CIFAR-10 DDPM that generates images ($HARNESS_CLSP_MODEL); "
@@ -248,7 +266,8 @@ TRAINED_MODEL = os.environ.get("HARNESS_CLSP_MODEL")  # a diffusers folder of a 
 def test_w_01_samples_are_closer_to_their_anchor_than_w_1(cifar10_cached):
     unet, trained = load_model(TRAINED_MODEL)
     scheduler = ddim_scheduler(trained, {})
-    anchors = cifar10_cached.train_x[::3000][:16].float() / 127.5 - 1
+    images = model_training_images(TRAINED_MODEL, cifar10_cached)
+    anchors = images[torch.linspace(0, len(images) - 1, 16).round().long()].float() / 127.5 - 1
     seeds = range(len(anchors))
     distance = {}
     for w in (0.1, 1.0):
