@@ -114,6 +114,11 @@ def _choice(cfg: DictConfig, field: str, allowed: tuple[str, ...]) -> ConfigErro
     return ConfigError(field, value, "one of " + ", ".join(allowed))
 
 
+def _flag(cfg: DictConfig, field: str) -> ConfigError | None:
+    value = OmegaConf.select(cfg, field, default=False)
+    return None if isinstance(value, bool) else ConfigError(field, value, "true or false")
+
+
 OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("cifar10", "cifar100", "imagefolder")
@@ -220,6 +225,9 @@ def validate(cfg: DictConfig) -> None:
         _choice(cfg, "trainer.optimizer", OPTIMIZERS),
         _choice(cfg, "trainer.device", DEVICES),
         _choice(cfg, "trainer.lr_scaling", LR_SCALING),
+        _flag(cfg, "trainer.bf16"),
+        _flag(cfg, "trainer.compile"),
+        _flag(cfg, "trainer.sync_bn"),
         _choice(cfg, "dataset.name", DATASETS),
         _number(cfg, "dataset.train_size", low=1, integer=True, optional=True),
         _number(cfg, "dataset.test_size", low=1, integer=True, optional=True),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass
@@ -137,6 +138,82 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y)
     return y / world_size()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(sum) whose backward sums every rank's gradient, as `_GatherWithGrad` does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are the global batch's (every rank's slice), with gradients.
+
+    torch's SyncBatchNorm does the same with fused CUDA kernels but refuses CPU tensors; this one is
+    per-channel sums and one all-reduce per layer, on any device and backend, so the gloo tests run
+    the very code a GPU job runs. In eval mode, or with one rank, it is plain BatchNorm.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects N×C[×...] input, got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        count = xf.new_tensor([x.numel() / channels])
+        total = _SumOverRanks.apply(torch.cat([xf.sum(dims), xf.square().sum(dims), count]))
+        n = total[-1].detach()
+        mean = total[:channels] / n
+        var = (total[channels:2 * channels] / n - mean.square()).clamp_min(0)  # fp32 sums: activations are O(1)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def global_batchnorm(module: nn.Module) -> int:
+    """Make every BatchNorm in `module` a GlobalBatchNorm, in place; returns how many were replaced.
+
+    The new layers take over the old ones' parameter and buffer objects, so optimizers, EMA pairs
+    and checkpoints that refer to them are unaffected.
+    """
+    replaced = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats)
+            for key in ("weight", "bias"):
+                setattr(new, key, getattr(child, key))
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                new._buffers[key] = child._buffers.get(key)
+            new.train(child.training)
+            setattr(module, name, new)
+            replaced += 1
+        else:
+            replaced += global_batchnorm(child)
+    return replaced
 
 
 def barrier() -> None:

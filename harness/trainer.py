@@ -110,6 +110,13 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
             addon.setup(data, info)
     trained_addons = nn.ModuleList([a for a in addons if isinstance(a, nn.Module)])
     trained_addons.to(device)
+    if tc.get("sync_bn") and info.world_size > 1:
+        # Each rank's BatchNorm would otherwise normalise by its own slice, so splitting the same
+        # global batch over more GPUs would change the experiment.
+        layers = distributed.global_batchnorm(model)
+        if info.is_main:
+            print(f"[train] trainer.sync_bn: {layers} BatchNorm layers use the global batch's statistics",
+                  file=sys.stderr, flush=True)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)

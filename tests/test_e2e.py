@@ -72,10 +72,11 @@ def test_a_job_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, cifar10
 
 def test_config_errors_name_the_field_the_value_and_what_is_allowed(tmp_path):
     bad = run_harness("trainer.lr=-0.1", "trainer.batch_size=-4", "trainer.epochs=0", f"dataset.root={tmp_path}/nope",
-                      f"store.path={tmp_path}/r.duckdb", check=False)
+                      "trainer.sync_bn=maybe", f"store.path={tmp_path}/r.duckdb", check=False)
     assert bad.returncode == 2
     for text in ("trainer.lr = -0.1", "trainer.batch_size = -4", "trainer.epochs = 0", "dataset.root = ",
-                 "expected a number > 0", "expected an integer >= 1", "an existing directory"):
+                 "expected a number > 0", "expected an integer >= 1", "an existing directory",
+                 "trainer.sync_bn = 'maybe'", "expected true or false"):
         assert text in bad.stderr
     assert "Traceback" not in bad.stderr
     unknown = run_harness("method=nosuchmethod", check=False)
@@ -97,6 +98,7 @@ def test_torchrun_runs_the_same_job_as_two_processes(tmp_path, cifar10_cached):
     runs = Store(db).query("SELECT status, world_size FROM runs")
     assert runs == [{"status": "completed", "world_size": 2}]
     assert proc.stderr.count("epoch 1/1 done") == 1  # only rank 0 reports
+    assert proc.stderr.count("[train] trainer.sync_bn:") == 1  # the ConvNet's BatchNorms see the global batch
 
 
 def test_simclr_learns_real_features(tmp_path, cifar10_cached):
