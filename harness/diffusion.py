@@ -165,7 +165,9 @@ def ddim_scheduler(trained: DDPMScheduler | None, sampler_cfg: Mapping) -> DDIMS
     diffusers' "trailing" spacing gives exactly those timesteps (999, 989, ..., 9 for 100 steps),
     and set_alpha_to_one makes the final step land on the clean image.
     """
-    base = dict(trained.config) if trained is not None else {}
+    # Private keys go: diffusers drops every key named in `_use_default_values` (set for any scheduler
+    # built in memory, or loaded from an older config file), which would silently undo the overrides.
+    base = {k: v for k, v in (trained.config if trained is not None else {}).items() if not k.startswith("_")}
     base.update(timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0,
                 clip_sample=bool(sampler_cfg.get("clip_sample", False)))
     return DDIMScheduler.from_config(base)

@@ -28,7 +28,7 @@ from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
 from tests.dist_utils import run_ranks
 
 # isort: split
-from diffusers import DDIMPipeline
+from diffusers import DDIMPipeline, DDPMScheduler
 
 from harness.clsp_generate import generate_candidates, shard_file, synthetic_path
 from harness.diffusion import sample_interpolated
@@ -73,11 +73,20 @@ def test_sampler_with_w_1_is_diffusers_ddim_from_the_same_noise():
     assert (mixed - ours).abs().max() > 1e-3
 
 
-def test_ddim_timesteps_are_the_released_codes():
-    scheduler = ddim_scheduler(None, {})
-    scheduler.set_timesteps(100)
-    assert scheduler.timesteps.tolist() == list(range(999, 0, -10))  # linspace(-1, 999, 101) without the -1
-    assert scheduler.final_alpha_cumprod.item() == 1.0
+def test_ddim_timesteps_are_the_released_codes(tmp_path):
+    # An older scheduler_config.json (as on the hub) lacks keys; diffusers then lists them in
+    # `_use_default_values`, as it does for any scheduler built in memory.
+    old_file = {"_class_name": "DDPMScheduler", "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+                "num_train_timesteps": 1000, "clip_sample": True, "variance_type": "fixed_small"}
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(old_file))
+    trained = [None, build_scheduler({"timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}),
+               DDPMScheduler.from_pretrained(tmp_path)]
+    for source in trained:
+        scheduler = ddim_scheduler(source, {})
+        scheduler.set_timesteps(100)
+        assert scheduler.timesteps.tolist() == list(range(999, 0, -10))  # linspace(-1, 999, 101) without the -1
+        assert scheduler.final_alpha_cumprod.item() == 1.0
+        assert scheduler.config.clip_sample is False  # the released code clips only the final image
 
 
 def test_candidates_depend_only_on_image_id_and_candidate():
