@@ -249,7 +249,9 @@ def clsp_stages(tmp_path_factory, cifar10_cached):
     return root, cfg, data, model
 
 
-TRAINED_MODEL = os.environ.get("HARNESS_CLSP_MODEL")  # a diffusers folder of a DDPM trained on CIFAR-10
+# A DDPM trained here on 256 real CIFAR-10 images (tests/fixtures/clsp_ddpm_cifar10_256/README.md says
+# how), or any other CIFAR-10 diffusers folder given as $HARNESS_CLSP_MODEL.
+TRAINED_MODEL = os.environ.get("HARNESS_CLSP_MODEL") or str(REPO / "tests" / "fixtures" / "clsp_ddpm_cifar10_256")
 
 
 def model_training_images(model: str, cifar10_cached: ImageData) -> torch.Tensor:
@@ -270,21 +272,24 @@ def model_training_images(model: str, cifar10_cached: ImageData) -> torch.Tensor
 
 @requires_cifar
 @pytest.mark.slow
-@pytest.mark.skipif(not TRAINED_MODEL, reason="needs a CIFAR-10 DDPM that generates images ($HARNESS_CLSP_MODEL); "
-                    "none can be trained on a CPU in a test's time (see benchmarks/clsp_anchor_pull.py)")
 def test_w_01_samples_are_closer_to_their_anchor_than_w_1(cifar10_cached):
     unet, trained = load_model(TRAINED_MODEL)
-    scheduler = ddim_scheduler(trained, {})
+    # x0 clipped at every step (diffusers' DDIM default) keeps a CPU-trained model's trajectory in
+    # range; with the released code's final-only clip its samples saturate, which hides any pull
+    # (benchmarks/RESULTS.md, "CLSP anchor pull").
+    scheduler = ddim_scheduler(trained, {"clip_sample": True})
     images = model_training_images(TRAINED_MODEL, cifar10_cached)
-    anchors = images[torch.linspace(0, len(images) - 1, 16).round().long()].float() / 127.5 - 1
+    anchors = images[torch.linspace(0, len(images) - 1, 64).round().long()].float() / 127.5 - 1
     seeds = range(len(anchors))
     distance = {}
     for w in (0.1, 1.0):
         out = sample_interpolated(unet.eval(), scheduler, anchors, weight=w, steps=20, eta=0.1,
                                   generators=generators(seeds), anchor_generators=generators([s + 100 for s in seeds]))
         distance[w] = (out - anchors).pow(2).flatten(1).mean(1)
+    print(f"w=0.1: {distance[0.1].mean():.4f}, w=1: {distance[1.0].mean():.4f}, "
+          f"closer: {(distance[0.1] < distance[1.0]).float().mean():.2f}")
     assert distance[0.1].mean() < 0.8 * distance[1.0].mean()
-    assert (distance[0.1] < distance[1.0]).float().mean() >= 0.75
+    assert (distance[0.1] < distance[1.0]).float().mean() >= 0.75  # 48 of 64: a sign test's p is 3e-5
 
 
 @requires_cifar
