@@ -7,10 +7,13 @@ means (the colour layout, which is what the bottleneck carries), the share of an
 is closer to them than the w = 1 sample from the same noise, and how often the anchor is the
 sample's nearest image among the 64 (1/64 by chance). With w = 1 the sampler is plain DDIM, so the
 anchor does not matter there. It also saves a grid (anchor | w = 0.1 | 0.5 | 1) beside the store.
-A model that generates CIFAR-10 images takes a GPU, e.g.
+On a GPU, a full-size model on 10,000 images:
 
     python benchmarks/clsp_anchor_pull.py positives=clsp positives.diffusion.epochs=200 \
         dataset.train_size=10000 store.path=/tmp/pull.duckdb
+
+On 2 CPU cores, the small model of tests/fixtures/clsp_ddpm_cifar10_256 (88 minutes; its README has
+the command), sampled with positives.sampler.clip_sample=true.
 """
 
 from __future__ import annotations
