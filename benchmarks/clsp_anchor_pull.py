@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from common import report
 
-from harness.clsp_generate import save_grid
+from harness.clsp_generate import generation_device, save_grid
 from harness.config import compose, validate
 from harness.data.datasets import load_dataset
-from harness.diffusion import ddim_scheduler, diffusion_model, load_model, resolve_device, sample_interpolated, to_uint8
+from harness.diffusion import ddim_scheduler, diffusion_model, load_model, sample_interpolated, to_uint8
 
 WEIGHTS = (0.1, 0.5, 1.0)
 
@@ -44,7 +44,7 @@ def squared_distances(samples: torch.Tensor, anchors: torch.Tensor, block: int =
 def main(overrides: list[str]) -> None:
     cfg = compose(overrides)
     validate(cfg)
-    device = resolve_device(str(cfg.positives.generate.device))
+    device = generation_device(cfg)
     data = load_dataset(cfg.dataset)
     model = diffusion_model(cfg, data.train_x, device)
     unet, trained = load_model(model)
@@ -60,12 +60,13 @@ def main(overrides: list[str]) -> None:
             eta=float(cfg.positives.sampler.eta), generators=[torch.Generator().manual_seed(i) for i in range(n)],
             anchor_generators=[torch.Generator().manual_seed(1000 + i) for i in range(n)])
     own = torch.eye(n, dtype=torch.bool, device=device)
+    scales = ((1, "pixels"), (8, "4×4 means"))
+    dists = {(w, block): squared_distances(samples[w], anchors, block) for w in WEIGHTS for block, _ in scales}
     rows = []
     for w in WEIGHTS:
         row = {"w": w}
-        for block, label in ((1, "pixels"), (8, "4×4 means")):
-            dist = squared_distances(samples[w], anchors, block)
-            plain = squared_distances(samples[1.0], anchors, block).diag()
+        for block, label in scales:
+            dist, plain = dists[w, block], dists[1.0, block].diag()
             row[f"{label}: to anchor"] = f"{dist.diag().mean():.4f}"
             row[f"{label}: to others"] = f"{dist[~own].mean():.4f}"
             row[f"{label}: closer than w=1"] = f"{(dist.diag() < plain).float().mean():.2f}"

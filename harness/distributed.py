@@ -126,18 +126,21 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[rank() * ctx.n:(rank() + 1) * ctx.n]
+        return _summed(grad)[rank() * ctx.n:(rank() + 1) * ctx.n]
+
+
+def _summed(x: torch.Tensor) -> torch.Tensor:
+    """A copy of `x` summed over ranks (all_reduce works in place; the input stays as it was)."""
+    x = x.detach().contiguous().clone()
+    dist.all_reduce(x)
+    return x
 
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over ranks (no gradient): for logging and global statistics."""
     if world_size() == 1:
         return x
-    y = x.detach().clone()
-    dist.all_reduce(y)
-    return y / world_size()
+    return _summed(x) / world_size()
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -145,15 +148,11 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous().clone()
-        dist.all_reduce(x)
-        return x
+        return _summed(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
+        return _summed(grad)
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -176,7 +175,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         xf = x.float()
         count = xf.new_tensor([x.numel() / channels])
         total = _SumOverRanks.apply(torch.cat([xf.sum(dims), xf.square().sum(dims), count]))
-        n = total[-1].detach()
+        n = total[-1]
         mean = total[:channels] / n
         var = (total[channels:2 * channels] / n - mean.square()).clamp_min(0)  # fp32 sums: activations are O(1)
         if self.track_running_stats:

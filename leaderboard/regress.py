@@ -74,7 +74,7 @@ def align(base: dict[tuple, dict[str, Any]], cand: dict[tuple, dict[str, Any]]
           ) -> tuple[dict[tuple, dict[str, Any]], dict[tuple, dict[str, Any]], list[str]]:
     """Match configurations across a change of the config's schema; returns (base, cand, notes).
 
-    A commit that adds a config field (say `trainer.sync_bn`, default false) gives every configuration
+    A commit that adds a config field (say `trainer.sync_bn`) gives every configuration
     a new config_key, so nothing would match its baseline and nothing could ever regress. A field that
     every configuration on one side has and none on the other has is such a schema change: both sides
     are matched on the config without those fields, and the notes name them with their values. When
