@@ -1,0 +1,68 @@
+"""One way to write a file that readers see whole or not at all, on any shared file system.
+
+Every file a job publishes (checkpoints, spool rows, caches, markers, artifact manifests) goes
+through `atomic_file`: the bytes go to a temporary name in the same folder that no other host or
+process can pick (host + pid + random), are flushed and fsynced, the temporary file is renamed over
+the final name, and the folder is fsynced so the rename itself survives a node crash. When the
+writer fails (a full disk, a signal, a bug) the temporary file is removed, so nothing half-written
+is left to fill the disk or be mistaken for a result.
+
+This module must not import torch: the store (and so the leaderboard) uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+def temp_name(path: Path) -> Path:
+    """A hidden name beside `path` that no other host or process will choose."""
+    host = socket.gethostname().split(".")[0] or "host"
+    return path.with_name(f".{path.name}.{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the rename is then as durable as they allow
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; on a clean exit it replaces `path` durably.
+
+    ``with atomic_file(p) as f: torch.save(obj, f)`` either leaves the old `p` (or none) or the new
+    one, never a mix, and never a temporary file behind.
+    """
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`atomic_file` for a small text file (markers, configs, manifests)."""
+    with atomic_file(path, "w") as f:
+        f.write(text)
