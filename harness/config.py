@@ -91,9 +91,9 @@ def _number(cfg: DictConfig, field: str, *, low: float | None = None, high: floa
     value = OmegaConf.select(cfg, field, default=None)
     if value is None and optional:
         return None
-    kind = "an integer" if integer else "a finite number"
     ok = isinstance(value, int) and not isinstance(value, bool) if integer else (
         isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    kind = "an integer" if integer else "a finite number" if isinstance(value, float) and not ok else "a number"
     if ok and low is not None:
         ok = value > low if strict_low else value >= low
     if ok and high is not None:
