@@ -388,7 +388,10 @@ def split_counts(ds) -> SplitCounts | None:
             except Exception:  # noqa: BLE001 - a cache that cannot be read is rebuilt by the loader, not checked here
                 pass
     if kind == "folder":
-        return _listed_counts(path, tuple((path / s).stat().st_mtime for s in ("train", "test")))
+        try:
+            return _listed_counts(path, tuple((path / s).stat().st_mtime for s in ("train", "test")))
+        except OSError as e:
+            raise ConfigError("dataset.root", ds.get("root"), f"a directory this user can list: {e}") from None
     if ds.name in KNOWN_COUNTS:
         train, test = KNOWN_COUNTS[ds.name]
         return SplitCounts(train, test, f"{ds.name}'s known counts")
