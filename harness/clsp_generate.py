@@ -339,4 +339,10 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from harness.config import ConfigError
+
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except ConfigError as e:  # bad input: one line, as `python -m harness` says it, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

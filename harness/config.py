@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +91,9 @@ def _number(cfg: DictConfig, field: str, *, low: float | None = None, high: floa
     value = OmegaConf.select(cfg, field, default=None)
     if value is None and optional:
         return None
-    kind = "an integer" if integer else "a number"
     ok = isinstance(value, int) and not isinstance(value, bool) if integer else (
-        isinstance(value, (int, float)) and not isinstance(value, bool))
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    kind = "an integer" if integer else "a finite number" if isinstance(value, float) and not ok else "a number"
     if ok and low is not None:
         ok = value > low if strict_low else value >= low
     if ok and high is not None:
@@ -102,7 +104,7 @@ def _number(cfg: DictConfig, field: str, *, low: float | None = None, high: floa
     if low is not None:
         bounds.append(f"{'>' if strict_low else '>='} {low:g}")
     if high is not None:
-        bounds.append(f"<= {high:g}")
+        bounds.append(f"<= {high}" if isinstance(high, int) else f"<= {high:g}")
     text = f"{kind}{' ' + ' and '.join(bounds) if bounds else ''}{' or null' if optional else ''}"
     return ConfigError(field, value, text)
 
@@ -119,6 +121,8 @@ def _flag(cfg: DictConfig, field: str) -> ConfigError | None:
     return None if isinstance(value, bool) else ConfigError(field, value, "true or false")
 
 
+SIZE_FIELDS = ("trainer.batch_size", "dataset.train_size", "dataset.test_size", "dataset.val_size",
+               "dataset.subset_seed")
 OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("cifar10", "cifar100", "imagefolder")
@@ -212,12 +216,48 @@ def _clsp_errors(cfg: DictConfig) -> list[ConfigError | None]:
     return errors
 
 
+# runs.seed is a 32-bit INTEGER column: a larger seed would make every later ingest fail.
+MAX_SEED = 2**31 - 1
+
+
+def _folder_error(field: str, value: Any, folder: Path) -> ConfigError | None:
+    """Why `folder` cannot be created or written to, as an error on `field`; None when it can."""
+    existing = folder
+    try:
+        while not existing.exists():  # the nearest folder that is there: the rest gets created
+            existing = existing.parent
+        if not existing.is_dir():
+            return ConfigError(field, value, f"a path whose folders can be created: {existing} is a file")
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            return ConfigError(field, value, f"a path on a writable file system: {existing} is on a read-only one")
+    except OSError as e:
+        return ConfigError(field, value, f"a path whose folders can be created: {existing}: {e.strerror}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return ConfigError(field, value, f"a path in folders this user can write: {existing} is not writable")
+    return None
+
+
+def _storage_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """The store's folder (its file, spool and runs live beside each other) and the folders set apart
+    from it must be creatable and writable before anything runs."""
+    path = OmegaConf.select(cfg, "store.path", default=None)
+    if not path:
+        return [ConfigError("store.path", path, "a file path for the results database")]
+    errors = [_folder_error("store.path", path, Path(str(path)).expanduser().absolute().parent)]
+    for field in ("store.runs_dir", "artifacts.dir"):
+        folder = OmegaConf.select(cfg, field, default=None)
+        if folder:
+            errors.append(_folder_error(field, folder, Path(str(folder)).expanduser().absolute()))
+    return errors
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise one ConfigError listing every problem in `cfg`, or return if there is none."""
     errors: list[ConfigError | None] = [
-        _number(cfg, "seed", low=0, integer=True),
+        _number(cfg, "seed", low=0, high=MAX_SEED, integer=True),
         _number(cfg, "trainer.epochs", low=1, integer=True),
         _number(cfg, "trainer.batch_size", low=2, integer=True),
+        _number(cfg, "trainer.base_batch", low=1, integer=True),
         _number(cfg, "trainer.lr", low=0, strict_low=True),
         _number(cfg, "trainer.weight_decay", low=0),
         _number(cfg, "trainer.warmup_epochs", low=0),
@@ -232,12 +272,14 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "dataset.train_size", low=1, integer=True, optional=True),
         _number(cfg, "dataset.test_size", low=1, integer=True, optional=True),
         _number(cfg, "dataset.val_size", low=0, integer=True, optional=True),
+        _number(cfg, "dataset.subset_seed", low=0, integer=True, optional=True),
         _number(cfg, "eval.every", low=0, integer=True),
         _number(cfg, "positives.ratio", low=0, high=1, optional=True),
         _number(cfg, "trainer.classifier_lr", low=0, strict_low=True, optional=True),
         _number(cfg, "trainer.classifier_weight_decay", low=0, optional=True),
     ]
     errors += _clsp_errors(cfg)
+    errors += _storage_errors(cfg)
     if OmegaConf.select(cfg, "eval.linear.enabled", default=False):
         errors += [
             _number(cfg, "eval.linear.epochs", low=1, integer=True),
@@ -284,10 +326,13 @@ def validate(cfg: DictConfig) -> None:
             errors.append(ConfigError("trainer.device", "cuda", "auto or cpu: this machine has no CUDA device"))
     found = [e for e in errors if e is not None]
     if not any(f == "dataset.name" for e in found for f, _, _ in e.problems):
-        from harness.data.datasets import resolve_source
+        from harness.data.datasets import resolve_source, size_errors
 
         try:
             resolve_source(cfg.dataset)
+            # Sizes against the images there are (known, cached or listed counts), once each size is sane.
+            if not any(f in SIZE_FIELDS for e in found for f, _, _ in e.problems):
+                found += size_errors(cfg.dataset, int(cfg.trainer.batch_size))
         except ConfigError as e:
             found.append(e)
     if found:

@@ -5,8 +5,10 @@ The Slurm side of the same behaviour is in test_slurm.py.
 
 from __future__ import annotations
 
+import numpy as np
 import optuna
 import pytest
+from PIL import Image
 
 from harness import tuning
 from harness.store import Store
@@ -24,17 +26,31 @@ def sweep(tmp_path, name: str, *overrides: str):
                        "-m", check=False)
 
 
-def test_a_failing_point_is_listed_with_its_error_and_the_others_still_run(tmp_path, cifar10_cached):
-    # batch 512 > 128 training images left after the 128 held out: fails inside the job, not in validation.
-    first = sweep(tmp_path, "a", "trainer.batch_size=512,64")
+def mixed_size_image_tree(root) -> None:
+    """Enough images for SMALL, of two sizes: fine with dataset.image_size set (all are resized), a
+    failure inside the job with image_size=null, found only as the images decode."""
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 40), ("test", 13)):
+        for c in range(10):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(per_class):
+                side = 24 if i == 0 else 32
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+                    root / split / f"c{c}" / f"{i}.png")
+
+
+def test_a_failing_point_is_listed_with_its_error_and_the_others_still_run(tmp_path):
+    mixed_size_image_tree(tmp_path / "tree")
+    grid = ("dataset=imagefolder", f"dataset.root={tmp_path}/tree", "dataset.image_size=null,32")
+    first = sweep(tmp_path, "a", *grid)
     assert first.returncode == 1, first.stderr[-3000:]
     assert "Sweep finished: 2 point(s): 1 completed, 1 failed." in first.stderr
-    failed = [line for line in first.stderr.splitlines() if "trainer.batch_size=512" in line and " failed " in line]
-    assert failed and "exceeds the" in failed[0] and f"{tmp_path}/a/0" in failed[0]
+    failed = [line for line in first.stderr.splitlines() if "image_size=null" in line and " failed " in line]
+    assert failed and "images of different sizes" in failed[0] and f"{tmp_path}/a/0" in failed[0]
     store = Store(tmp_path / "r.duckdb")
     assert sorted(r["status"] for r in store.query("SELECT status FROM runs")) == ["completed", "failed"]
 
-    again = sweep(tmp_path, "b", "trainer.batch_size=512,64")
+    again = sweep(tmp_path, "b", *grid)
     assert "Sweep finished: 2 point(s): 1 failed, 1 skipped." in again.stderr
     # The failed point was tried again (a new run), the completed one was not.
     assert sorted(r["status"] for r in store.query("SELECT status FROM runs")) == ["completed", "failed", "failed"]

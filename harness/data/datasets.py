@@ -18,6 +18,7 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,12 @@ def _cache_key(kind: str, path: Path | None, name: str, size: int | None) -> str
     return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
 
 
+def _cache_file(ds, kind: str, path: Path | None) -> Path:
+    """The decoded-tensor cache of the images at `path` (read by kind) for dataset config `ds`."""
+    size = ds.get("image_size") if ds.name == "imagefolder" else None
+    return cache_dir(ds) / f"{ds.name}-{_cache_key(kind, path, ds.name, size)}.pt"
+
+
 def cache_dir(ds) -> Path:
     """Where decoded datasets are cached: dataset.cache_dir, $HARNESS_CACHE or ~/.cache/harness."""
     configured = ds.get("cache_dir")
@@ -250,8 +257,8 @@ def load_full(ds) -> ImageData:
     if kind == "download":
         path = _download(ds.name, cdir)
         kind = "torchvision"
+    cache = _cache_file(ds, kind, path)
     size = ds.get("image_size") if ds.name == "imagefolder" else None
-    cache = cdir / f"{ds.name}-{_cache_key(kind, path, ds.name, size)}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
     else:
@@ -277,6 +284,13 @@ def load_full(ds) -> ImageData:
     return ImageData(**blob)
 
 
+def class_quota(num_classes: int, size: int, gen: torch.Generator) -> list[int]:
+    """How many of `size` items each class gives to a balanced subset: size // C, and one more for the
+    first size % C classes of a permutation drawn from `gen`."""
+    extra = set(torch.randperm(num_classes, generator=gen)[: size % num_classes].tolist())
+    return [size // num_classes + (1 if i in extra else 0) for i in range(num_classes)]
+
+
 def balanced_subset(labels: torch.Tensor, size: int, seed: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of a class-balanced random subset of `size` items (sorted), seeded.
 
@@ -284,15 +298,14 @@ def balanced_subset(labels: torch.Tensor, size: int, seed: int, exclude: torch.T
     """
     gen = torch.Generator().manual_seed(seed)
     classes = torch.unique(labels)
+    if len(classes) == 0:
+        raise ValueError(f"a balanced subset of {size} items was asked of no items")
     pool_mask = torch.ones(len(labels), dtype=torch.bool)
     if exclude is not None:
         pool_mask[exclude] = False
-    per_class = size // len(classes)
-    extra = set(torch.randperm(len(classes), generator=gen)[: size % len(classes)].tolist())
     chosen = []
-    for i, c in enumerate(classes.tolist()):
+    for c, want in zip(classes.tolist(), class_quota(len(classes), size, gen)):
         pool = torch.nonzero((labels == c) & pool_mask).flatten()
-        want = per_class + (1 if i in extra else 0)
         if want > len(pool):
             raise ValueError(f"class {c} has {len(pool)} images, fewer than the {want} a balanced subset needs")
         chosen.append(pool[torch.randperm(len(pool), generator=gen)[:want]])
@@ -319,3 +332,119 @@ def load_dataset(ds) -> ImageData:
         test_idx = balanced_subset(data.test_y, int(ds.test_size), seed)
         data.test_x, data.test_y = data.test_x[test_idx], data.test_y[test_idx]
     return data
+
+
+# ---------------------------------------------------------------------------------- sizes, before loading
+# Images per class in the train and test splits of the standard datasets (both are balanced).
+KNOWN_COUNTS = {"cifar10": ([5000] * 10, [1000] * 10), "cifar100": ([500] * 100, [100] * 100)}
+
+
+@dataclass
+class SplitCounts:
+    """Images per class (classes that have any, in label order) of each split, and where that came from."""
+
+    train: list[int]
+    test: list[int]
+    source: str
+
+
+def _cached_counts(cache: Path) -> SplitCounts:
+    # mmap: only the label tensors are read, never the images.
+    blob = torch.load(cache, map_location="cpu", weights_only=True, mmap=True)
+    n = len(blob["classes"])
+    train, test = (torch.bincount(blob[k], minlength=n).tolist() for k in ("train_y", "test_y"))
+    return SplitCounts([c for c in train if c], [c for c in test if c], f"the cached dataset {cache}")
+
+
+@lru_cache(maxsize=16)
+def _listed_counts(root: Path, mtimes: tuple[float, ...]) -> SplitCounts:
+    """Images per class of a train/<class>/*, test/<class>/* tree, from its listing (as _iter_folder reads it).
+
+    `mtimes` (of the split folders) only keys the memo: a sweep's launcher checks every point.
+    """
+    found: dict[str, dict[str, int]] = {}
+    for split in ("train", "test"):
+        found[split] = {}
+        for cls_dir in (e for e in os.scandir(root / split) if e.is_dir()):
+            n = sum(1 for f in os.scandir(cls_dir.path) if os.path.splitext(f.name)[1].lower() in IMAGE_SUFFIXES)
+            if n:
+                found[split][cls_dir.name] = n
+    return SplitCounts(*([n for _, n in sorted(found[s].items())] for s in ("train", "test")),
+                       f"the listing of {root}")
+
+
+def split_counts(ds) -> SplitCounts | None:
+    """Images per class of dataset config `ds` without decoding an image: from its decoded-tensor
+    cache when there is one, else counted from an image folder's listing, else CIFAR's known counts;
+    None when none of these applies (the sizes are then checked as the data loads)."""
+    kind, path = resolve_source(ds)
+    if kind == "download":
+        kind, path = "torchvision", cache_dir(ds) / "downloads"
+    if path is not None and path.exists():
+        cache = _cache_file(ds, kind, path)
+        if cache.exists():
+            try:
+                return _cached_counts(cache)
+            except Exception:  # noqa: BLE001 - a cache that cannot be read is rebuilt by the loader, not checked here
+                pass
+    if kind == "folder":
+        try:
+            return _listed_counts(path, tuple((path / s).stat().st_mtime for s in ("train", "test")))
+        except OSError as e:
+            raise ConfigError("dataset.root", ds.get("root"), f"a directory this user can list: {e}") from None
+    if ds.name in KNOWN_COUNTS:
+        train, test = KNOWN_COUNTS[ds.name]
+        return SplitCounts(train, test, f"{ds.name}'s known counts")
+    return None
+
+
+def _describe(counts: list[int], split: str) -> str:
+    each = f"{counts[0]} each" if len(set(counts)) == 1 else f"the smallest with {min(counts)}"
+    return f"{len(counts)} classes of {split} images, {each}, {sum(counts)} in all"
+
+
+def _fits(counts: list[int], size: int, seed: int) -> bool:
+    """Whether load_dataset's balanced_subset of `size` items, seeded `seed`, finds them in `counts`."""
+    quota = class_quota(len(counts), size, torch.Generator().manual_seed(seed))
+    return all(q <= c for q, c in zip(quota, counts))
+
+
+def size_errors(ds, batch_size: int) -> list[ConfigError]:
+    """The dataset sizes and the batch size that the images of `ds` cannot fill, checked before loading.
+
+    Every subset is class-balanced (balanced_subset), so a size is refused exactly when the seeded
+    subset load_dataset draws would need more images of some class than it holds; the bound in the
+    message (classes x the smallest class) always fits.
+    """
+    counts = split_counts(ds)
+    if counts is None:
+        return []
+    if not counts.train or not counts.test:
+        return [ConfigError("dataset.root", ds.get("root"), f"a directory with train/<class>/* and test/<class>/* "
+                            f"images ({', '.join(IMAGE_SUFFIXES)}): {counts.source} finds none in one of them")]
+    errors = []
+    seed = int(ds.get("subset_seed", 0) or 0)
+    train = counts.train
+    val_size = int(ds.get("val_size") or 0)
+    if val_size:
+        # What the hold-out leaves of each class is what training subsets and batches are drawn from.
+        if val_size >= sum(train) or not _fits(train, val_size, seed + 1):
+            bound = min(len(train) * min(train), sum(train) - 1)
+            return [ConfigError("dataset.val_size", val_size, f"at most {bound}, a class-balanced hold-out that "
+                                f"leaves training images, of {_describe(train, 'training')} ({counts.source})")]
+        quota = class_quota(len(train), val_size, torch.Generator().manual_seed(seed + 1))
+        train = [c - q for c, q in zip(train, quota) if c > q]
+    after_val = f" after the dataset.val_size={val_size} hold-out" if val_size else ""
+    train_size = ds.get("train_size")
+    if train_size and not _fits(train, int(train_size), seed):
+        errors.append(ConfigError("dataset.train_size", train_size, f"at most {len(train) * min(train)}, a class-"
+                                  f"balanced subset of {_describe(train, 'training')}{after_val} ({counts.source})"))
+    elif batch_size > (train_size or sum(train)):
+        which = f"dataset.train_size={train_size}" if train_size else f"{counts.source}{after_val}"
+        errors.append(ConfigError("trainer.batch_size", batch_size,
+                                  f"at most {train_size or sum(train)}, the training images ({which})"))
+    test_size = ds.get("test_size")
+    if test_size and not _fits(counts.test, int(test_size), seed):
+        errors.append(ConfigError("dataset.test_size", test_size, f"at most {len(counts.test) * min(counts.test)}, "
+                                  f"a class-balanced subset of {_describe(counts.test, 'test')} ({counts.source})"))
+    return errors
