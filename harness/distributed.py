@@ -58,7 +58,8 @@ def port_for_job(job_id: int, task_id: int = 0) -> int:
     return PORT_BASE + (job_id * 7919 + task_id) % PORT_SPAN
 
 
-def _slurm_port() -> int:
+def slurm_port() -> int:
+    """`port_for_job` of this Slurm job (its array job and task ids when it is an array task)."""
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     if array_job:
         return port_for_job(int(array_job), int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
@@ -105,8 +106,8 @@ def launched_by_slurm() -> bool:
     return "SLURM_STEP_ID" in os.environ
 
 
-def _export_slurm_env() -> None:
-    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the environment Slurm gives each task of a step."""
+def slurm_env() -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for this task of an srun step, from what Slurm gives it."""
     from submitit.slurm.slurm import SlurmJobEnvironment
 
     class StepEnvironment(SlurmJobEnvironment):
@@ -116,9 +117,9 @@ def _export_slurm_env() -> None:
                 "num_nodes": "SLURM_STEP_NUM_NODES"}
 
     step = StepEnvironment()
-    os.environ.update(RANK=str(step.global_rank), WORLD_SIZE=str(step.num_tasks), LOCAL_RANK=str(step.local_rank),
-                      LOCAL_WORLD_SIZE=str(step.num_tasks // step.num_nodes),
-                      MASTER_ADDR=master_address(step.hostnames[0]), MASTER_PORT=str(_slurm_port()))
+    return {"RANK": str(step.global_rank), "WORLD_SIZE": str(step.num_tasks), "LOCAL_RANK": str(step.local_rank),
+            "LOCAL_WORLD_SIZE": str(step.num_tasks // step.num_nodes),
+            "MASTER_ADDR": master_address(step.hostnames[0]), "MASTER_PORT": str(slurm_port())}
 
 
 def setup(device: str = "auto") -> DistInfo:
@@ -126,7 +127,7 @@ def setup(device: str = "auto") -> DistInfo:
     slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
     if "WORLD_SIZE" not in os.environ and slurm_tasks > 1:
         if launched_by_slurm():
-            _export_slurm_env()
+            os.environ.update(slurm_env())
         else:
             # e.g. `python -m harness` in an `sbatch --ntasks=4` script: one process runs, no rank
             # would ever join the others, so do not wait for them.

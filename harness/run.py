@@ -140,6 +140,7 @@ def run(cfg: DictConfig) -> float | None:
     except preempt.Preempted as e:
         outcome.update(status="requeued", error=str(e))
         requeue = True
+        print(f"[harness] run {key} stops for a requeue: {e}", file=sys.stderr, flush=True)
     except BaseException as e:
         outcome["error"] = traceback.format_exception_only(type(e), e)[-1].strip()
         raise
