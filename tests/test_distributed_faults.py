@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -21,7 +22,7 @@ from filelock import FileLock
 from harness import distributed
 from harness.config import compose, run_key
 from harness.store import Store
-from tests.conftest import REPO, TINY, harness_env
+from tests.conftest import REPO, TINY, harness_env, run_harness
 
 
 def _free_port() -> int:
@@ -35,19 +36,20 @@ def test_a_nan_on_one_rank_ends_both_ranks_and_the_run_is_diverged(tmp_path, cif
     # Step 0 is a sync point: rank 1's loss is NaN there while rank 0's is finite.
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         "-m", "harness", *TINY, "trainer.epochs=2", "method._target_=tests.nan_method.NanOnRank1",
+         "-m", "harness", *TINY, "trainer.epochs=1", "method._target_=tests.nan_method.NanOnRank1",
          "+method.nan_at_step=0", f"store.path={db}"],
         cwd=REPO, env=harness_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[tuple[float, str]] = []  # (when it was read, line)
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in proc.stdout))
+    reader.start()
     try:
-        out, first_diverged = "", None
-        for line in proc.stdout:
-            out += line
-            if first_diverged is None and "diverged: loss became" in line:
-                first_diverged = time.monotonic()
-        proc.wait(timeout=60)
+        proc.wait(timeout=600)  # a hung rank would sit in a collective until gloo's 30-minute timeout
         ended = time.monotonic()
     finally:
         proc.kill()
+        reader.join()
+    out = "".join(line for _, line in lines)
+    first_diverged = next((t for t, line in lines if "diverged: loss became" in line), None)
     assert proc.returncode == 0, out[-4000:]
     assert first_diverged is not None, out[-4000:]
     # The issue's bound: both ranks end within 60 s (a rank left waiting in a collective would sit
@@ -163,3 +165,34 @@ def test_a_signal_while_waiting_for_the_run_key_lock_stops_the_job_for_a_requeue
             job.kill()
     assert job.returncode == 255, err[-3000:]  # SystemExit(-1), as submitit's handler exits
     assert "stops for a requeue: the requeue signal arrived outside the training loop" in err
+
+
+def test_a_signal_after_the_last_training_step_stops_the_job_and_the_requeue_completes_it(tmp_path, cifar10_cached):
+    """The final evaluation is outside the loop: the signal stops the job there (not swallowed until the kill)."""
+    db = tmp_path / "r.duckdb"
+    overrides = (*TINY, "dataset.train_size=256", "trainer.batch_size=64", "trainer.epochs=2", "trainer.log_every=0",
+                 "eval.linear.enabled=true", "eval.linear.epochs=5", "eval.linear.copies=1", f"store.path={db}")
+    job = subprocess.Popen([sys.executable, "-m", "harness", *overrides], cwd=REPO,
+                           env=harness_env(SUBMITIT_EXECUTOR="local"), stderr=subprocess.PIPE, text=True)
+    try:
+        err = ""
+        for line in job.stderr:
+            err += line
+            if line.startswith("[train] epoch 2/2 step 4/4"):  # the last sync point; the final evaluation follows
+                job.send_signal(signal.SIGUSR2)
+                break
+        err += job.stderr.read()
+        job.wait(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 255, err[-3000:]  # SystemExit(-1), as submitit's handler exits
+    assert "stops for a requeue: the requeue signal arrived" in err
+    store = Store(db)
+    assert [r["status"] for r in store.query("SELECT status FROM runs")] == ["requeued"]
+    assert store.query("SELECT count(*) AS n FROM evals")[0]["n"] == 0
+
+    again = run_harness(*overrides)  # what the requeued job runs
+    assert "resumed from" in again.stderr and "epoch 2/2 done" in again.stderr
+    assert [r["status"] for r in store.query("SELECT status FROM runs")] == ["completed"]
+    epochs = store.query("SELECT list(epoch ORDER BY epoch) AS e FROM metrics WHERE name = 'loss'")[0]["e"]
+    assert epochs == [0, 1]
