@@ -31,6 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_ends_both_ranks_and_the_run_is_diverged(tmp_path, cifar10_cached):
     db = tmp_path / "r.duckdb"
     # Step 0 is a sync point: rank 1's loss is NaN there while rank 0's is finite.
@@ -142,6 +143,7 @@ def test_slurm_ntasks_outside_an_srun_step_runs_one_process_and_says_why(monkeyp
     assert len(lines) == 1 and "not a task of an srun step" in lines[0] and "srun python -m harness" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_signal_while_waiting_for_the_run_key_lock_stops_the_job_for_a_requeue(tmp_path):
     """Outside the training loop the requeue signal is not swallowed: the job stops at once."""
     overrides = (*TINY, "trainer.epochs=1", f"store.path={tmp_path}/r.duckdb")
@@ -167,6 +169,7 @@ def test_a_signal_while_waiting_for_the_run_key_lock_stops_the_job_for_a_requeue
     assert "stops for a requeue: the requeue signal arrived outside the training loop" in err
 
 
+@pytest.mark.slow
 def test_a_signal_after_the_last_training_step_stops_the_job_and_the_requeue_completes_it(tmp_path, cifar10_cached):
     """The final evaluation is outside the loop: the signal stops the job there (not swallowed until the kill)."""
     db = tmp_path / "r.duckdb"
