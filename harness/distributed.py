@@ -1,14 +1,23 @@
-"""Process-group setup for 1..N processes, from torchrun's or submitit's environment.
+"""Process-group setup for 1..N processes, from torchrun's or Slurm's environment.
 
-The same training code runs as a single process, under torchrun, or as the tasks of a Slurm job
-launched by submitit. Gloo on CPU, NCCL on GPU. Collectives used by methods (gathering
+The same training code runs as a single process, under torchrun, or as the tasks of an srun step
+(a Slurm job launched by submitit runs in one). From Slurm: the master is the step's first node,
+at its name when that resolves, else at the NodeAddr Slurm has for it (never a guess); the port
+comes from the numeric job id (`port_for_job`). A process that sees SLURM_NTASKS>1 but is not a
+task of a step (a plain `python -m harness` in an `sbatch --ntasks=4` script) runs alone and says why.
+
+Gloo on CPU, NCCL on GPU. Collectives used by methods (gathering
 embeddings with or without gradients) are here so that each is written once.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,38 +39,101 @@ class DistInfo:
         return self.rank == 0
 
 
-def _resolvable(name: str) -> bool:
+class SetupError(RuntimeError):
+    """The process group cannot be set up from this environment (said in one line)."""
+
+
+# Ports below Linux's ephemeral range (32768-60999), where the kernel does not hand out the local
+# ports of outgoing connections. A prime span: tasks of one array get consecutive ports.
+PORT_BASE, PORT_SPAN = 20000, 12763
+
+
+def port_for_job(job_id: int, task_id: int = 0) -> int:
+    """The master port of a Slurm job (array job id and task id for an array task).
+
+    Every rank computes it alone. The tasks of one array get distinct ports (for arrays of fewer
+    than PORT_SPAN tasks); the job id is multiplied by a constant before the task id is added, so
+    job 4242 task 17 and job 42421 task 7 differ, and jobs with near ids are spread apart.
+    """
+    return PORT_BASE + (job_id * 7919 + task_id) % PORT_SPAN
+
+
+def slurm_port() -> int:
+    """`port_for_job` of this Slurm job (its array job and task ids when it is an array task)."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job:
+        return port_for_job(int(array_job), int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
+    return port_for_job(int(os.environ["SLURM_JOB_ID"]))
+
+
+def node_addr_from_scontrol(text: str) -> str | None:
+    """The NodeAddr field of `scontrol show node NAME`'s output, or None."""
+    match = re.search(r"\bNodeAddr=(\S+)", text)
+    return match.group(1) if match and match.group(1) not in ("(null)", "") else None
+
+
+def _resolves(name: str) -> bool:
     try:
-        socket.gethostbyname(name)
+        socket.getaddrinfo(name, None)
         return True
     except OSError:
         return False
 
 
-def _port_from_job(job_id: str) -> int:
-    # A port derived from the job id, so the ranks of one job agree without talking and two
-    # jobs sharing a node rarely collide.
-    digits = "".join(ch for ch in job_id if ch.isdigit()) or "0"
-    return 20000 + int(digits[-6:]) % 20000
+def master_address(host: str) -> str:
+    """An address the other ranks can reach `host` at: its name when it resolves, else Slurm's NodeAddr."""
+    if _resolves(host):
+        return host
+    why = "scontrol is not on PATH"
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "node", host], capture_output=True, text=True, timeout=30)
+            addr = node_addr_from_scontrol(out.stdout)
+            if addr and _resolves(addr):
+                return addr
+            why = f"it has NodeAddr={addr}, which does not resolve either" if addr else \
+                f"`scontrol show node {host}` gives no NodeAddr ({(out.stderr or out.stdout).strip()[:200]})"
+        except (OSError, subprocess.SubprocessError) as e:
+            why = f"`scontrol show node {host}` failed ({e})"
+    raise SetupError(f"cannot find an address for the master node {host!r}: its name does not resolve and {why}")
 
 
-def _export_slurm_env() -> None:
-    """Set RANK/WORLD_SIZE/MASTER_* from a Slurm task's environment (as submitit gives it)."""
-    import submitit
+def launched_by_slurm() -> bool:
+    """Whether this process is one task of an srun step (a submitit job's tasks are one too).
 
-    env = submitit.helpers.TorchDistributedEnvironment()
-    env.export(overwrite=True)
-    job_id = os.environ.get("SLURM_ARRAY_JOB_ID", "") + os.environ.get("SLURM_ARRAY_TASK_ID", "")
-    os.environ["MASTER_PORT"] = str(_port_from_job(job_id or os.environ.get("SLURM_JOB_ID", "0")))
-    if not _resolvable(os.environ["MASTER_ADDR"]):
-        # Virtual nodes of a one-machine test cluster have names that do not resolve.
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
+    A batch script's own process has SLURM_NTASKS but no SLURM_STEP_ID: it is not one of the tasks.
+    """
+    return "SLURM_STEP_ID" in os.environ
+
+
+def slurm_env() -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for this task of an srun step, from what Slurm gives it."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    class StepEnvironment(SlurmJobEnvironment):
+        # Submitit's reader of SLURM_* variables, for the step's nodes and tasks (the same as the
+        # job's in a submitit job; an srun step may use part of an allocation).
+        _env = {**SlurmJobEnvironment._env, "nodes": "SLURM_STEP_NODELIST", "num_tasks": "SLURM_STEP_NUM_TASKS",
+                "num_nodes": "SLURM_STEP_NUM_NODES"}
+
+    step = StepEnvironment()
+    return {"RANK": str(step.global_rank), "WORLD_SIZE": str(step.num_tasks), "LOCAL_RANK": str(step.local_rank),
+            "LOCAL_WORLD_SIZE": str(step.num_tasks // step.num_nodes),
+            "MASTER_ADDR": master_address(step.hostnames[0]), "MASTER_PORT": str(slurm_port())}
 
 
 def setup(device: str = "auto") -> DistInfo:
     """Initialise torch.distributed if this process is one of several; return who we are."""
-    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        _export_slurm_env()
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if "WORLD_SIZE" not in os.environ and slurm_tasks > 1:
+        if launched_by_slurm():
+            os.environ.update(slurm_env())
+        else:
+            # e.g. `python -m harness` in an `sbatch --ntasks=4` script: one process runs, no rank
+            # would ever join the others, so do not wait for them.
+            print(f"[harness] SLURM_NTASKS={slurm_tasks} but this process is not a task of an srun step "
+                  "(no SLURM_STEP_ID): running as one process; use `srun python -m harness ...` to run "
+                  f"{slurm_tasks} ranks", file=sys.stderr, flush=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -133,6 +205,15 @@ def _summed(x: torch.Tensor) -> torch.Tensor:
     """A copy of `x` summed over ranks (all_reduce works in place; the input stays as it was)."""
     x = x.detach().contiguous().clone()
     dist.all_reduce(x)
+    return x
+
+
+def max_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of a tensor over ranks (no gradient): flags any rank raised."""
+    if world_size() == 1:
+        return x
+    x = x.detach().contiguous().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 

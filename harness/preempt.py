@@ -2,29 +2,40 @@
 
 Submitit asks Slurm for `--signal=USR2@<signal_delay_s>` and installs a USR2 handler that
 requeues the job and exits at once, wherever training is, losing the work since the last epoch's
-checkpoint. `install()` puts our handler in front of it: the signal only raises a flag; the
-trainer looks at the flag at its next step boundary where it already syncs with the host (every
-20 steps and at each epoch end), all ranks agree on it, rank 0 writes a mid-epoch checkpoint, and
-`Preempted` unwinds the job; `hand_over()` then runs submitit's handler, which requeues the job
-(rank 0) and exits. The requeued job resumes from that step.
+checkpoint. `install()` puts our handler in front of it. The rule for where the signal lands:
+
+- In the training loop (`defer(True)`, from the first step to the last epoch's end): the signal
+  only raises a flag. The trainer reads it at its next sync point (every 20 steps and at each
+  epoch end, in the one collective that also carries "loss not finite"), so all ranks agree; rank
+  0 writes a checkpoint (mid-epoch, or the epoch's own) and `Preempted` unwinds every rank.
+- Everywhere else inside `run()` (`stop_at_once()`: process-group set-up, waiting for the run
+  key's lock, dataset decode, artifact builds, the final evaluation): no checkpoint can be written
+  before the next one the loop writes, which may be far away, so the handler raises `Preempted`
+  where the signal lands. A flag still unread when the loop ends (the last epoch's end) is
+  honoured the same way, before the final evaluation. The requeued job resumes from the last
+  checkpoint (the final evaluation's epoch is trained again: its checkpoint comes after it).
+- `run()` catches `Preempted`, records the run as `requeued`, ends the process group, and
+  `hand_over()` runs submitit's handler: rank 0 requeues the job; every rank exits.
+- After `run()`'s outcome is decided (recording what happened) the signal only raises a flag:
+  the job ends in moments, completed or requeued.
+
+Slurm signals every task of the job, so every rank stops the same way. Outside a submitit job
+nothing is installed and the signal keeps its default action.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-import torch
-
-from harness import distributed
-
-_flag = {"set": False}
+_state = {"flag": False, "at_once": False, "deferred": False}
 _previous: dict[str, object] = {}
 
 
 class Preempted(BaseException):
-    """The job stopped at a step boundary after the signal; a checkpoint was written.
+    """The job stops for a requeue after the signal (at a step boundary with a checkpoint, or at once).
 
     A BaseException so that code catching Exception (a method's hook, a retry) lets it through.
     """
@@ -36,7 +47,10 @@ def _signal() -> int:
 
 
 def _on_signal(signum: int, frame) -> None:
-    _flag["set"] = True
+    _state["flag"] = True
+    if _state["at_once"] and not _state["deferred"]:
+        raise Preempted("the requeue signal arrived outside the training loop: stopped at once, "
+                        "to resume from the last checkpoint")
 
 
 def install() -> None:
@@ -49,14 +63,30 @@ def install() -> None:
         pass
 
 
-def requested() -> bool:
-    """Whether any rank got the signal; a collective when there are several ranks."""
-    if distributed.world_size() == 1:
-        return _flag["set"]
-    flag = torch.tensor([1.0 if _flag["set"] else 0.0],
-                        device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+def signalled() -> bool:
+    """Whether this process got the signal (its own flag; ranks agree on it at a sync point)."""
+    return _state["flag"]
+
+
+@contextmanager
+def stop_at_once() -> Iterator[None]:
+    """Within: a signal raises Preempted where it lands (a job's work outside the training loop)."""
+    _state.update(at_once=True, deferred=False)
+    try:
+        yield
+    finally:
+        _state.update(at_once=False, deferred=False)
+
+
+def defer(on: bool, where: str = "") -> None:
+    """From defer(True) to defer(False) a signal only raises the flag, read at the trainer's sync points.
+
+    defer(False) (before the final evaluation) honours a flag nobody has read yet, at once.
+    `stop_at_once()` ends a deferral that an exception left open.
+    """
+    _state["deferred"] = on
+    if not on and _state["flag"] and _state["at_once"]:
+        raise Preempted(f"the requeue signal arrived {where}: stopped to resume from the last checkpoint")
 
 
 def hand_over() -> None:

@@ -19,11 +19,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from harness import distributed, preempt, tuning
 from harness.addons import build_addons
-from harness.artifacts import lock_or_wait
 from harness.callbacks import SWEEP_ENV
 from harness.config import instantiate, run_key, to_container, validate
 from harness.data.datasets import load_dataset
@@ -129,21 +129,24 @@ def run(cfg: DictConfig) -> float | None:
     """Run (or skip) the job described by `cfg` on this rank; returns the objective."""
     validate(cfg)
     key = run_key(cfg)
-    preempt.install()  # before the process group: a signal from now on stops at a step boundary
-    info = distributed.setup(cfg.trainer.device)
+    preempt.install()  # before the process group: from now on a signal requeues the job (harness/preempt.py)
     outcome = {"status": "failed", "objective": None, "error": None, "run_id": None}
     requeue = False
+    info = None
     try:
-        return _run(cfg, key, info, outcome)
+        with preempt.stop_at_once():  # outside the training loop a signal stops the job where it lands
+            info = distributed.setup(cfg.trainer.device)
+            return _run(cfg, key, info, outcome)
     except preempt.Preempted as e:
         outcome.update(status="requeued", error=str(e))
         requeue = True
+        print(f"[harness] run {key} stops for a requeue: {e}", file=sys.stderr, flush=True)
     except BaseException as e:
         outcome["error"] = traceback.format_exception_only(type(e), e)[-1].strip()
         raise
     finally:
         sweep_id = os.environ.get(SWEEP_ENV)
-        if sweep_id and info.is_main:
+        if sweep_id and info is not None and info.is_main:
             overrides, log_dir = _hydra_context()
             Store(cfg.store.path).write("sweep_points", [{
                 "sweep_id": sweep_id, "run_key": key, "overrides": overrides, "log_dir": log_dir,
@@ -154,6 +157,33 @@ def run(cfg: DictConfig) -> float | None:
     return None
 
 
+LOCK_POLL_S = 10.0
+
+
+def _run_key_lock(folder: Path, key: str, info: distributed.DistInfo) -> FileLock | None:
+    """Rank 0 takes the run key's lock (None on the other ranks); every rank returns once it is held.
+
+    While another job holds it, rank 0 tries again for LOCK_POLL_S seconds at a time and tells the
+    other ranks after each try, so none of them waits in a collective longer than that (one that
+    waits past the process group's timeout would fail the job while rank 0 still waits).
+    """
+    lock = FileLock(str(folder / ".lock")) if info.is_main else None
+    timeout = 0.0
+    while True:
+        held = lock is None
+        if lock is not None:
+            try:
+                lock.acquire(timeout=timeout)
+                held = True
+            except Timeout:
+                if timeout == 0:
+                    print(f"[harness] run {key} is being trained by another job; waiting for it", file=sys.stderr,
+                          flush=True)
+                timeout = LOCK_POLL_S
+        if _broadcast(held, info):
+            return lock
+
+
 def _run(cfg: DictConfig, key: str, info: distributed.DistInfo, outcome: dict) -> float | None:
     store = Store(cfg.store.path)
     folder = run_dir(cfg, key)
@@ -162,9 +192,9 @@ def _run(cfg: DictConfig, key: str, info: distributed.DistInfo, outcome: dict) -
     decision = None
     if info.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        # One job per run key at a time: a second one waits here, then finds the run done.
-        lock = lock_or_wait(str(folder / ".lock"),
-                            f"[harness] run {key} is being trained by another job; waiting for it")
+    # One job per run key at a time: a second one waits here, then finds the run done.
+    lock = _run_key_lock(folder, key, info)
+    if info.is_main:
         done = None if cfg.force else store.completed(key)
         if done is not None:
             decision = ("skip", done["objective"], done["run_id"])

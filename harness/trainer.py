@@ -90,6 +90,27 @@ def _stop_for_requeue(method: nn.Module, trained_addons: nn.Module, optimizer, e
     raise preempt.Preempted(f"stopped at epoch {epoch + 1}, step {step + 1} for a requeue")
 
 
+def _sync_point(loss: torch.Tensor) -> tuple[float, bool, bool]:
+    """(this rank's loss, whether any rank's loss is not finite, whether any rank got the requeue signal).
+
+    One small all-reduce (MAX) and one copy to the host: every rank sees the same two flags, so all
+    raise Diverged or stop together, instead of some waiting in the next collective for ranks that left.
+    """
+    loss = loss.detach().float().reshape(())
+    flags = torch.stack([(~torch.isfinite(loss)).float(), loss.new_full((), float(preempt.signalled()))])
+    current, nonfinite, stop = torch.cat([loss.view(1), distributed.max_over_ranks(flags)]).tolist()
+    return current, nonfinite > 0, stop > 0
+
+
+def _epoch_end_sync(sums: dict[str, torch.Tensor], steps: int) -> tuple[dict[str, float], bool]:
+    """The epoch's mean metrics over ranks and whether any rank got the requeue signal: one all-reduce."""
+    names = list(sums)
+    loss = sums["loss"]
+    packed = torch.stack([sums[k].reshape(()) for k in names] + [loss.new_full((), float(preempt.signalled()))])
+    values = distributed.mean_over_ranks(packed).tolist()
+    return {k: v / steps for k, v in zip(names, values)}, values[-1] > 0
+
+
 def knn_settings(eval_cfg) -> list[tuple[int, float]]:
     return [(int(s.k), float(s.T)) for s in eval_cfg.knn]
 
@@ -181,6 +202,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     progress = Progress(total_steps, every=float(tc.log_every), enabled=info.is_main)
     progress.first_step = start_epoch * steps_per_epoch
     evals: dict[str, dict[str, tuple[float, float]]] = {}
+    preempt.defer(True)  # a signal in the loop waits for its next sync point (harness/preempt.py)
     for epoch in range(start_epoch, epochs):
         model.train()
         # Augmentations are seeded per (run seed, epoch, rank): a resumed epoch repeats exactly.
@@ -217,18 +239,19 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
                                 **parts.logs, **addon_logs}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             if step % 20 == 0 or step == steps_per_epoch - 1:  # the only host syncs in the loop
-                current = loss.item()
-                if not math.isfinite(current):
-                    raise Diverged(f"loss became {current} at epoch {epoch + 1}, step {step + 1}")
+                current, diverged, stop = _sync_point(loss)
+                if diverged:
+                    what = current if not math.isfinite(current) else "not finite on another rank"
+                    raise Diverged(f"loss became {what} at epoch {epoch + 1}, step {step + 1}")
                 elapsed = time.monotonic() - t0
                 progress.maybe_print(epoch, epochs, step + 1, steps_per_epoch, global_step + 1, current,
                                      (step + 1 - first_step) * global_batch / max(elapsed, 1e-9))
-                if step < steps_per_epoch - 1 and preempt.requested():
+                if stop and step < steps_per_epoch - 1:  # at the last step the epoch's end stops
                     _stop_for_requeue(method, trained_addons, optimizer, epoch, step + 1, sums, info, checkpoint)
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_time = time.monotonic() - t0
-        metrics = {k: distributed.mean_over_ranks(v / steps_per_epoch).item() for k, v in sums.items()}
+        metrics, stop = _epoch_end_sync(sums, steps_per_epoch)
         if not math.isfinite(metrics["loss"]):
             raise Diverged(f"loss became {metrics['loss']} in epoch {epoch + 1}")
         metrics.update(lr=lr, epoch_time_s=epoch_time,
@@ -237,6 +260,10 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
             if hasattr(addon, "epoch_metrics"):
                 metrics.update(addon.epoch_metrics())
         last = epoch == epochs - 1
+        if last:  # the final evaluation is outside the loop's deferral (harness/preempt.py)
+            if stop:
+                raise preempt.Preempted(f"stopped before the final evaluation (epoch {epoch + 1}) for a requeue")
+            preempt.defer(False, where="before the final evaluation")
         every = int(cfg.eval.every)
         if last or (every and (epoch + 1) % every == 0):
             evals = evaluate(list(final_queries) if last else [objective_split], final=last)
@@ -253,8 +280,9 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
         if info.is_main:
             print(f"[train] epoch {epoch + 1}/{epochs} done: loss {metrics['loss']:.4f} | "
                   f"{metrics['images_per_s']:,.0f} img/s{knn_text}", file=sys.stderr, flush=True)
-        if not last and preempt.requested():  # the epoch's checkpoint is written: stop here
+        if not last and stop:  # the epoch's checkpoint is written: stop here
             raise preempt.Preempted(f"stopped after epoch {epoch + 1} for a requeue")
+    preempt.defer(False, where="after training")  # when no epoch was left (the loop ends it before)
     if set(evals) != set(final_queries):  # resumed after the last epoch's checkpoint: evaluate again
         evals = evaluate(list(final_queries), final=True)
     return TrainResult(evals=evals, objective_split=objective_split)
