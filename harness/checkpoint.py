@@ -70,9 +70,15 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
+class _NotACheckpoint(ValueError):
+    """The file was read but holds no checkpoint (or nothing at all)."""
+
+
 def _reason(error: BaseException) -> str:
     """One short phrase for why a checkpoint could not be read."""
     text = str(error)
+    if isinstance(error, _NotACheckpoint):
+        return text
     refused = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\n|$)", text)
     if refused:
         return f"refused by weights_only=True: {refused.group(1)}"
@@ -82,10 +88,10 @@ def _reason(error: BaseException) -> str:
 
 def _read(path: Path, map_location, required: tuple[str, ...]) -> dict[str, Any]:
     if path.stat().st_size == 0:
-        raise ValueError("zero bytes")
+        raise _NotACheckpoint("zero bytes")
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or any(k not in state for k in required):
-        raise ValueError(f"not a checkpoint (expected a dict with keys {list(required)})")
+        raise _NotACheckpoint(f"not a checkpoint (expected a dict with keys {list(required)})")
     return state
 
 
@@ -93,11 +99,17 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", label: str = "[train]
                     required: tuple[str, ...] = ("epoch",)) -> dict[str, Any] | None:
     """The newest readable checkpoint at `path` (else the previous one), or None: start over.
 
-    `main`: this process reports what it found and moves an unreadable file aside (rank 0 of a
-    job; the other ranks read the same files and reach the same answer silently).
+    `main`: this process reports what it found, moves an unreadable file aside and removes the
+    temporary files of a killed writer (rank 0 of a job, holding the run's lock; the other ranks
+    read the same files and reach the same answer silently).
     """
     path = Path(path)
     previous = previous_path(path)
+    if main:
+        # Temporary files of a writer that was killed (SIGKILL, node crash) before it could remove
+        # them. The caller holds the run's lock, so no live writer owns one.
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     candidates = [p for p in (path, previous) if p.exists()]
     problems: list[str] = []
     for candidate in candidates:
