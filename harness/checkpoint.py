@@ -119,7 +119,10 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", label: str = "[train]
             problems.append(f"{candidate.name} is unreadable ({_reason(e)})")
             if main and candidate == path:
                 # Out of the way, so the next save does not retire it over the good previous one.
-                os.replace(path, path.with_name(path.name + ".unreadable"))
+                try:
+                    os.replace(path, path.with_name(path.name + ".unreadable"))
+                except OSError:
+                    pass  # a read-only folder: the save that follows fails and says so
             continue
         if problems and main:
             print(f"{label} {'; '.join(problems)}; resuming from {candidate.name}", file=sys.stderr, flush=True)

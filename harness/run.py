@@ -236,8 +236,8 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
             raise tuning.Pruned(f"pruned by Optuna after epoch {epoch + 1}: knn_top1 {metrics['knn_top1']:.2f}",
                                 metrics["knn_top1"])
 
-    record()
     try:
+        record()  # inside: a full disk already here ends the run in one line too
         data = load_dataset(cfg.dataset)
         model = instantiate(cfg.method, instantiate(cfg.backbone))
         result = fit(cfg, model, data, info, checkpoint, log_epoch, build_addons(cfg, model.backbone.feat_dim))
