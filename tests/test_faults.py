@@ -50,43 +50,51 @@ def _rows_per_epoch_and_name(store: Store, run_id: str) -> dict[tuple[int, str],
 
 
 def _completed(store: Store) -> list[dict]:
-    return store.query("SELECT run_id, status FROM runs WHERE status = 'completed'")
+    return store.query("SELECT run_id, run_key, status FROM runs WHERE status = 'completed'")
 
 
 def test_sigkill_at_ten_random_points_then_the_same_command_completes_the_run(tmp_path, finished_run):
-    """Ten attempts of one command, each SIGKILLed after a random delay (seeded) unless it ended;
-    the same command then completes the run with exactly the rows of an uninterrupted run."""
+    """The same command again and again, each attempt SIGKILLed after a random delay (seeded,
+    up to the length of a whole run) unless it ended first; once a run has completed, the next
+    attempts go to a new run (the next seed). After ten kills the last run is completed by the same
+    command. Every run then has exactly the metrics rows of an uninterrupted run, one per epoch
+    and name."""
     db = tmp_path / "r.duckdb"
-    args = (*ARGS, "seed=0", f"store.path={db}")
     rng = random.Random(14)
-    killed, logs = 0, []
-    for attempt in range(10):
-        log = tmp_path / f"attempt-{attempt}.log"
+    seed, kills, attempts, logs = 0, 0, 0, []
+    while kills < 10:
+        attempts += 1
+        assert attempts <= 40, "the attempts keep ending before their kill"
+        log = tmp_path / f"attempt-{attempts}.log"
         with open(log, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=REPO, env=harness_env(),
-                                    stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen([sys.executable, "-m", "harness", *ARGS, f"seed={seed}", f"store.path={db}"],
+                                    cwd=REPO, env=harness_env(), stdout=subprocess.DEVNULL, stderr=err)
             try:
                 proc.wait(timeout=rng.uniform(0, finished_run.seconds))
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                killed += 1
+                kills += 1
+            else:  # it ended by itself: that run is complete; the next kills go to a new run
+                assert proc.returncode == 0, log.read_text()
+                seed += 1
         logs.append(log.read_text())
-    final = run_harness(*args)
-    logs.append(final.stderr)
+    logs.append(run_harness(*ARGS, f"seed={seed}", f"store.path={db}").stderr)
 
-    assert killed >= 1
     assert any("resumed from" in text for text in logs), "no kill landed after a checkpoint: nothing was resumed"
     assert not any("unreadable" in text for text in logs)  # a kill never leaves a half-written checkpoint
-    store = Store(db)
-    (run,) = _completed(store)
     reference = Store(finished_run.db)
     (reference_run,) = _completed(reference)
-    rows = _rows_per_epoch_and_name(store, run["run_id"])
-    assert set(rows) == set(_rows_per_epoch_and_name(reference, reference_run["run_id"]))
-    assert {e for e, _ in rows} == {0, 1, 2} and set(rows.values()) == {1}
-    (folder,) = Path(str(db) + ".runs").iterdir()
-    assert not list(folder.glob(".*.tmp"))  # the temporary files of killed writers are cleaned up
+    expected = set(_rows_per_epoch_and_name(reference, reference_run["run_id"]))
+    store = Store(db)
+    completed = _completed(store)
+    assert len(completed) == seed + 1 == len({r["run_key"] for r in completed})
+    for run in completed:
+        rows = _rows_per_epoch_and_name(store, run["run_id"])
+        assert set(rows) == expected and set(rows.values()) == {1}
+    for folder in Path(str(db) + ".runs").iterdir():
+        assert not list(folder.glob(".*.tmp"))  # the temporary files of killed writers are cleaned up
+    print(f"{kills} kills over {attempts} attempts and {seed + 1} runs")
 
 
 def _resume_copy(finished_run: FinishedRun, tmp_path: Path, keep_previous: bool = True) -> tuple[Path, Path]:
