@@ -32,9 +32,9 @@ def _temporaries(folder):
     return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_what_the_trainer_saves_loads_with_weights_only(tmp_path, method):
-    cfg = compose([f"method={method}", "backbone=convnet"])
+@pytest.mark.parametrize("method,optimizer", [(m, None) for m in METHODS] + [("simclr", "adam"), ("simclr", "adamw")])
+def test_what_the_trainer_saves_loads_with_weights_only(tmp_path, method, optimizer):
+    cfg = compose([f"method={method}", "backbone=convnet", *([f"trainer.optimizer={optimizer}"] if optimizer else [])])
     model = instantiate(cfg.method, instantiate(cfg.backbone))
     special = list(model.optim_groups()) if hasattr(model, "optim_groups") else []
     optimizer = build_optimizer(nn.ModuleList([model, nn.ModuleList()]), cfg.trainer, 0.1, special)
