@@ -20,7 +20,7 @@ from harness.store import Store
 from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
 from tests.fs_utils import small_file_system
 
-pytestmark = [requires_cifar]
+pytestmark = [requires_cifar, pytest.mark.slow]
 
 ARGS = (*TINY, "dataset.train_size=500", "trainer.epochs=3")
 
