@@ -15,7 +15,7 @@ register_sweeps()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from harness.config import ConfigError
-    from harness.run import run
+    from harness.run import RunFailed, run
 
     try:
         return run(cfg)
@@ -23,6 +23,9 @@ def main(cfg: DictConfig) -> float | None:
         # Refuse bad input with one clear message, not a traceback; nothing was trained.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as e:
+        print(e, file=sys.stderr)  # one line that names the cause; the run row says failed
+        sys.exit(1)
 
 
 if __name__ == "__main__":

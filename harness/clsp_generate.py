@@ -40,6 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness.artifacts import MANIFEST, artifact_path, artifacts_root, build_once, dataset_identity, lock_or_wait
+from harness.atomic import atomic_file, write_text_atomic
 from harness.data.datasets import ImageData, load_dataset
 from harness.diffusion import (
     ddim_scheduler,
@@ -135,9 +136,8 @@ def run_shard(cfg: DictConfig, shard: int, shards: int, data: ImageData | None =
                 rate = (e - start) / max(now - t0, 1e-9)
                 print(f"{label}: {e - start}/{stop - start} images (×{k} candidates) | {rate:.1f} img/s | "
                       f"ETA {duration((stop - e) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
-        tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, result)
-        os.replace(tmp, out)  # a shard file exists whole or not at all
+        with atomic_file(out) as f:  # a shard file exists whole or not at all
+            np.save(f, result)
         return out
     finally:
         lock.release()
@@ -166,9 +166,7 @@ def run_shards_locally(cfg: DictConfig, todo: list[int], shards: int) -> None:
     parts = parts_dir(synthetic_path(cfg))
     parts.mkdir(parents=True, exist_ok=True)
     config_file = parts / "config.yaml"
-    tmp = config_file.with_name(f".config.{os.getpid()}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(with_absolute_artifacts(cfg)))
-    os.replace(tmp, config_file)
+    write_text_atomic(config_file, OmegaConf.to_yaml(with_absolute_artifacts(cfg)))
     workers = int(cfg.positives.generate.get("workers") or max(torch.cuda.device_count(), 1))
     waiting, running = list(todo), {}  # slot -> (shard, process)
     try:

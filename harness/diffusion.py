@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from harness import tv  # noqa: F401  (makes torchvision, and so diffusers, importable on a CPU torch)
 from harness.artifacts import artifact_path, build_once, dataset_identity
+from harness.checkpoint import load_checkpoint, save_checkpoint
 
 # isort: split
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -99,8 +100,9 @@ def train_ddpm(images: torch.Tensor, diffusion_cfg: Mapping, out_dir: Path, stat
     state_dir.mkdir(parents=True, exist_ok=True)
     state_file = state_dir / "train_state.pt"
     start = 0
-    if state_file.exists():
-        state = torch.load(state_file, map_location=device, weights_only=False)
+    state = load_checkpoint(state_file, device, "[diffusion]", required=("unet", "ema", "optimizer", "generator",
+                                                                         "epoch"))
+    if state is not None:
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -143,10 +145,8 @@ def train_ddpm(images: torch.Tensor, diffusion_cfg: Mapping, out_dir: Path, stat
                       file=sys.stderr, flush=True)
         every = int(diffusion_cfg.get("checkpoint_every", 0) or 0)
         if every and (epoch + 1) % every == 0 and epoch + 1 < epochs:
-            tmp = state_file.with_suffix(".tmp")
-            torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": gen.get_state(), "epoch": epoch}, tmp)
-            tmp.replace(state_file)
+            save_checkpoint({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                             "generator": gen.get_state(), "epoch": epoch}, state_file)
     DDPMPipeline(unet=ema.cpu(), scheduler=scheduler).save_pretrained(out_dir)
     shutil.rmtree(state_dir, ignore_errors=True)
 

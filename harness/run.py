@@ -7,6 +7,7 @@ held out, else on the test split) so a sweeper can use it, also for runs skipped
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -24,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import distributed, preempt, tuning
 from harness.addons import build_addons
+from harness.atomic import write_text_atomic
 from harness.callbacks import SWEEP_ENV
+from harness.checkpoint import has_checkpoint, remove_checkpoints
 from harness.config import instantiate, run_key, to_container, validate
 from harness.data.datasets import load_dataset
 from harness.evaluate import knn_protocol
@@ -46,6 +49,21 @@ def git_state() -> tuple[str | None, bool | None]:
         return commit, dirty
     except (OSError, subprocess.SubprocessError):
         return None, None
+
+
+class RunFailed(RuntimeError):
+    """The run ended for a reason that one line says fully (e.g. a full disk); no traceback is due."""
+
+
+# Errors of a write that the user fixes outside the harness (free space, quota, file size limit).
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def describe_os_error(error: OSError) -> str:
+    """'no space left on device writing /runs/KEY/checkpoint.pt' from an OSError."""
+    cause = error.strerror or str(error)
+    text = cause[:1].lower() + cause[1:]
+    return f"{text} writing {error.filename}" if error.filename else text
 
 
 def run_dir(cfg: DictConfig, key: str) -> Path:
@@ -199,12 +217,13 @@ def _run(cfg: DictConfig, key: str, info: distributed.DistInfo, outcome: dict) -
         if done is not None:
             decision = ("skip", done["objective"], done["run_id"])
         else:
-            if cfg.force and checkpoint.exists():
-                checkpoint.unlink()
+            if cfg.force:
+                remove_checkpoints(checkpoint)
             resume = folder / "run_id"
-            run_id = resume.read_text().strip() if checkpoint.exists() and resume.exists() else uuid.uuid4().hex[:12]
-            resume.write_text(run_id)
-            (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            run_id = resume.read_text().strip() if has_checkpoint(checkpoint) and resume.exists() else ""
+            run_id = run_id or uuid.uuid4().hex[:12]
+            write_text_atomic(resume, run_id)  # a kill mid-write must not leave an empty run id
+            write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             decision = ("train", None, run_id)
     try:
         action, objective, run_id = _broadcast(decision, info)
@@ -247,8 +266,8 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
             raise tuning.Pruned(f"pruned by Optuna after epoch {epoch + 1}: knn_top1 {metrics['knn_top1']:.2f}",
                                 metrics["knn_top1"])
 
-    record()
     try:
+        record()  # inside: a full disk already here ends the run in one line too
         data = load_dataset(cfg.dataset)
         model = instantiate(cfg.method, instantiate(cfg.backbone))
         result = fit(cfg, model, data, info, checkpoint, log_epoch, build_addons(cfg, model.backbone.feat_dim))
@@ -268,6 +287,15 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
         record(status="requeued", error=str(e))
         raise
     except BaseException as e:
+        if isinstance(e, OSError) and e.errno in WRITE_FAILURES:
+            # A full disk (or quota) while checkpointing or spooling: one line, not a chained
+            # traceback; the temporary files are already gone (harness.atomic).
+            message = f"run {key} failed: {describe_os_error(e)}"
+            try:
+                record(status="failed", error=message, finished_at=utcnow())
+            except OSError as again:
+                message += f" (the run could not be marked failed: {describe_os_error(again)})"
+            raise RunFailed(f"[harness] {message}") from e
         first = traceback.format_exception_only(type(e), e)[-1].strip()
         record(status="failed", error=first, finished_at=utcnow())
         raise

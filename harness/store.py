@@ -28,6 +28,8 @@ from typing import Any
 import duckdb
 from filelock import FileLock, Timeout
 
+from harness.atomic import atomic_file
+
 # table -> (columns with DuckDB types, primary key). Columns may be added over time: opening a
 # store adds missing ones, so older databases keep working.
 TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
@@ -152,13 +154,9 @@ class Store:
         folder.mkdir(parents=True, exist_ok=True)
         # The name orders files by time, so that a later status of the same run wins.
         stem = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp = folder / f".{stem}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_file(folder / f"{stem}.jsonl", "w") as f:
             for order, row in enumerate(rows):
                 f.write(json.dumps({**{k: _jsonable(v) for k, v in row.items()}, "_order": order}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / f"{stem}.jsonl")
 
     def pending(self) -> int:
         """How many spool files wait to be ingested."""

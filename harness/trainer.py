@@ -9,7 +9,6 @@ checkpoint atomically. A run that starts with a checkpoint of its own continues 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from torch import nn
 
 from harness import distributed, preempt
 from harness.addons import Batch, combine
+from harness.checkpoint import load_checkpoint, save_checkpoint
 from harness.data.augment import ViewMaker
 from harness.data.datasets import ImageData
 from harness.evaluate import knn_evaluate, knn_protocol, linear_probe
@@ -66,12 +66,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 @dataclass
 class TrainResult:
     evals: dict[str, dict[str, tuple[float, float]]]  # split -> protocol -> (top1 %, top5 %)
@@ -84,8 +78,8 @@ def _stop_for_requeue(method: nn.Module, trained_addons: nn.Module, optimizer, e
     # Partial sums averaged over ranks: the epoch's final mean over ranks stays exact on resume.
     sums = {k: distributed.mean_over_ranks(v).cpu() for k, v in sums.items()}
     if info.is_main:
-        save_atomic({"model": method.state_dict(), "addons": trained_addons.state_dict(),
-                     "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "sums": sums}, checkpoint)
+        save_checkpoint({"model": method.state_dict(), "addons": trained_addons.state_dict(),
+                         "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "sums": sums}, checkpoint)
     distributed.barrier()
     raise preempt.Preempted(f"stopped at epoch {epoch + 1}, step {step + 1} for a requeue")
 
@@ -187,8 +181,9 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
         return out
 
     start_epoch, start_step, start_sums = 0, 0, {}
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    # weights_only: a checkpoint in the shared runs folder is data, never code to run.
+    state = load_checkpoint(checkpoint, device, "[train]", info.is_main, required=("model", "optimizer", "epoch"))
+    if state is not None:
         method.load_state_dict(state["model"])
         trained_addons.load_state_dict(state.get("addons", {}))
         optimizer.load_state_dict(state["optimizer"])
@@ -273,8 +268,8 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
                     metrics[f"{protocol}_top1"] = top1
         log_epoch(epoch, metrics)
         if info.is_main:
-            save_atomic({"model": method.state_dict(), "addons": trained_addons.state_dict(),
-                         "optimizer": optimizer.state_dict(), "epoch": epoch}, checkpoint)
+            save_checkpoint({"model": method.state_dict(), "addons": trained_addons.state_dict(),
+                             "optimizer": optimizer.state_dict(), "epoch": epoch}, checkpoint)
         distributed.barrier()
         knn_text = f" | knn {metrics['knn_top1']:.2f}" if "knn_top1" in metrics else ""
         if info.is_main:

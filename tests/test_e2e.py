@@ -52,7 +52,7 @@ def test_a_job_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, cifar10
     while time.monotonic() < deadline and proc.poll() is None:
         checkpoints = list((tmp_path / "r.duckdb.runs").glob("*/checkpoint.pt"))
         if checkpoints:
-            epoch = torch.load(checkpoints[0], weights_only=False)["epoch"]
+            epoch = torch.load(checkpoints[0], weights_only=True)["epoch"]
             if epoch >= 1:
                 break
         time.sleep(0.2)

@@ -103,7 +103,7 @@ def test_linear_probe_and_online_linear_on_a_trained_convnet(tmp_path, cifar10_c
     metrics = {r["name"] for r in store.query("SELECT DISTINCT name FROM metrics")}
     assert {"online_linear_loss", "online_linear_train_acc", "online_linear_top1"} <= metrics
     # The optimizer kept the classifier's own lr ratio and the predictor's static lr.
-    state = torch.load(next((tmp_path / "r.duckdb.runs").glob("*/checkpoint.pt")), weights_only=False)
+    state = torch.load(next((tmp_path / "r.duckdb.runs").glob("*/checkpoint.pt")), weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert any(g.get("static_lr") and g["lr"] == pytest.approx(5e-4) for g in groups)
     assert any(g.get("lr_scale") == pytest.approx(2.0) and g["weight_decay"] == 0.0 for g in groups)

@@ -119,5 +119,5 @@ def test_joint_mode_trains_the_score_net_with_the_method(tmp_path):
     assert len(dsm) == 1 and 0 < dsm[0] < 2  # ‖ε̂ − ε‖² per entry: about 1 for a fresh net, falling
     assert not (Path(str(store) + ".artifacts") / "score_net").exists()  # nothing pre-trained
     key = s.query("select run_key from runs")[0]["run_key"]
-    state = torch.load(Path(str(store) + ".runs") / key / "checkpoint.pt", weights_only=False)
+    state = torch.load(Path(str(store) + ".runs") / key / "checkpoint.pt", weights_only=True)
     assert any(k.startswith("0.net.unet.") for k in state["addons"])  # saved with the model, resumable

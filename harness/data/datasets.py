@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from harness.atomic import atomic_file
 from harness.config import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
@@ -278,9 +279,8 @@ def load_full(ds) -> ImageData:
             "source": f"{kind}:{path}",
         }
         cdir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, cache)  # atomic: a concurrent job either sees the whole file or none
+        with atomic_file(cache) as f:  # a concurrent job sees the whole file or none
+            torch.save(blob, f)
     return ImageData(**blob)
 
 
