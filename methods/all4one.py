@@ -58,7 +58,7 @@ def solo_positions(tokens: int, dim: int) -> torch.Tensor:
     positions and the 5 tokens are the channels: token j, at feature x, gets sin(x·ω_⌊j/2⌋) for
     even j and cos(x·ω_⌊j/2⌋) for odd j, with ω_i = 10000^(−2i/C) and C = tokens rounded up to
     an even number (6 for 5 tokens: ω ∈ {1, 1e4^(−1/3), 1e4^(−2/3)}). So token 0 gets sin(x),
-    token 1 cos(x), token 4 sin(≈0.0022·x). Those are the sequences that produced the published
+    token 1 cos(x), token 4 sin(0.00215·x). Those are the sequences that produced the published
     All4One numbers, whatever the encoding was meant to be.
     """
     channels = 2 * math.ceil(tokens / 2)

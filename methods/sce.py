@@ -39,32 +39,42 @@ from methods.common import (
 )
 
 
-@full_precision
-def sce_pairs(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, temperature_m: float,
-              lam: float, use_keys: bool = False, batch_keys: torch.Tensor | None = None,
-              offset: int = 0) -> torch.Tensor:
-    """SCE loss per anchor. q: online (n, d); k: momentum keys of the same images (n, d); queue: (K, d).
+def sce_target_and_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+                          temperature_m: float, lam: float, use_keys: bool = False,
+                          batch_keys: torch.Tensor | None = None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCE's soft target w (n, C) and online logits (n, C) over the C candidates of each anchor.
 
+    q: online (n, d); k: momentum keys of the same images (n, d); queue: (K, d).
     use_keys=False: candidates {own key, queue}, own key's target logit 0 (eztorch's default).
     use_keys=True: candidates {batch_keys, queue}, where batch_keys (N, d) are the keys of the whole
     global batch in rank order (default: k, one process) and row i's own key is batch_keys[offset + i];
     its target logit is −∞ (eztorch's ``use_keys=True``).
     """
     queue = queue.to(q.dtype)
+    rows = torch.arange(len(q), device=q.device)
     if use_keys:
         batch_keys = k if batch_keys is None else batch_keys.to(q.dtype)
-        own = offset + torch.arange(len(q), device=q.device)
+        own = offset + rows
         logits_q = torch.cat([q @ batch_keys.T, q @ queue.T], dim=1) / temperature
         logits_k = torch.cat([k @ batch_keys.T, k @ queue.T], dim=1) / temperature_m
-        logits_k[torch.arange(len(q), device=q.device), own] = float("-inf")
+        logits_k[rows, own] = float("-inf")
     else:
-        own = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        own = torch.zeros_like(rows)
         logits_q = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.T], dim=1) / temperature
         logits_k = torch.cat([torch.zeros_like(logits_q[:, :1]), k @ queue.T / temperature_m], dim=1)
     target = (1 - lam) * torch.softmax(logits_k, dim=1)
-    target[torch.arange(len(q), device=q.device), own] += lam
-    target = target / target.sum(dim=1, keepdim=True)
-    return -(target.detach() * torch.log_softmax(logits_q, dim=1)).sum(dim=1)
+    target[rows, own] += lam
+    return (target / target.sum(dim=1, keepdim=True)).detach(), logits_q
+
+
+@full_precision
+def sce_pairs(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, temperature_m: float,
+              lam: float, use_keys: bool = False, batch_keys: torch.Tensor | None = None,
+              offset: int = 0) -> torch.Tensor:
+    """SCE loss per anchor: the cross-entropy of `sce_target_and_logits`'s target with the online softmax."""
+    target, logits_q = sce_target_and_logits(q, k, queue, temperature, temperature_m, lam, use_keys, batch_keys,
+                                             offset)
+    return -(target * torch.log_softmax(logits_q, dim=1)).sum(dim=1)
 
 
 class SCE(nn.Module):
