@@ -306,9 +306,8 @@ def validate(cfg: DictConfig) -> None:
     for name in ("momentum_base", "momentum_final", "lam"):
         errors.append(_number(cfg, f"method.{name}", low=0, high=1, optional=True))
     errors.append(_number(cfg, "method.queue_size", low=1, integer=True, optional=True))
-    for name, allowed in (("momentum_schedule", ("constant", "cosine")), ("target_self", ("exclude", "zero"))):
-        if OmegaConf.select(cfg, f"method.{name}", default=None) is not None:
-            errors.append(_choice(cfg, f"method.{name}", allowed))
+    if OmegaConf.select(cfg, "method.momentum_schedule", default=None) is not None:
+        errors.append(_choice(cfg, "method.momentum_schedule", ("constant", "cosine")))
     for group in ("method", "backbone", "weighting", "positives"):
         target = OmegaConf.select(cfg, f"{group}._target_", default=None)
         if group in ("weighting", "positives") and target is None:  # optional add-ons

@@ -63,6 +63,12 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
     Neighbours are the top-k train features by cosine similarity; each votes for its class with
     weight exp(sim / T). One top-k search at the largest k serves all settings.
+
+    Top-5 ranks at most min(5, k) classes, and a class no neighbour voted for is never a hit: k
+    neighbours can name at most k classes, so at k = 1 top-5 equals top-1. This is solo-learn's
+    cap (its `WeightedKNNClassifier` also looks at min(5, k) classes), made strict: when fewer than
+    min(5, k) classes got votes, solo-learn's sort fills the rest with arbitrary zero-vote classes,
+    which can count; here they cannot.
     """
     train_labels = train_labels.to(train_feats.device)
     test_labels = test_labels.to(train_feats.device)
@@ -76,9 +82,13 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
             k_eff = min(k, kmax)
             votes = torch.zeros(len(sims), num_classes, device=sims.device)
             votes.scatter_add_(1, neighbour_labels[:, :k_eff], torch.exp(sims[:, :k_eff] / t))
-            ranked = votes.topk(min(5, num_classes), dim=1).indices
+            voted = torch.zeros(len(sims), num_classes, dtype=torch.bool, device=sims.device)
+            voted.scatter_(1, neighbour_labels[:, :k_eff], True)
+            # Classes without a vote rank last, even if a voted class's weight underflowed to 0.
+            ranked = votes.masked_fill(~voted, float("-inf")).topk(min(5, k_eff, num_classes), dim=1).indices
+            truth_voted = voted.gather(1, truth.long())
             hits[(k, t)][0] += (ranked[:, :1] == truth).any(dim=1).sum()
-            hits[(k, t)][1] += (ranked == truth).any(dim=1).sum()
+            hits[(k, t)][1] += ((ranked == truth).any(dim=1, keepdim=True) & truth_voted).sum()
     n = max(len(test_feats), 1)
     return {knn_protocol(k, t): (100 * h[0].item() / n, 100 * h[1].item() / n) for (k, t), h in hits.items()}
 

@@ -5,7 +5,8 @@ For each view v: m_v = momentum projection (normalised), nn_v = its 5 nearest ne
 support set (nearest first), z_v = online projection, p_v / p'_v = predictor 1 / 2 outputs.
 - neighbour term: ½·[InfoNCE(nn1[0] → p2) + InfoNCE(nn2[0] → p1)] at τ (per image);
 - centroid term: r_v = T(nn_v)[0], s_v = T([p'_v, nn_v[0..3]])[0] (T: transformer over 5 tokens
-  plus a positional encoding), ½·[InfoNCE(r1 → s2) + InfoNCE(r2 → s1)] at τ_centroid (per image);
+  plus a positional encoding, see `solo_positions`), ½·[InfoNCE(r1 → s2) + InfoNCE(r2 → s1)] at
+  τ_centroid (per image);
 - feature term (batch level): C_a = n(m1)ᵀ n(z2), C_b = n(m2)ᵀ n(z1) with n normalising each
   feature over the global batch; 10·(½·√(mean over both of (diag − 1)²) + ½·√(mean over both of offdiag²)).
 Total 0.5·centroid + 0.5·neighbour (per image) + 0.5·feature (batch). Candidates, the feature
@@ -36,13 +37,38 @@ from methods.nnclr import nnclr_pairs
 
 
 def sinusoidal_positions(tokens: int, dim: int) -> torch.Tensor:
-    """The fixed sine/cosine encoding of token positions 0..tokens−1 (Vaswani et al.): (tokens, dim)."""
+    """The textbook sine/cosine encoding of token positions 0..tokens−1 (Vaswani et al.): (tokens, dim).
+
+    ``positional_encoding: textbook``. Not what solo-learn's All4One adds (see `solo_positions`).
+    """
     position = torch.arange(tokens, dtype=torch.float32)[:, None]
     freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     enc = torch.zeros(tokens, dim)
     enc[:, 0::2] = torch.sin(position * freq)
     enc[:, 1::2] = torch.cos(position * freq)[:, : dim // 2]
     return enc
+
+
+def solo_positions(tokens: int, dim: int) -> torch.Tensor:
+    """The encoding solo-learn's All4One adds to its (n, tokens, dim) sequences: (tokens, dim).
+
+    ``positional_encoding: solo`` (the default). solo-learn wraps the positional-encodings package's
+    1-D encoding in its "permute" form, built for 5 channels, and applies it to the (n, 5, d)
+    sequence. That form moves axis 1 last before encoding, so the d feature indices are the
+    positions and the 5 tokens are the channels: token j, at feature x, gets sin(x·ω_⌊j/2⌋) for
+    even j and cos(x·ω_⌊j/2⌋) for odd j, with ω_i = 10000^(−2i/C) and C = tokens rounded up to
+    an even number (6 for 5 tokens: ω ∈ {1, 1e4^(−1/3), 1e4^(−2/3)}). So token 0 gets sin(x),
+    token 1 cos(x), token 4 sin(0.00215·x). Those are the sequences that produced the published
+    All4One numbers, whatever the encoding was meant to be.
+    """
+    channels = 2 * math.ceil(tokens / 2)
+    token = torch.arange(tokens)
+    omega = torch.pow(10000.0, -2.0 * (token // 2).float() / channels)  # one frequency per sin/cos pair
+    angle = omega[:, None] * torch.arange(dim, dtype=torch.float32)[None, :]
+    return torch.where(token[:, None] % 2 == 0, torch.sin(angle), torch.cos(angle))
+
+
+POSITIONAL_ENCODINGS = {"solo": solo_positions, "textbook": sinusoidal_positions}
 
 
 def off_diagonal(c: torch.Tensor) -> torch.Tensor:
@@ -71,8 +97,11 @@ class All4One(nn.Module):
                  queue_size: int = 98304, num_neighbours: int = 5, transformer_layers: int = 3,
                  transformer_heads: int = 8, transformer_dropout: float = 0.1, transformer_lr_scale: float = 0.1,
                  momentum_base: float = 0.99, momentum_final: float = 1.0, momentum_schedule: str = "cosine",
-                 weights: tuple[float, float, float] = (0.5, 0.5, 0.5)):
+                 weights: tuple[float, float, float] = (0.5, 0.5, 0.5), positional_encoding: str = "solo"):
         super().__init__()
+        if positional_encoding not in POSITIONAL_ENCODINGS:
+            raise ValueError(f"method.positional_encoding={positional_encoding!r} is not one of "
+                             f"{', '.join(POSITIONAL_ENCODINGS)}")
         if num_neighbours < 2:
             raise ValueError(f"method.num_neighbours={num_neighbours} must be >= 2 (the centroid sequence needs one)")
         self.backbone = backbone
@@ -90,10 +119,21 @@ class All4One(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, transformer_layers, enable_nested_tensor=False)
         for p in self.transformer.parameters():
             p.lr_scale = transformer_lr_scale  # solo-learn trains it at lr 0.1 beside the base lr 1.0
-        self.register_buffer("positions", sinusoidal_positions(num_neighbours, d), persistent=False)
+        positions = POSITIONAL_ENCODINGS[positional_encoding](num_neighbours, d)
+        self.register_buffer("positions", positions, persistent=False)
         self.momentum_encoder = momentum_copy(nn.Sequential(backbone, self.projector))
         self.queue = Queue(queue_size, d)  # support set of momentum projections of view 1
         keep_queues_out_of_ddp_broadcast(self)
+
+    @staticmethod
+    def check_config(cfg) -> list:
+        """Config problems found before anything runs (called by harness.config.validate)."""
+        from harness.config import ConfigError
+
+        value = cfg.method.get("positional_encoding", "solo")
+        if value not in POSITIONAL_ENCODINGS:
+            return [ConfigError("method.positional_encoding", value, "one of " + ", ".join(POSITIONAL_ENCODINGS))]
+        return []
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projector(self.backbone(x)), dim=1)

@@ -1,10 +1,20 @@
 """SCE: Similarity Contrastive Estimation (Denize et al., WACV 2023), methods.md §3.
 
 A MoCo-style online/momentum pair with a queue, trained with a soft target: for image i, the target
-over {its own key, the queue} is w_i = λ·one-hot(own key) + (1−λ)·s_i, where s_i is the momentum
-view's softmax (temperature τ_m) over the OTHER instances (the queue), renormalised to sum to 1; the
-loss is the cross-entropy of w_i with the online softmax (temperature τ) over the same set.
+over a candidate set is w_i = λ·one-hot(own key) + (1−λ)·s_i, where s_i is the momentum view's
+softmax (temperature τ_m) over the candidates, renormalised to sum to 1; the loss is the
+cross-entropy of w_i with the online softmax (temperature τ) over the same candidates.
 λ = 1 is MoCo's InfoNCE; λ = 0 is purely relational.
+
+Reference implementation: eztorch (eztorch/losses/sce_loss.py), the authors' successor to the SCE
+repo. Its ``use_keys`` switch decides the candidates and the own key's target logit, and this
+module's ``use_keys`` computes the same thing:
+- ``use_keys: false`` (eztorch's default, and the original SCE repo): candidates {own key, queue};
+  the own key's target logit is 0 (not −∞), so s_i keeps mass 1/(1 + Σ_queue exp(k_i·c/τ_m)) on
+  it and w_i's own-key mass is λ + (1−λ)/(1 + Σ_queue exp(k_i·c/τ_m)).
+- ``use_keys: true``: candidates {the keys of the whole global batch, queue}; the own key is
+  excluded from s_i (logit −∞, as in the paper's formula) and the batch's other keys are extra
+  negatives on both the target and the online side.
 
 CIFAR setting (``symmetric: false``): view 0 (weak) goes only to the momentum encoder, view 1
 (strong) only to the online encoder. Keys of view 0 from every rank are enqueued after each step.
@@ -16,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness import distributed
 from harness.method import LossParts, mlp
 from methods.common import (
     Queue,
@@ -27,25 +38,43 @@ from methods.common import (
     update_momentum_encoder,
 )
 
-TARGET_SELF = ("exclude", "zero")
+
+def sce_target_and_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+                          temperature_m: float, lam: float, use_keys: bool = False,
+                          batch_keys: torch.Tensor | None = None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCE's soft target w (n, C) and online logits (n, C) over the C candidates of each anchor.
+
+    q: online (n, d); k: momentum keys of the same images (n, d); queue: (K, d).
+    use_keys=False: candidates {own key, queue}, own key's target logit 0 (eztorch's default).
+    use_keys=True: candidates {batch_keys, queue}, where batch_keys (N, d) are the keys of the whole
+    global batch in rank order (default: k, one process) and row i's own key is batch_keys[offset + i];
+    its target logit is −∞ (eztorch's ``use_keys=True``).
+    """
+    queue = queue.to(q.dtype)
+    rows = torch.arange(len(q), device=q.device)
+    if use_keys:
+        batch_keys = k if batch_keys is None else batch_keys.to(q.dtype)
+        own = offset + rows
+        logits_q = torch.cat([q @ batch_keys.T, q @ queue.T], dim=1) / temperature
+        logits_k = torch.cat([k @ batch_keys.T, k @ queue.T], dim=1) / temperature_m
+        logits_k[rows, own] = float("-inf")
+    else:
+        own = torch.zeros_like(rows)
+        logits_q = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.T], dim=1) / temperature
+        logits_k = torch.cat([torch.zeros_like(logits_q[:, :1]), k @ queue.T / temperature_m], dim=1)
+    target = (1 - lam) * torch.softmax(logits_k, dim=1)
+    target[rows, own] += lam
+    return (target / target.sum(dim=1, keepdim=True)).detach(), logits_q
 
 
 @full_precision
 def sce_pairs(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, temperature_m: float,
-              lam: float, target_self: str = "exclude") -> torch.Tensor:
-    """SCE loss per anchor. q: online (n, d); k: momentum keys of the same images (n, d); queue: (K, d).
-
-    target_self: ``exclude`` leaves the own key out of the relational distribution (the paper's
-    formula, eztorch with keys); ``zero`` gives it a target logit of 0 (the original SCE repo).
-    """
-    queue = queue.to(q.dtype)
-    logits_q = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.T], dim=1) / temperature
-    self_logit = float("-inf") if target_self == "exclude" else 0.0
-    logits_k = torch.cat([torch.full_like(logits_q[:, :1], self_logit), k @ queue.T / temperature_m], dim=1)
-    target = (1 - lam) * torch.softmax(logits_k, dim=1)
-    target[:, 0] += lam
-    target = target / target.sum(dim=1, keepdim=True)
-    return -(target.detach() * torch.log_softmax(logits_q, dim=1)).sum(dim=1)
+              lam: float, use_keys: bool = False, batch_keys: torch.Tensor | None = None,
+              offset: int = 0) -> torch.Tensor:
+    """SCE loss per anchor: the cross-entropy of `sce_target_and_logits`'s target with the online softmax."""
+    target, logits_q = sce_target_and_logits(q, k, queue, temperature, temperature_m, lam, use_keys, batch_keys,
+                                             offset)
+    return -(target * torch.log_softmax(logits_q, dim=1)).sum(dim=1)
 
 
 class SCE(nn.Module):
@@ -57,13 +86,13 @@ class SCE(nn.Module):
                  proj_hidden_dim: int = 512, proj_output_dim: int = 128, pred_hidden_dim: int | None = None,
                  queue_size: int = 4096, momentum_base: float = 0.99, momentum_final: float = 1.0,
                  momentum_schedule: str = "constant", symmetric: bool = False, shuffle_bn_groups: int = 8,
-                 target_self: str = "exclude"):
+                 use_keys: bool = False):
         super().__init__()
-        if target_self not in TARGET_SELF:
-            raise ValueError(f"method.target_self={target_self!r} is not one of {', '.join(TARGET_SELF)}")
+        if not isinstance(use_keys, bool):
+            raise ValueError(f"method.use_keys={use_keys!r} is not true or false")
         self.backbone = backbone
         self.temperature, self.temperature_m, self.lam = temperature, temperature_m, lam
-        self.symmetric, self.shuffle_bn_groups, self.target_self = symmetric, shuffle_bn_groups, target_self
+        self.symmetric, self.shuffle_bn_groups, self.use_keys = symmetric, shuffle_bn_groups, use_keys
         self.momentum = (momentum_base, momentum_final, momentum_schedule)
         momentum_tau(0.0, *self.momentum)
         self.projector = mlp([backbone.feat_dim, proj_hidden_dim, proj_output_dim])
@@ -79,9 +108,20 @@ class SCE(nn.Module):
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(forward_in_shuffled_groups(self.momentum_encoder, x, self.shuffle_bn_groups), dim=1)
 
+    @staticmethod
+    def check_config(cfg) -> list:
+        """Config problems found before anything runs (called by harness.config.validate)."""
+        from harness.config import ConfigError
+
+        value = cfg.method.get("use_keys", False)
+        return [] if isinstance(value, bool) else [ConfigError("method.use_keys", value, "true or false")]
+
     def _loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        batch_keys, offset = None, 0
+        if self.use_keys:  # every rank's keys of this step are candidates (equal local batches, rank order)
+            batch_keys, offset = distributed.gather(k.float(), grad=False), distributed.rank() * len(k)
         return sce_pairs(q.float(), k.float(), self.queue.keys, self.temperature, self.temperature_m, self.lam,
-                         self.target_self)
+                         self.use_keys, batch_keys, offset)
 
     def forward(self, views: list[torch.Tensor]) -> LossParts:
         target_view, online_view = views[0], views[1]

@@ -56,14 +56,15 @@ def test_moco_infonce_matches_the_formula():
                                    atol=TOL, rtol=0)
 
 
-def slow_sce(q, k, queue, tau, tau_m, lam, target_self="exclude"):
-    """methods.md §3.1: w_ik = λ·1[k=i] + (1−λ)·s_ik (s over the OTHER instances), L1-renormalised;
-    loss_i = −Σ_k w_ik·log p_ik with p the online softmax over {own key, queue}."""
+def slow_sce(q, k, queue, tau, tau_m, lam):
+    """methods.md §3.1 as eztorch computes it by default (use_keys=False): w_ik = λ·1[k=i] + (1−λ)·s_ik,
+    s over {own key, queue} with the own key's target logit 0, L1-renormalised; loss_i = −Σ_k w_ik·log p_ik
+    with p the online softmax over {own key, queue}. (use_keys=True: tests/test_faithful.py.)"""
     out = []
     for i in range(len(q)):
         cands = [k[i], *queue]
         t = [math.exp(dot(k[i], c) / tau_m) for c in queue]
-        self_term = 0.0 if target_self == "exclude" else math.exp(0.0)
+        self_term = math.exp(0.0)
         s = [self_term / (self_term + sum(t))] + [x / (self_term + sum(t)) for x in t]
         w = [lam * (j == 0) + (1 - lam) * s[j] for j in range(len(cands))]
         w = [x / sum(w) for x in w]
@@ -72,20 +73,18 @@ def slow_sce(q, k, queue, tau, tau_m, lam, target_self="exclude"):
     return out
 
 
-@pytest.mark.parametrize("target_self", ["exclude", "zero"])
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
-def test_sce_matches_the_formula(lam, target_self):
+def test_sce_matches_the_formula(lam):
     q, k, queue = unit(5, 8, 3), unit(5, 8, 4), unit(9, 8, 5)
-    got = sce_pairs(q, k, queue, 0.1, 0.05, lam, target_self)
-    want = torch.tensor(slow_sce(q, k, queue, 0.1, 0.05, lam, target_self), dtype=torch.float64)
+    got = sce_pairs(q, k, queue, 0.1, 0.05, lam)
+    want = torch.tensor(slow_sce(q, k, queue, 0.1, 0.05, lam), dtype=torch.float64)
     torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)
 
 
 def test_sce_with_lambda_one_is_moco_infonce_on_the_same_queue():
     q, k, queue = unit(7, 16, 6), unit(7, 16, 7), unit(20, 16, 8)
-    for target_self in ("exclude", "zero"):
-        torch.testing.assert_close(sce_pairs(q, k, queue, 0.2, 0.05, 1.0, target_self),
-                                   infonce_queue_pairs(q, k, queue, 0.2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sce_pairs(q, k, queue, 0.2, 0.05, 1.0),
+                               infonce_queue_pairs(q, k, queue, 0.2), atol=1e-6, rtol=0)
 
 
 def test_byol_matches_the_formula():
@@ -209,11 +208,12 @@ class TinyBackbone(nn.Module):
 SMALL = {
     "mocov2": dict(proj_hidden_dim=16, proj_output_dim=8, queue_size=12),
     "sce": dict(proj_hidden_dim=16, proj_output_dim=8, queue_size=12),
+    "sce_use_keys": dict(proj_hidden_dim=16, proj_output_dim=8, queue_size=12, use_keys=True),
     "byol": dict(proj_hidden_dim=16, proj_output_dim=8, pred_hidden_dim=16),
     "nnclr": dict(proj_hidden_dim=16, proj_output_dim=8, pred_hidden_dim=16, queue_size=12),
     "all4one": dict(proj_hidden_dim=16, proj_output_dim=16, pred_hidden_dim=16, queue_size=12, transformer_heads=4),
 }
-CLASSES = {"mocov2": MoCoV2, "sce": SCE, "byol": BYOL, "nnclr": NNCLR, "all4one": All4One}
+CLASSES = {"mocov2": MoCoV2, "sce": SCE, "sce_use_keys": SCE, "byol": BYOL, "nnclr": NNCLR, "all4one": All4One}
 
 
 def build(name: str) -> nn.Module:
@@ -278,7 +278,7 @@ def test_feats_are_detached_backbone_features():
     for name in CLASSES:
         model = build(name)
         out = model(views)
-        online_view = views[1] if name == "sce" else views[0]
+        online_view = views[1] if name.startswith("sce") else views[0]
         assert not out.feats.requires_grad
         torch.testing.assert_close(out.feats, model.backbone(online_view).detach())
 
@@ -336,7 +336,7 @@ DEFAULTS = {
     "sce": dict(augment="weak_strong", optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=5,
                 method=dict(temperature=0.1, temperature_m=0.05, lam=0.5, proj_hidden_dim=512, proj_output_dim=128,
                             pred_hidden_dim=None, queue_size=4096, momentum_base=0.99, momentum_schedule="constant",
-                            symmetric=False)),
+                            symmetric=False, use_keys=False)),
     "byol": dict(augment="asymmetric", optimizer="lars", lr=1.0, weight_decay=1e-5,
                  method=dict(proj_hidden_dim=4096, proj_output_dim=256, pred_hidden_dim=4096, momentum_base=0.99,
                              momentum_final=1.0, momentum_schedule="cosine")),
@@ -348,7 +348,7 @@ DEFAULTS = {
                                 pred_hidden_dim=4096, queue_size=98304, num_neighbours=5, transformer_layers=3,
                                 transformer_heads=8, transformer_dropout=0.1, transformer_lr_scale=0.1,
                                 momentum_base=0.99, momentum_final=1.0, momentum_schedule="cosine",
-                                weights=[0.5, 0.5, 0.5])),
+                                weights=[0.5, 0.5, 0.5], positional_encoding="solo")),
 }
 
 
@@ -395,5 +395,5 @@ def test_bad_method_values_are_rejected_by_name(override, field):
 def test_bad_sce_values_are_rejected_by_name():
     with pytest.raises(ConfigError, match=r"method\.lam"):
         validate(compose(["method=sce", "method.lam=2"]))
-    with pytest.raises(ConfigError, match=r"method\.target_self"):
-        validate(compose(["method=sce", "method.target_self=keep"]))
+    with pytest.raises(ConfigError, match=r"method\.use_keys"):
+        validate(compose(["method=sce", "method.use_keys=keep"]))
