@@ -172,7 +172,7 @@ def test_the_schema_is_migrated_only_when_its_version_changes(tmp_path):
 @requires_cifar
 def test_sigkill_before_the_first_checkpoint_leaves_no_running_row(tmp_path, cifar10_cached):
     db = tmp_path / "r.duckdb"
-    args = [*ONE_EPOCH, "dataset.train_size=2000", "trainer.epochs=3", f"store.path={db}"]
+    args = [*ONE_EPOCH, f"store.path={db}"]  # killed as soon as its runs row exists: before any data is read
     proc = subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=REPO, env=harness_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = tmp_path / "r.duckdb.runs"
@@ -196,3 +196,45 @@ def test_sigkill_before_the_first_checkpoint_leaves_no_running_row(tmp_path, cif
     assert store.query("SELECT count(*) AS n FROM runs WHERE status = 'running'")[0]["n"] == 0
     marker = json.loads(next(runs.glob("*/done.json")).read_text())
     assert store.query("SELECT run_id FROM runs WHERE status = 'completed'")[0]["run_id"] == marker["run_id"]
+
+
+def _cluster_answers() -> str | None:
+    from tests.test_slurm import WHY
+
+    return WHY
+
+
+@requires_cifar
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_64_task_job_array_completes_while_the_database_is_held_and_every_row_arrives(tmp_path, cifar10_cached):
+    why = _cluster_answers()
+    if why is not None:
+        pytest.skip(why)
+    db = tmp_path / "r.duckdb"
+    Store(db).ingest()
+    points = 64
+    # Each task as small as the config allows: 256 training images (128 held out), one epoch, one CPU thread.
+    sweep = ("sweep=smoke", "launcher=slurm", "launcher.gpus_per_node=0", "launcher.timeout_min=30",
+             "dataset.train_size=256", "trainer.epochs=1", "hydra.sweeper.params={}", f"seed=range(0,{points})",
+             f"store.path={db}", f"hydra.sweep.dir={tmp_path}/a", "-m")
+    holder = Holder(db)  # held for the whole sweep: a job that opened the database would wait, then fail
+    try:
+        out = subprocess.run([sys.executable, "-m", "harness", *sweep], cwd=REPO, env=harness_env(OMP_NUM_THREADS="1"),
+                             capture_output=True, text=True, timeout=3600)
+    finally:
+        holder.release()
+    assert out.returncode == 0, out.stderr[-4000:]
+    arrays = {p.name.split("_")[0] for p in (tmp_path / "a" / ".submitit").iterdir() if "_" in p.name}
+    assert len(arrays) == 1  # one job array
+    assert len(list((tmp_path / "r.duckdb.runs").glob("*/done.json"))) == points
+    assert "ingest them with: python -m harness.store ingest" in out.stderr  # the driver could not ingest
+
+    Store(db).ingest()
+    assert read_only_rows(db, "SELECT status, count(*) FROM runs GROUP BY status") == [("completed", points)]
+    assert read_only_rows(db, "SELECT count(DISTINCT seed) FROM runs") == [(points,)]
+    per_run = read_only_rows(db, "SELECT DISTINCT n FROM (SELECT run_id, count(*) AS n FROM metrics GROUP BY run_id)")
+    assert len(per_run) == 1 and per_run[0][0] > 0  # every run has all its metric rows
+    assert read_only_rows(db, "SELECT count(*) FROM evals") == [(points * 2,)]  # val and test per run
+    assert read_only_rows(db, "SELECT status, count(*) FROM sweep_points GROUP BY status") == [("completed", points)]
+    assert Store(db).pending() == 0 and Store(db).rejected() == 0
