@@ -32,7 +32,7 @@ class SweepSummary(Callback):
             rows = store.query(
                 "SELECT overrides, run_key, status, objective, error, log_dir FROM sweep_points"
                 " WHERE sweep_id = ? ORDER BY finished_at",
-                [sweep_id],
+                [sweep_id], timeout=0,  # never wait: whoever holds the database, the rows are safe in files
             ) if sweep_id else []
         except StoreBusy as e:
             print(f"\nSweep finished; no summary: {e}. Its rows wait in {store.spool}; ingest them with: "

@@ -450,9 +450,9 @@ class Store:
             return self._load_run_folders(con, folders)
 
     # ------------------------------------------------------------------ reading
-    def query(self, sql: str, params: list | None = None) -> list[dict[str, Any]]:
+    def query(self, sql: str, params: list | None = None, timeout: float = 120.0) -> list[dict[str, Any]]:
         """Run one query on the up-to-date store and return its rows as dicts."""
-        with self.connect() as con:
+        with self.connect(timeout=timeout) as con:
             cur = con.execute(sql, params or [])
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]
