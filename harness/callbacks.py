@@ -23,15 +23,21 @@ class SweepSummary(Callback):
         os.environ[SWEEP_ENV] = str(Path(config.hydra.sweep.dir).absolute())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from harness.store import Store
+        from harness.store import Store, StoreBusy
 
-        store = Store(config.store.path)
+        # The driver is the sweep's ingester: its jobs only wrote files (spool and run folders).
+        store = Store(config.store.path, config.store.get("runs_dir"))
         sweep_id = os.environ.get(SWEEP_ENV)
-        rows = store.query(
-            "SELECT overrides, run_key, status, objective, error, log_dir FROM sweep_points"
-            " WHERE sweep_id = ? ORDER BY finished_at",
-            [sweep_id],
-        ) if sweep_id else []
+        try:
+            rows = store.query(
+                "SELECT overrides, run_key, status, objective, error, log_dir FROM sweep_points"
+                " WHERE sweep_id = ? ORDER BY finished_at",
+                [sweep_id], timeout=0,  # never wait: whoever holds the database, the rows are safe in files
+            ) if sweep_id else []
+        except StoreBusy as e:
+            print(f"\nSweep finished; no summary: {e}. Its rows wait in {store.spool}; ingest them with: "
+                  f"{store.ingest_command()}", file=sys.stderr)
+            return
         counts: dict[str, int] = {}
         for row in rows:
             counts[row["status"]] = counts.get(row["status"], 0) + 1

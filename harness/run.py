@@ -32,7 +32,7 @@ from harness.config import instantiate, run_key, to_container, validate
 from harness.data.datasets import load_dataset
 from harness.evaluate import knn_protocol
 from harness.optim import scaled_lr
-from harness.store import Store, utcnow
+from harness.store import DONE_MARKER, Store, StoreBusy, last_row, read_done, utcnow, write_done
 from harness.trainer import Diverged, fit, knn_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +143,10 @@ def _hydra_context() -> tuple[str | None, str | None]:
     return overrides, log
 
 
+def _store(cfg: DictConfig) -> Store:
+    return Store(cfg.store.path, cfg.store.get("runs_dir"))
+
+
 def run(cfg: DictConfig) -> float | None:
     """Run (or skip) the job described by `cfg` on this rank; returns the objective."""
     validate(cfg)
@@ -166,10 +170,12 @@ def run(cfg: DictConfig) -> float | None:
         sweep_id = os.environ.get(SWEEP_ENV)
         if sweep_id and info is not None and info.is_main:
             overrides, log_dir = _hydra_context()
-            Store(cfg.store.path).write("sweep_points", [{
+            _store(cfg).write("sweep_points", [{
                 "sweep_id": sweep_id, "run_key": key, "overrides": overrides, "log_dir": log_dir,
-                "finished_at": utcnow(), **outcome}])
+                "finished_at": utcnow(), **outcome}], keep_in=run_dir(cfg, key))
         distributed.teardown()
+        if info is not None and info.is_main and not sweep_id and "SLURM_JOB_ID" not in os.environ:
+            _ingest_local(_store(cfg))
     if requeue:
         preempt.hand_over()  # submitit requeues the job (rank 0) and every rank exits
     return None
@@ -202,8 +208,33 @@ def _run_key_lock(folder: Path, key: str, info: distributed.DistInfo) -> FileLoc
             return lock
 
 
+def _ingest_local(store: Store) -> None:
+    """A local run is its own ingester: its rows are in the database when it ends, unless someone holds it."""
+    try:
+        store.ingest(timeout=0)  # never wait: the rows are safe in the spool and the run folder
+    except StoreBusy:
+        print(f"[harness] {store.path} is open in another process: this run's rows wait in {store.spool}; "
+              f"ingest them with: {store.ingest_command()}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - the run is recorded in files; the index can be rebuilt
+        print(f"[harness] could not ingest into {store.path} ({type(e).__name__}: {e}); the rows wait in "
+              f"{store.spool}; ingest them with: {store.ingest_command()}", file=sys.stderr)
+
+
+def _close_abandoned_attempt(store: Store, folder: Path) -> None:
+    """Mark failed the runs row of an earlier attempt that was killed before its first checkpoint.
+
+    Such an attempt left its row `running` and nothing to resume from; this attempt gets a new run id,
+    so without this the dead row would count as running forever. Read from the run folder's own copy
+    of its rows: a job never reads the database.
+    """
+    row = last_row(folder, "runs")
+    if row is not None and row.get("status") in ("running", "requeued"):
+        store.write("runs", [{**row, "status": "failed", "finished_at": utcnow(),
+                              "error": "killed before its first checkpoint (no end was recorded)"}], keep_in=folder)
+
+
 def _run(cfg: DictConfig, key: str, info: distributed.DistInfo, outcome: dict) -> float | None:
-    store = Store(cfg.store.path)
+    store = _store(cfg)
     folder = run_dir(cfg, key)
     checkpoint = folder / "checkpoint.pt"
     lock = None
@@ -213,15 +244,19 @@ def _run(cfg: DictConfig, key: str, info: distributed.DistInfo, outcome: dict) -
     # One job per run key at a time: a second one waits here, then finds the run done.
     lock = _run_key_lock(folder, key, info)
     if info.is_main:
-        done = None if cfg.force else store.completed(key)
+        # The done marker, not the database: jobs never open it (see harness.store).
+        done = None if cfg.force else read_done(folder)
         if done is not None:
-            decision = ("skip", done["objective"], done["run_id"])
+            decision = ("skip", done.get("objective"), done["run_id"])
         else:
             if cfg.force:
+                (folder / DONE_MARKER).unlink(missing_ok=True)
                 remove_checkpoints(checkpoint)
             resume = folder / "run_id"
             run_id = resume.read_text().strip() if has_checkpoint(checkpoint) and resume.exists() else ""
-            run_id = run_id or uuid.uuid4().hex[:12]
+            if not run_id:
+                _close_abandoned_attempt(store, folder)
+                run_id = uuid.uuid4().hex[:12]
             write_text_atomic(resume, run_id)  # a kill mid-write must not leave an empty run id
             write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             decision = ("train", None, run_id)
@@ -253,14 +288,14 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
         hours = (time.monotonic() - started) / 3600
         row["gpu_hours"] = hours * info.world_size if info.device.type == "cuda" else None
         if info.is_main:
-            store.write("runs", [row])
+            store.write("runs", [row], keep_in=checkpoint.parent)
 
     trial = tuning.open_trial(cfg) if info.is_main else None  # an Optuna trial to report to, in tuned sweeps
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if info.is_main:
             store.write("metrics", [{"run_id": run_id, "run_key": key, "epoch": epoch, "name": k, "value": v}
-                                    for k, v in metrics.items()])
+                                    for k, v in metrics.items()], keep_in=checkpoint.parent)
             record(epochs_done=epoch + 1)
         if "knn_top1" in metrics and _broadcast(tuning.should_prune(trial, epoch, metrics["knn_top1"]), info):
             raise tuning.Pruned(f"pruned by Optuna after epoch {epoch + 1}: knn_top1 {metrics['knn_top1']:.2f}",
@@ -306,8 +341,10 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
             {"run_id": run_id, "run_key": key, "protocol": protocol, "split": split, "top1": t1, "top5": t5,
              "epoch": int(cfg.trainer.epochs)}
             for split, by_protocol in result.evals.items() for protocol, (t1, t5) in by_protocol.items()
-        ])
+        ], keep_in=checkpoint.parent)
     record(status="completed", finished_at=utcnow(), objective=objective, epochs_done=int(cfg.trainer.epochs))
+    if info.is_main:
+        write_done(checkpoint.parent, run_id, objective)  # after its rows: "done" implies they are on disk
     outcome.update(status="completed", objective=objective)
     if info.is_main:
         print(f"[harness] run {key} completed: {primary} on {result.objective_split} = {objective:.2f}%",

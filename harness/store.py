@@ -1,22 +1,45 @@
-"""The results store: one DuckDB file that many jobs feed at once without losing a row.
+"""The results store: a DuckDB file that indexes what jobs wrote into plain files.
 
-DuckDB allows one writer per file, and the POSIX locks it relies on are not always honoured by
-cluster file systems. So jobs never write the DuckDB file directly: every write is a small
-JSON-lines file published atomically (write to a temporary name, then ``os.replace``) into a
-spool folder beside the database. Anyone who reads the store first *ingests* the spool: under a
-lock file it copies pending files into the database in one transaction, records their names in
-the same transaction, and only then deletes them, so a crash at any point neither loses nor
-duplicates a row. Rows are upserts keyed by each table's primary key, which is what makes a job
-that resumes after a kill end with exactly one metrics row per epoch.
+DuckDB allows one writer per file, cluster file systems do not always honour the locks it relies
+on, and a user may keep the file open in a duckdb shell. So a training job never opens the
+database. Every write is a small JSON-lines file, published atomically (``harness.atomic``) twice:
+
+- into the job's run folder, ``<runs>/<run_key>/rows/<table>/``: the run's permanent record,
+  never deleted or moved;
+- into the spool beside the database, ``<store>.spool/<table>/``: the queue an ingester consumes.
+
+Two plain writes rather than one file plus a link: the run folder and the spool may lie on
+different file systems (``store.runs_dir``), and the rows are small. A job decides "already
+completed" from the atomic marker ``<runs>/<run_key>/done.json`` (run id, objective, time), which
+it writes only after its last rows are spooled.
+
+*Ingesters* (the sweep driver when a sweep ends, a local ``python -m harness`` run when it ends,
+``python -m leaderboard``, ``python -m harness.store ingest``) open the database under a lock
+file, migrate the schema only when its version changed, and:
+
+1. copy pending spool files into the database in one transaction, record their names in the same
+   transaction and only then delete them, so a crash at any point neither loses nor duplicates a
+   row. A file that cannot be ingested (truncated JSON, a value of the wrong type) is moved to
+   ``<store>.spool/rejected/`` with a ``.why`` line beside it, and the rest goes in;
+2. re-read the run folder of every run whose done marker exists but which the database does not
+   hold as completed (a deleted database, rows lost): a finished run is never skipped bare.
+   ``python -m harness.store rebuild`` re-reads every run folder, finished or not.
+
+Rows are upserts keyed by each table's primary key, newest file first, which is what makes a job
+that resumes after a kill end with exactly one metrics row per epoch, and re-reading a run folder
+harmless.
 
 This module must not import torch: the leaderboard reads the store on machines without it.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -28,7 +51,7 @@ from typing import Any
 import duckdb
 from filelock import FileLock, Timeout
 
-from harness.atomic import atomic_file
+from harness.atomic import atomic_file, write_text_atomic
 
 # table -> (columns with DuckDB types, primary key). Columns may be added over time: opening a
 # store adds missing ones, so older databases keep working.
@@ -115,6 +138,16 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
 }
 
 
+# Changes whenever TABLES does, so a store is migrated (the ALTERs run) only on the first open
+# by code with a different schema, not by every ingest.
+SCHEMA_VERSION = hashlib.sha1(json.dumps(TABLES, sort_keys=True).encode()).hexdigest()[:16]
+
+DONE_MARKER = "done.json"
+ROWS_DIR = "rows"
+# Run folders re-read per transaction, so a rebuild of many runs never holds every file list at once.
+FILES_PER_LOAD = 4000
+
+
 class StoreBusy(RuntimeError):
     """The database stayed locked by another process for longer than the timeout."""
 
@@ -132,17 +165,63 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class Store:
-    """A DuckDB results file plus the spool folder that jobs write into."""
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
-    def __init__(self, path: str | os.PathLike):
+
+# ---------------------------------------------------------------------- run folders (any process)
+def write_done(folder: Path, run_id: str, objective: float | None) -> None:
+    """Mark the run in `folder` completed; call only after its last rows were written."""
+    marker = {"run_id": run_id, "run_key": folder.name, "objective": _jsonable(objective), "finished_at": utcnow()}
+    write_text_atomic(folder / DONE_MARKER, json.dumps(marker) + "\n")
+
+
+def read_done(folder: Path) -> dict[str, Any] | None:
+    """The done marker of the run in `folder`, or None when it has not completed."""
+    try:
+        marker = json.loads((folder / DONE_MARKER).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # written atomically, so this is damage from outside
+        print(f"[store] {folder / DONE_MARKER} is unreadable ({_first_line(e)}): the run counts as not done",
+              file=sys.stderr)
+        return None
+    return marker if isinstance(marker, dict) and marker.get("run_id") else None
+
+
+def last_row(folder: Path, table: str) -> dict[str, Any] | None:
+    """The newest row the run in `folder` wrote to `table` (from its own copy), or None."""
+    files = sorted((folder / ROWS_DIR / table).glob("*.jsonl"), key=lambda p: p.name)
+    for path in reversed(files):
+        try:
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            row = json.loads(lines[-1]) if lines else None
+        except (OSError, ValueError):
+            continue
+        if isinstance(row, dict):
+            row.pop("_order", None)
+            return row
+    return None
+
+
+class Store:
+    """A DuckDB results file, the spool folder jobs write into, and the run folders it indexes."""
+
+    def __init__(self, path: str | os.PathLike, runs_dir: str | os.PathLike | None = None):
         self.path = Path(path).expanduser().absolute()
         self.spool = self.path.with_name(self.path.name + ".spool")
+        self.rejected_dir = self.spool / "rejected"
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        default_runs = self.path.with_name(self.path.name + ".runs")
+        self.runs = Path(runs_dir).expanduser().absolute() if runs_dir else default_runs
 
     # ------------------------------------------------------------------ writing (any process)
-    def write(self, table: str, rows: Iterable[dict[str, Any]]) -> None:
-        """Publish rows for `table` atomically; they reach the database at the next ingest."""
+    def write(self, table: str, rows: Iterable[dict[str, Any]], keep_in: Path | None = None) -> None:
+        """Publish rows for `table`; they reach the database at the next ingest.
+
+        `keep_in` is the writing run's folder: the same file is kept there, for good.
+        """
         columns, _ = TABLES[table]
         rows = list(rows)
         if not rows:
@@ -150,32 +229,46 @@ class Store:
         unknown = set().union(*rows) - set(columns)
         if unknown:
             raise ValueError(f"store.write({table!r}): unknown columns {sorted(unknown)}")
-        folder = self.spool / table
-        folder.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps({**{k: _jsonable(v) for k, v in row.items()}, "_order": order}) + "\n"
+                       for order, row in enumerate(rows))
         # The name orders files by time, so that a later status of the same run wins.
-        stem = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with atomic_file(folder / f"{stem}.jsonl", "w") as f:
-            for order, row in enumerate(rows):
-                f.write(json.dumps({**{k: _jsonable(v) for k, v in row.items()}, "_order": order}) + "\n")
+        name = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        # The run folder first: a row in the spool always has its permanent copy.
+        for folder in ([Path(keep_in) / ROWS_DIR / table] if keep_in is not None else []) + [self.spool / table]:
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_file(folder / name, "w") as f:
+                f.write(text)
 
     def pending(self) -> int:
         """How many spool files wait to be ingested."""
-        return sum(1 for _ in self.spool.glob("*/*.jsonl")) if self.spool.exists() else 0
+        return sum(1 for t in TABLES for _ in (self.spool / t).glob("*.jsonl")) if self.spool.exists() else 0
+
+    def rejected(self) -> int:
+        """How many spool files were quarantined because they could not be ingested."""
+        return sum(1 for _ in self.rejected_dir.glob("*.jsonl")) if self.rejected_dir.exists() else 0
+
+    def ingest_command(self) -> str:
+        """The one command that ingests this store's pending rows."""
+        extra = "" if self.runs == self.path.with_name(self.path.name + ".runs") else f" --runs {self.runs}"
+        return f"python -m harness.store ingest --db {self.path}{extra}"
 
     # ------------------------------------------------------------------ the database (one writer)
     @contextmanager
     def connect(self, timeout: float = 120.0) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Ingest the spool, then yield a connection to the up-to-date database.
+        """Ingest the spool (and any finished run the database lacks), then yield the up-to-date database.
 
-        The connection holds the database exclusively: keep it short.
+        The connection holds the database exclusively: keep it short. `timeout=0` never waits:
+        StoreBusy at once when another process holds the lock or the file.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with FileLock(str(self.lock_path), timeout=timeout):
                 con = self._open(deadline=time.monotonic() + timeout)
                 try:
-                    self._ensure_schema(con)
+                    if self._ensure_schema(con):
+                        self._write_missing_markers(con)
                     self._ingest(con)
+                    self._reingest_finished_runs(con)
                     yield con
                 finally:
                     con.close()
@@ -189,7 +282,7 @@ class Store:
             try:
                 return duckdb.connect(str(self.path))
             except duckdb.IOException as e:
-                if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                if "lock" not in str(e).lower() or time.monotonic() >= deadline:
                     if "lock" in str(e).lower():
                         raise StoreBusy(f"store {self.path}: {e}") from e
                     raise
@@ -197,13 +290,106 @@ class Store:
                 delay = min(delay * 2, 1.0)
 
     @staticmethod
-    def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-        for table, (columns, key) in TABLES.items():
-            cols = ", ".join(f'"{c}" {t}' for c, t in columns.items())
-            con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" ({cols}, PRIMARY KEY ({", ".join(key)}))')
-            for c, t in columns.items():
-                con.execute(f'ALTER TABLE "{table}" ADD COLUMN IF NOT EXISTS "{c}" {t}')
-        con.execute("CREATE TABLE IF NOT EXISTS _ingested (file VARCHAR PRIMARY KEY)")
+    def _ensure_schema(con: duckdb.DuckDBPyConnection) -> bool:
+        """Create or migrate the tables when the stored schema version differs; True when it did."""
+        con.execute("CREATE TABLE IF NOT EXISTS _schema (version VARCHAR)")
+        if con.execute("SELECT version FROM _schema").fetchall() == [(SCHEMA_VERSION,)]:
+            return False
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for table, (columns, key) in TABLES.items():
+                cols = ", ".join(f'"{c}" {t}' for c, t in columns.items())
+                con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" ({cols}, PRIMARY KEY ({", ".join(key)}))')
+                for c, t in columns.items():
+                    con.execute(f'ALTER TABLE "{table}" ADD COLUMN IF NOT EXISTS "{c}" {t}')
+            con.execute("CREATE TABLE IF NOT EXISTS _ingested (file VARCHAR PRIMARY KEY)")
+            con.execute("DELETE FROM _schema")
+            con.execute("INSERT INTO _schema VALUES (?)", [SCHEMA_VERSION])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        return True
+
+    def _write_missing_markers(self, con: duckdb.DuckDBPyConnection) -> None:
+        # Runs completed before jobs wrote done markers: give their folders one, or their jobs
+        # (which no longer read the database) would train them again.
+        if not self.runs.is_dir():
+            return
+        for run_id, key, objective in con.execute(
+                "SELECT run_id, run_key, objective FROM runs WHERE status = 'completed' AND run_key IS NOT NULL"
+                " QUALIFY row_number() OVER (PARTITION BY run_key ORDER BY finished_at DESC NULLS LAST) = 1"
+        ).fetchall():
+            folder = self.runs / key
+            if folder.is_dir() and not (folder / DONE_MARKER).exists():
+                write_done(folder, run_id, objective)
+
+    def _load(self, con: duckdb.DuckDBPyConnection, batches: dict[str, list[str]], spooled: bool) -> list[str]:
+        """Upsert `batches` (table -> files) in one transaction; returns the files loaded.
+
+        A file that fails on its own is set aside (quarantined when `spooled`, else reported) and
+        the others are loaded without it.
+        """
+        batches = {t: files for t, files in batches.items() if files}
+        while batches:
+            try:
+                self._upsert(con, batches, record=spooled)
+                return [f for files in batches.values() for f in files]
+            except duckdb.Error as batch_error:
+                bad = [(t, f, e) for t, files in batches.items() for f in files
+                       if (e := self._try_one(con, t, f)) is not None]
+                if not bad:
+                    raise batch_error
+                for table, file, error in bad:
+                    if spooled:
+                        self._quarantine(table, Path(file), error)
+                    else:
+                        print(f"[store] skipped {file}: {error}", file=sys.stderr)
+                    batches[table].remove(file)
+                batches = {t: files for t, files in batches.items() if files}
+        return []
+
+    def _upsert(self, con: duckdb.DuckDBPyConnection, batches: dict[str, list[str]], record: bool,
+                keep: bool = True) -> None:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for table, files in batches.items():
+                columns, key = TABLES[table]
+                spec = {**columns, "_order": "INTEGER"}
+                spec_sql = "{" + ", ".join(f"'{c}': '{t}'" for c, t in spec.items()) + "}"
+                names = ", ".join(f'"{c}"' for c in columns)
+                # Within one load the newest row per key wins: file names (not their folders) sort by time.
+                con.execute(
+                    f"""INSERT OR REPLACE INTO "{table}" ({names})
+                    SELECT {names} FROM (
+                        SELECT *, row_number() OVER (
+                            PARTITION BY {", ".join(f'"{k}"' for k in key)}
+                            ORDER BY regexp_extract(filename, '[^/]*$') DESC, _order DESC) AS _rank
+                        FROM read_json(?, format='newline_delimited', columns={spec_sql}, filename=true)
+                    ) WHERE _rank = 1""",
+                    [files],
+                )
+                if record:
+                    con.executemany("INSERT INTO _ingested VALUES (?)", [[f] for f in files])
+            con.execute("COMMIT" if keep else "ROLLBACK")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+
+    def _try_one(self, con: duckdb.DuckDBPyConnection, table: str, file: str) -> str | None:
+        """Why `file` alone cannot be loaded, or None when it can (nothing is kept either way)."""
+        try:
+            self._upsert(con, {table: [file]}, record=False, keep=False)
+        except duckdb.Error as e:
+            return _first_line(e)
+        return None
+
+    def _quarantine(self, table: str, file: Path, error: str) -> None:
+        self.rejected_dir.mkdir(parents=True, exist_ok=True)
+        target = self.rejected_dir / f"{table}-{file.name}"
+        os.replace(file, target)
+        write_text_atomic(target.with_name(target.name + ".why"), f"{file}: {error}\n")
+        print(f"[store] rejected {file}: {error}; moved to {target}", file=sys.stderr)
 
     def _ingest(self, con: duckdb.DuckDBPyConnection) -> int:
         if not self.spool.exists():
@@ -215,57 +401,100 @@ class Store:
         if done:
             con.execute("DELETE FROM _ingested")
         batches = {t: sorted(str(p) for p in (self.spool / t).glob("*.jsonl")) for t in TABLES}
-        batches = {t: files for t, files in batches.items() if files}
-        if not batches:
-            return 0
-        con.execute("BEGIN TRANSACTION")
-        try:
-            for table, files in batches.items():
-                columns, key = TABLES[table]
-                spec = {**columns, "_order": "INTEGER"}
-                spec_sql = "{" + ", ".join(f"'{c}': '{t}'" for c, t in spec.items()) + "}"
-                names = ", ".join(f'"{c}"' for c in columns)
-                # Within one ingest the newest row per key wins (file names sort by time).
-                con.execute(
-                    f"""INSERT OR REPLACE INTO "{table}" ({names})
-                    SELECT {names} FROM (
-                        SELECT *, row_number() OVER (
-                            PARTITION BY {", ".join(f'"{k}"' for k in key)}
-                            ORDER BY filename DESC, _order DESC) AS _rank
-                        FROM read_json(?, format='newline_delimited', columns={spec_sql}, filename=true)
-                    ) WHERE _rank = 1""",
-                    [files],
-                )
-                con.executemany("INSERT INTO _ingested VALUES (?)", [[f] for f in files])
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
+        loaded = self._load(con, batches, spooled=True)
+        for f in loaded:
+            Path(f).unlink(missing_ok=True)
+        if loaded:
+            con.execute("DELETE FROM _ingested")
+        return len(loaded)
+
+    def _run_folder_files(self, folders: Iterable[Path]) -> Iterator[dict[str, list[str]]]:
+        batch: dict[str, list[str]] = {t: [] for t in TABLES}
         count = 0
-        for files in batches.values():
-            for f in files:
-                Path(f).unlink(missing_ok=True)
-                count += 1
-        con.execute("DELETE FROM _ingested")
+        for folder in folders:
+            for table in TABLES:
+                for path in (folder / ROWS_DIR / table).glob("*.jsonl"):
+                    batch[table].append(str(path))
+                    count += 1
+            if count >= FILES_PER_LOAD:
+                yield batch
+                batch, count = {t: [] for t in TABLES}, 0
+        if count:
+            yield batch
+
+    def _load_run_folders(self, con: duckdb.DuckDBPyConnection, folders: list[Path]) -> int:
+        return sum(len(self._load(con, batch, spooled=False)) for batch in self._run_folder_files(folders))
+
+    def _reingest_finished_runs(self, con: duckdb.DuckDBPyConnection) -> int:
+        # One glob and one query: only folders whose run key the database lacks as completed are read.
+        if not self.runs.is_dir():
+            return 0
+        have = {r[0] for r in con.execute("SELECT DISTINCT run_key FROM runs WHERE status = 'completed'").fetchall()}
+        missing = [m.parent for m in self.runs.glob(f"*/{DONE_MARKER}") if m.parent.name not in have]
+        if not missing:
+            return 0
+        count = self._load_run_folders(con, sorted(missing))
+        print(f"[store] re-ingested {len(missing)} finished run(s) the database lacked, from their run folders "
+              f"under {self.runs}", file=sys.stderr)
         return count
 
     def ingest(self, timeout: float = 120.0) -> None:
-        """Move everything spooled into the database now."""
+        """Move everything spooled (and any finished run the database lacks) into the database now."""
         with self.connect(timeout=timeout):
             pass
 
+    def rebuild(self, timeout: float = 120.0) -> int:
+        """Re-read every run folder's rows (finished or not) into the database; returns files read."""
+        with self.connect(timeout=timeout) as con:
+            folders = sorted(p for p in self.runs.iterdir() if p.is_dir()) if self.runs.is_dir() else []
+            return self._load_run_folders(con, folders)
+
     # ------------------------------------------------------------------ reading
-    def query(self, sql: str, params: list | None = None) -> list[dict[str, Any]]:
+    def query(self, sql: str, params: list | None = None, timeout: float = 120.0) -> list[dict[str, Any]]:
         """Run one query on the up-to-date store and return its rows as dicts."""
-        with self.connect() as con:
+        with self.connect(timeout=timeout) as con:
             cur = con.execute(sql, params or [])
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]
 
     def completed(self, run_key: str) -> dict[str, Any] | None:
-        """The newest completed run of `run_key`, or None."""
+        """The newest completed run of `run_key` in the database, or None (jobs read done markers instead)."""
         rows = self.query(
             "SELECT * FROM runs WHERE run_key = ? AND status = 'completed' ORDER BY finished_at DESC LIMIT 1",
             [run_key],
         )
         return rows[0] if rows else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.store",
+                                     description="Ingest the spool, or rebuild the database from the run folders.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("ingest", "move spooled rows (and finished runs the database lacks) into the database"),
+                       ("rebuild", "re-read every run folder's rows into the database (e.g. after deleting it)")):
+        cmd = commands.add_parser(name, help=text)
+        cmd.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
+        cmd.add_argument("--runs", type=Path, default=None, help="the run folders' root (store.runs_dir); "
+                         "default <db>.runs")
+        cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for another holder")
+    args = parser.parse_args(argv)
+    store = Store(args.db, args.runs)
+    try:
+        if args.command == "ingest":
+            before, rejected = store.pending(), store.rejected()
+            store.ingest(args.timeout)
+            print(f"ingested {before - store.pending() - (store.rejected() - rejected)} spool file(s) "
+                  f"into {store.path}")
+        else:
+            print(f"read {store.rebuild(args.timeout)} file(s) from the run folders under {store.runs} "
+                  f"into {store.path}")
+    except StoreBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if store.rejected():
+        print(f"{store.rejected()} spool file(s) rejected: see {store.rejected_dir} (each with a .why line)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,11 +29,20 @@ ORDER BY r.dataset, e.protocol, e.top1 DESC NULLS LAST, r.method
 def show(db: Path, include_all: bool) -> str:
     if not db.exists() and not Store(db).pending():
         raise SystemExit(f"error: --db = {db}: no such store (run a job first, or pass the store.path it used)")
-    rows = Store(db).query(SHOW_SQL, [include_all])
+    store = Store(db)
+    rows = store.query(SHOW_SQL, [include_all])
     if not rows:
-        return "no completed runs yet" + ("" if include_all else " (--all lists running and failed ones)")
-    return format_table(rows, ["method", "dataset", "backbone", "weighting", "positives", "seed", "epochs",
-                               "status", "protocol", "top1", "top5", "run_key", "git_commit"])
+        text = "no completed runs yet" + ("" if include_all else " (--all lists running and failed ones)")
+    else:
+        text = format_table(rows, ["method", "dataset", "backbone", "weighting", "positives", "seed", "epochs",
+                                   "status", "protocol", "top1", "top5", "run_key", "git_commit"])
+    return text + rejected_note(store)
+
+
+def rejected_note(store: Store) -> str:
+    """A line on the spool files the store refused, or nothing when there are none."""
+    n = store.rejected()
+    return f"\n{n} spool file(s) rejected (not ingested): see {store.rejected_dir}, each with a .why line" if n else ""
 
 
 def main(argv: list[str] | None = None) -> int:

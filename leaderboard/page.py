@@ -449,10 +449,20 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Leaderboard</title>"
             f"<style>{CSS}</style>{plotly_js}</head><body>"
             f"<h1>Leaderboard</h1><p>Store <code>{esc(db)}</code>: {counts[1]} completed of {counts[0]} runs, "
-            f"{len(configs)} configuration × protocol groups.</p>"
+            f"{len(configs)} configuration × protocol groups.{rejected_note(db)}</p>"
             f'<div id="filters">{filters}</div>' + "".join(page.sections)
             + f'<script type="application/json" id="figures">{figures}</script><script>{SCRIPT}</script>'
             "</body></html>")
+
+
+def rejected_note(db: Path) -> str:
+    """A sentence on the spool files the store refused (quarantined, not ingested), or nothing."""
+    from harness.store import Store
+
+    store = Store(db)
+    n = store.rejected()
+    return (f" <strong>{n} spool file(s) rejected</strong> (not ingested): see <code>{esc(store.rejected_dir)}</code>,"
+            " each with a <code>.why</code> line." if n else "")
 
 
 def _json_default(value: Any) -> Any:

@@ -88,7 +88,7 @@ def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_pa
     sweep_id = os.environ.get(SWEEP_ENV)
     if not sweep_id:
         return
-    store = Store(cfg.store.path)
+    store = Store(cfg.store.path, cfg.store.get("runs_dir"))
     key = run_key(cfg)
     rows = store.query("SELECT status FROM sweep_points WHERE sweep_id = ? AND run_key = ?", [sweep_id, key])
     if rows and rows[0]["status"] in FINAL:
@@ -98,7 +98,8 @@ def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_pa
                         [key, sweep_id])
     for row in stale:
         row = {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
-        store.write("runs", [{**row, "status": "failed", "error": error, "finished_at": utcnow()}])
+        store.write("runs", [{**row, "status": "failed", "error": error, "finished_at": utcnow()}],
+                    keep_in=store.runs / key)  # the run folder's record says it too, for a rebuild
     store.write("sweep_points", [{
         "sweep_id": sweep_id, "run_key": key,
         "overrides": " ".join(o for o in filter_overrides(overrides) if not o.startswith("+optuna.")),
@@ -116,8 +117,8 @@ def stored_outcome(cfg: DictConfig) -> dict | None:
     sweep_id = os.environ.get(SWEEP_ENV)
     if not sweep_id:
         return None
-    rows = Store(cfg.store.path).query("SELECT status, objective FROM sweep_points WHERE sweep_id = ? AND run_key = ?",
-                                       [sweep_id, run_key(cfg)])
+    rows = Store(cfg.store.path, cfg.store.get("runs_dir")).query(
+        "SELECT status, objective FROM sweep_points WHERE sweep_id = ? AND run_key = ?", [sweep_id, run_key(cfg)])
     return rows[0] if rows and rows[0]["status"] in FINAL else None
 
 
