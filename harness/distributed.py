@@ -226,3 +226,11 @@ def all_hosts(host: str) -> list[str]:
     hosts: list[str] = [""] * world_size()
     dist.all_gather_object(hosts, host)
     return hosts
+
+
+def expected_world_size() -> int:
+    """The number of processes `setup` will find, read from the environment before it runs (for
+    run keys): torchrun's WORLD_SIZE, else SLURM_NTASKS (a Slurm step, e.g. a submitit job), else 1."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return max(int(os.environ.get("SLURM_NTASKS", "1")), 1)

@@ -25,7 +25,7 @@ from harness import distributed, preempt, tuning
 from harness.addons import build_addons
 from harness.artifacts import lock_or_wait
 from harness.callbacks import SWEEP_ENV
-from harness.config import instantiate, run_key, to_container, validate
+from harness.config import experiment_config, instantiate, run_key, validate
 from harness.data.datasets import load_dataset
 from harness.evaluate import knn_protocol
 from harness.optim import scaled_lr
@@ -89,7 +89,7 @@ def run_row(cfg: DictConfig, key: str, run_id: str, info: distributed.DistInfo, 
         "batch_size": int(cfg.trainer.batch_size),
         "lr": scaled_lr(float(cfg.trainer.lr), int(cfg.trainer.batch_size), int(cfg.trainer.base_batch),
                         cfg.trainer.lr_scaling),
-        "config": json.dumps(to_container(cfg), sort_keys=True, default=str),
+        "config": json.dumps(experiment_config(cfg, info.world_size), sort_keys=True, default=str),
         "git_commit": commit,
         "git_dirty": dirty,
         "host": hosts[0],
@@ -128,9 +128,9 @@ def _hydra_context() -> tuple[str | None, str | None]:
 def run(cfg: DictConfig) -> float | None:
     """Run (or skip) the job described by `cfg` on this rank; returns the objective."""
     validate(cfg)
-    key = run_key(cfg)
     preempt.install()  # before the process group: a signal from now on stops at a step boundary
     info = distributed.setup(cfg.trainer.device)
+    key = run_key(cfg, info.world_size)  # the world size is part of it with trainer.sync_bn=false
     outcome = {"status": "failed", "objective": None, "error": None, "run_id": None}
     requeue = False
     try:
