@@ -68,8 +68,8 @@ def experiment_config(cfg: DictConfig, world_size: int | None = None) -> dict:
 
     - ``dataset.folder_manifest`` for ``dataset.name=imagefolder``: the folder's files (a hash of
       their paths inside it, sizes and first/last 4 KiB, harness.data.datasets.folder_manifest),
-      since ``dataset.root`` only says where they are: a copy elsewhere gets the same key. Where CIFAR is read from (root, archive,
-      download) names the same images and adds nothing.
+      since ``dataset.root`` only says where they are: a copy elsewhere gets the same key. Where
+      CIFAR is read from (root, archive, download) names the same images and adds nothing.
     - ``trainer.world_size`` when ``trainer.sync_bn=false`` and the job runs as more than one
       process: BatchNorm then normalises each rank's slice, so 1 and 8 processes are different
       experiments. With sync_bn=true (the default) every method here computes what one process
