@@ -16,7 +16,10 @@ share it.
 - already there: returned at once (no lock taken);
 - otherwise the job takes ``<path>.lock`` (filelock); a job that finds the lock held prints that
   it is waiting and blocks until the builder finishes, then finds the folder and reuses it;
-- the builder calls ``build(tmp)`` on an empty temporary folder beside the final one, writes
+- the builder calls ``build(tmp)`` on an empty temporary folder beside the final one, under a
+  global RNG seeded for the artifact (``seed``, else from its config hash) and given back to the
+  job unchanged afterwards (harness/rng.py): a job that builds an artifact trains exactly as one
+  that reuses it, and the artifact does not depend on which job built it. It then writes
   ``artifact.json`` (kind, config, when) into it, and renames it into place with ``os.replace``,
   so a reader sees the whole folder or none. A build killed half-way leaves only a temporary
   folder, removed by the next builder.
@@ -46,10 +49,12 @@ from typing import Any
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from harness.rng import isolated_rng
+
 MANIFEST = "artifact.json"
 
 # Dataset settings that decide which training images a model sees (where the files are read from
-# does not; dataset.root only matters for an image folder, whose identity it is).
+# does not; an image folder is named by its files, see harness.data.datasets.folder_manifest).
 _DATASET_KEYS = ("name", "train_size", "val_size", "subset_seed", "image_size")
 
 
@@ -86,7 +91,9 @@ def dataset_identity(ds: DictConfig) -> dict:
     """The part of a dataset config that decides the training split (for artifact keys)."""
     ident = {k: _plain(ds.get(k)) for k in _DATASET_KEYS if ds.get(k) is not None}
     if ds.get("name") == "imagefolder":
-        ident["root"] = str(ds.get("root"))
+        from harness.data.datasets import folder_manifest
+
+        ident["folder_manifest"] = folder_manifest(str(ds.get("root")))
     return ident
 
 
@@ -101,11 +108,14 @@ def lock_or_wait(lock_path: str, waiting_message: str) -> FileLock:
     return lock
 
 
-def build_once(path: Path, build: Callable[[Path], None], *, config: Any = None, what: str | None = None) -> Path:
+def build_once(path: Path, build: Callable[[Path], None], *, config: Any = None, what: str | None = None,
+               seed: int | None = None) -> Path:
     """Make artifact folder `path` exist, building it with ``build(tmp_folder)`` only if no job has.
 
     `config` (optional) is written into the folder's artifact.json for people reading it later.
-    Returns `path`. Safe to call from many processes at once: one builds, the rest wait and reuse.
+    ``build`` runs with the global RNG seeded with `seed` (default: from the folder's config hash)
+    and the caller's RNG restored afterwards. Returns `path`. Safe to call from many processes at
+    once: one builds, the rest wait and reuse.
     """
     path = Path(path)
     if (path / MANIFEST).exists():
@@ -126,7 +136,10 @@ def build_once(path: Path, build: Callable[[Path], None], *, config: Any = None,
         tmp.mkdir()
         print(f"[artifact] building {what} ({path})", file=sys.stderr, flush=True)
         started = time.monotonic()
-        build(tmp)
+        if seed is None:
+            seed = int(hashlib.sha256(path.name.encode()).hexdigest()[:15], 16)
+        with isolated_rng(seed):
+            build(tmp)
         manifest = {"kind": path.parent.name, "hash": path.name, "config": _plain(config),
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_seconds": time.monotonic() - started,
                     "pid": os.getpid()}

@@ -65,9 +65,45 @@ def _drop(tree: dict, dotted: str) -> None:
         del tree[head]
 
 
-def run_key(cfg: DictConfig) -> str:
-    """A stable hash of every config value that can change a run's result."""
+def experiment_config(cfg: DictConfig, world_size: int | None = None) -> dict:
+    """The resolved config plus what decides the result without being a setting of its own:
+
+    - ``dataset.folder_manifest`` for ``dataset.name=imagefolder``: the folder's files (a hash of
+      their paths inside it, sizes and first/last 4 KiB, harness.data.datasets.folder_manifest),
+      since ``dataset.root`` only says where they are: a copy elsewhere gets the same key. Where
+      CIFAR is read from (root, archive, download) names the same images and adds nothing.
+    - ``trainer.world_size`` when ``trainer.sync_bn=false`` and the job runs as more than one
+      process: BatchNorm then normalises each rank's slice, so 1 and 8 processes are different
+      experiments. With sync_bn=true (the default) every method here computes what one process
+      computes on the whole global batch, and the world size stays out.
+
+    `world_size` is the job's number of processes; None reads it from the environment as
+    harness.distributed.setup will (torchrun's WORLD_SIZE, else SLURM_NTASKS, else 1).
+    This is the config a run stores, so the leaderboard tells these runs apart too.
+    """
     tree = to_container(cfg)
+    if OmegaConf.select(cfg, "dataset.name") == "imagefolder":
+        from harness.data.datasets import folder_manifest
+
+        tree["dataset"]["folder_manifest"] = folder_manifest(str(cfg.dataset.root))
+    if OmegaConf.select(cfg, "trainer.sync_bn", default=True) is False:
+        if world_size is None:
+            from harness.distributed import expected_world_size
+
+            world_size = expected_world_size()
+        if world_size > 1:
+            tree["trainer"]["world_size"] = int(world_size)
+    return tree
+
+
+def run_key(cfg: DictConfig, world_size: int | None = None) -> str:
+    """A stable hash of every config value that can change a run's result.
+
+    That is `experiment_config` (which adds an image folder's file manifest, and the world size
+    when trainer.sync_bn=false and there is more than one process) without NOT_IN_RUN_KEY.
+    `world_size`: the job's number of processes, None to read it from the environment.
+    """
+    tree = experiment_config(cfg, world_size)
     for dotted in NOT_IN_RUN_KEY:
         _drop(tree, dotted)
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)

@@ -307,3 +307,14 @@ def all_hosts(host: str) -> list[str]:
     hosts: list[str] = [""] * world_size()
     dist.all_gather_object(hosts, host)
     return hosts
+
+
+def expected_world_size() -> int:
+    """The number of processes `setup` will find, read from the environment before it runs (for
+    run keys): torchrun's WORLD_SIZE, else SLURM_NTASKS inside an srun step (a submitit job is one),
+    else 1, the same rule `setup` follows."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if launched_by_slurm():
+        return max(int(os.environ.get("SLURM_NTASKS", "1")), 1)
+    return 1

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import distributed
+from harness.rng import isolated_rng
 
 
 def knn_protocol(k: int, temperature: float) -> str:
@@ -177,8 +178,7 @@ def linear_probe(backbone: nn.Module, train_x: torch.Tensor, train_y: torch.Tens
     labels = train_y.to(device)
 
     g = torch.Generator(device=device).manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the global RNG as it was
-        torch.manual_seed(seed)
+    with isolated_rng(seed):  # a seeded initialisation that leaves the global RNG as it was
         classifier = nn.Linear(train_feats.shape[2], num_classes).to(device)
     batch_size = int(lc.batch_size)
     peak = float(lc.lr) * batch_size / 256  # solo-learn's linear scaling rule
@@ -223,7 +223,9 @@ class OnlineLinear(nn.Module):
 
     Under DDP the add-on is not wrapped by DistributedDataParallel, so each rank computes the
     classifier's loss on the features gathered from all ranks: every rank then takes the same step
-    and the copies stay identical, as with one process on the whole batch.
+    and the copies stay identical, as with one process on the whole batch. For that the copies
+    start identical: the classifier is initialised from the run seed (not the per-rank seed), on an
+    RNG of its own, so its initialisation neither depends on nor moves the training's RNG.
     """
 
     protocol = "online_linear"
@@ -231,13 +233,15 @@ class OnlineLinear(nn.Module):
     def __init__(self, cfg, feat_dim: int):
         super().__init__()
         self.feat_dim = feat_dim
+        self.seed = int(cfg.seed)
         self.lr_scale = float(cfg.trainer.classifier_lr) / float(cfg.trainer.lr)
         self.weight_decay = float(cfg.trainer.get("classifier_weight_decay", 0.0))
         self.classifier: nn.Linear | None = None
         self.labels: torch.Tensor | None = None
 
     def setup(self, data, info) -> None:
-        self.classifier = nn.Linear(self.feat_dim, data.num_classes).to(info.device)
+        with isolated_rng(self.seed * 7_919 + 17):
+            self.classifier = nn.Linear(self.feat_dim, data.num_classes).to(info.device)
         # Add-on batches carry positions in the full training split: labels are looked up by them.
         index = data.train_index if data.train_index is not None else torch.arange(len(data.train_y))
         self.labels = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)

@@ -28,7 +28,7 @@ from harness.addons import build_addons
 from harness.atomic import write_text_atomic
 from harness.callbacks import SWEEP_ENV
 from harness.checkpoint import has_checkpoint, remove_checkpoints
-from harness.config import instantiate, run_key, to_container, validate
+from harness.config import experiment_config, instantiate, run_key, validate
 from harness.data.datasets import load_dataset
 from harness.evaluate import knn_protocol
 from harness.optim import scaled_lr
@@ -107,7 +107,7 @@ def run_row(cfg: DictConfig, key: str, run_id: str, info: distributed.DistInfo, 
         "batch_size": int(cfg.trainer.batch_size),
         "lr": scaled_lr(float(cfg.trainer.lr), int(cfg.trainer.batch_size), int(cfg.trainer.base_batch),
                         cfg.trainer.lr_scaling),
-        "config": json.dumps(to_container(cfg), sort_keys=True, default=str),
+        "config": json.dumps(experiment_config(cfg, info.world_size), sort_keys=True, default=str),
         "git_commit": commit,
         "git_dirty": dirty,
         "host": hosts[0],
@@ -150,7 +150,9 @@ def _store(cfg: DictConfig) -> Store:
 def run(cfg: DictConfig) -> float | None:
     """Run (or skip) the job described by `cfg` on this rank; returns the objective."""
     validate(cfg)
-    key = run_key(cfg)
+    # The world size is part of the key with trainer.sync_bn=false; it is read from the environment
+    # by the same rule distributed.setup follows, so the key is known before the process group starts.
+    key = run_key(cfg, distributed.expected_world_size())
     preempt.install()  # before the process group: from now on a signal requeues the job (harness/preempt.py)
     outcome = {"status": "failed", "objective": None, "error": None, "run_id": None}
     requeue = False

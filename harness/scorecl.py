@@ -125,7 +125,7 @@ class ScoreCL(nn.Module):
 
         build_once(self.artifact, build, config={"score_net": self.net_cfg,
                                                  "data": dataset_identity(self.job_cfg.dataset)},
-                   what="score network")
+                   what="score network", seed=int(self.net_cfg.seed))  # score_net.seed: the UNet's init too
         net = ScoreNet.load(self.artifact).to(info.device).eval().requires_grad_(False)
         self._frozen = [net]
         if info.is_main:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from harness.data.augment import ViewMaker
 from harness.data.datasets import ImageData
 from harness.evaluate import knn_evaluate, knn_protocol, linear_probe
 from harness.optim import build_optimizer, lr_at, scaled_lr
+from harness.rng import isolated_rng
 
 
 class Diverged(RuntimeError):
@@ -122,7 +124,11 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     addons = list(addons or [])
     for addon in addons:
         if hasattr(addon, "setup"):
-            addon.setup(data, info)
+            # Seeded from the run seed (the same on every rank) on an RNG of its own: an add-on's
+            # initialisation, or an artifact it builds, neither depends on nor moves the global RNG
+            # the training draws from (harness/rng.py).
+            with isolated_rng(int(cfg.seed) * 1_000_003 + zlib.crc32(type(addon).__name__.encode())):
+                addon.setup(data, info)
     trained_addons = nn.ModuleList([a for a in addons if isinstance(a, nn.Module)])
     trained_addons.to(device)
     if tc.get("sync_bn") and info.world_size > 1:

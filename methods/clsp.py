@@ -86,13 +86,13 @@ class SyntheticPositives:
         row_of[torch.from_numpy(index)] = torch.arange(len(index))
         self.row_of = row_of.to(info.device)
         if info.is_main:
-            self._copy_grid(folder)
+            self._copy_grid(folder, info.world_size)
 
-    def _copy_grid(self, folder: Path) -> None:
+    def _copy_grid(self, folder: Path, world_size: int) -> None:
         from harness.config import run_key
         from harness.run import run_dir
 
-        target = run_dir(self.cfg, run_key(self.cfg))
+        target = run_dir(self.cfg, run_key(self.cfg, world_size))
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(folder / "grid.png", target / "clsp_grid.png")
         print(f"[clsp] synthetic set {folder}; anchors | candidates grid in {target / 'clsp_grid.png'}",

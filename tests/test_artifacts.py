@@ -71,3 +71,28 @@ def test_paths_and_keys():
     assert p.parent == Path("/x/results.duckdb.artifacts/score_net")
     cfg.artifacts.dir = "/shared/art"
     assert artifact_path(cfg, "score_net", {"net": 1, "data": ident}) == Path("/shared/art/score_net") / p.name
+
+
+def test_a_build_neither_moves_nor_depends_on_the_callers_rng(tmp_path):
+    """What a builder draws comes from the artifact's own seed, and the caller's global RNG is where
+    it was: the job that builds trains as the jobs that reuse."""
+    import torch
+
+    def build(tmp):
+        torch.save(torch.rand(4), tmp / "draw.pt")
+        torch.manual_seed(123)  # a builder that reseeds (as the DDPM trainer does) changes nothing outside
+
+    drawn = []
+    for caller_seed, folder in ((0, "one"), (1, "two")):
+        torch.manual_seed(caller_seed)
+        expected_next = torch.rand(3, generator=torch.Generator().manual_seed(caller_seed))
+        path = build_once(tmp_path / folder / "0123456789abcdef", build)
+        assert torch.equal(torch.rand(3), expected_next)
+        drawn.append(torch.load(path / "draw.pt", weights_only=True))
+    assert torch.equal(drawn[0], drawn[1])  # same artifact hash, same draws, whichever job built it
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    path = build_once(tmp_path / "three" / "fedcba9876543210", build, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.load(path / "draw.pt", weights_only=True),
+                       torch.rand(4, generator=torch.Generator().manual_seed(7)))

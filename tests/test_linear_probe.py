@@ -90,7 +90,7 @@ def test_linear_probe_and_online_linear_on_a_trained_convnet(tmp_path, cifar10_c
     db = tmp_path / "r.duckdb"
     run_harness("method=simsiam", "backbone=convnet", "dataset.train_size=2000", "dataset.test_size=500",
                 "trainer.batch_size=256", "trainer.epochs=2", "trainer.warmup_epochs=0", "trainer.optimizer=adam",
-                "trainer.lr=5e-4", "trainer.classifier_lr=1e-3", "eval.every=0", "trainer.num_threads=2",
+                "trainer.lr=5e-4", "trainer.classifier_lr=1e-2", "eval.every=0", "trainer.num_threads=2",
                 "eval.online_linear=true", "eval.linear.enabled=true", "eval.linear.epochs=30",
                 "eval.linear.copies=4", f"store.path={db}", "hydra.run.dir=${store.path}.hydra", timeout=1800)
     store = Store(db)
@@ -106,7 +106,7 @@ def test_linear_probe_and_online_linear_on_a_trained_convnet(tmp_path, cifar10_c
     state = torch.load(next((tmp_path / "r.duckdb.runs").glob("*/checkpoint.pt")), weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert any(g.get("static_lr") and g["lr"] == pytest.approx(5e-4) for g in groups)
-    assert any(g.get("lr_scale") == pytest.approx(2.0) and g["weight_decay"] == 0.0 for g in groups)
+    assert any(g.get("lr_scale") == pytest.approx(20.0) and g["weight_decay"] == 0.0 for g in groups)
 
 
 def test_bad_linear_probe_settings_are_refused_with_the_field_value_and_allowed_values():

@@ -18,7 +18,7 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +112,45 @@ def resolve_source(ds) -> tuple[str, Path | None]:
         None,
         f"a directory with the {name} images, a dataset.archive, or dataset.download=true",
     )
+
+
+SAMPLED_BYTES = 4096  # read from each end of an image file for its folder's manifest
+
+
+def _file_fingerprint(path: Path) -> str:
+    """Size and a hash of the first and last SAMPLED_BYTES (so the whole of any file up to 8 KiB)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(SAMPLED_BYTES)
+        if size > 2 * SAMPLED_BYTES:
+            fh.seek(size - SAMPLED_BYTES)
+        tail = fh.read(SAMPLED_BYTES)
+    return f"{size}:{hashlib.sha256(head + tail).hexdigest()[:16]}"
+
+
+@cache
+def folder_manifest(root: str | Path) -> str:
+    """The identity of an image folder: a hash of the image files it holds (the files
+    ``dataset=imagefolder`` reads, train/<class>/* and test/<class>/*), each as its path inside
+    the folder, its size and a hash of its first and last 4 KiB.
+
+    A copy moved or copied elsewhere is the same data (modification times are left out: a copy
+    changes them); a file added, removed, renamed, resized or changed is not, with one exception
+    kept for speed: a same-size edit only in the middle of a file over 8 KiB (compressed images
+    almost always change size when edited; CIFAR-sized files are hashed whole). Hashing every
+    byte would read the whole dataset (ImageNet-100: 14 GB) before each job. One walk of the
+    folder, cached per process (a test that changes a folder calls ``folder_manifest.cache_clear()``).
+    """
+    root = Path(str(root)).expanduser()
+    digest = hashlib.sha256()
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise ConfigError("dataset.root", str(root), "a directory with train/<class>/* and test/<class>/* images")
+        for cls_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            for f in sorted(cls_dir.iterdir()):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    digest.update(f"{split}/{cls_dir.name}/{f.name}\t{_file_fingerprint(f)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------- decoding
@@ -234,6 +273,8 @@ def _cache_key(kind: str, path: Path | None, name: str, size: int | None) -> str
     if path is not None:
         st = path.stat()
         ident += [str(path.resolve()), str(st.st_size), str(int(st.st_mtime))]
+    if kind == "folder":  # a folder's own mtime does not change when a file in train/<class>/ does
+        ident.append(folder_manifest(path))
     return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
 
 

@@ -77,8 +77,11 @@ def refuse_bad_points(points: list[DictConfig], job_overrides: Sequence[Sequence
         sys.exit(2)
 
 
-def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_path: str | None) -> None:
-    """Write a failed `sweep_points` row for a point whose job ended without writing a final one."""
+def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_path: str | None,
+                   world_size: int | None = None) -> None:
+    """Write a failed `sweep_points` row for a point whose job ended without writing a final one.
+
+    `world_size`: the job's process count (it can be in the run key); None: this process's."""
     import os
 
     from harness.callbacks import SWEEP_ENV
@@ -89,7 +92,7 @@ def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_pa
     if not sweep_id:
         return
     store = Store(cfg.store.path, cfg.store.get("runs_dir"))
-    key = run_key(cfg)
+    key = run_key(cfg, world_size)
     rows = store.query("SELECT status FROM sweep_points WHERE sweep_id = ? AND run_key = ?", [sweep_id, key])
     if rows and rows[0]["status"] in FINAL:
         return
@@ -106,8 +109,8 @@ def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_pa
         "status": "failed", "error": error, "log_dir": log_path, "finished_at": utcnow()}])
 
 
-def stored_outcome(cfg: DictConfig) -> dict | None:
-    """This sweep's final row for the point, when its job wrote one."""
+def stored_outcome(cfg: DictConfig, world_size: int | None = None) -> dict | None:
+    """This sweep's final row for the point, when its job wrote one (`world_size` as in record_missing)."""
     import os
 
     from harness.callbacks import SWEEP_ENV
@@ -118,7 +121,8 @@ def stored_outcome(cfg: DictConfig) -> dict | None:
     if not sweep_id:
         return None
     rows = Store(cfg.store.path, cfg.store.get("runs_dir")).query(
-        "SELECT status, objective FROM sweep_points WHERE sweep_id = ? AND run_key = ?", [sweep_id, run_key(cfg)])
+        "SELECT status, objective FROM sweep_points WHERE sweep_id = ? AND run_key = ?",
+        [sweep_id, run_key(cfg, world_size)])
     return rows[0] if rows and rows[0]["status"] in FINAL else None
 
 
@@ -358,9 +362,11 @@ class SlurmLauncher(_SubmititSlurmLauncher):
                 return ret
             error = first_line(ret._return_value)
         # A rank may die after rank 0 recorded the point (see the README): trust the store.
-        stored = stored_outcome(cfg)
+        params = resources(cfg)
+        world_size = int(params["nodes"]) * int(params["tasks_per_node"])
+        stored = stored_outcome(cfg, world_size)
         if stored is not None and stored["status"] != "failed":
             return _returned(overrides, stored["objective"])
         log.error(f"point #{first_idx + i} (job {job.job_id}) failed: {error}; log: {job.paths.stderr}")
-        record_missing(cfg, overrides, error, str(job.paths.stderr))
+        record_missing(cfg, overrides, error, str(job.paths.stderr), world_size)
         return _returned(overrides, None)
