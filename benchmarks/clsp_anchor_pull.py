@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from common import report
 
-from harness.clsp_generate import generation_device, save_grid
-from harness.config import compose, validate
 from harness.data.datasets import load_dataset
-from harness.diffusion import ddim_scheduler, diffusion_model, load_model, sample_interpolated, to_uint8
+from harness.jobs.config import compose, validate
+from methods.clsp.diffusion import ddim_scheduler, diffusion_model, load_model, sample_interpolated, to_uint8
+from methods.clsp.generate import generation_device, save_grid
 
 WEIGHTS = (0.1, 0.5, 1.0)
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from common import report
 
-from harness.config import compose
-from harness.diffusion import build_unet, interpolated_noise
+from harness.jobs.config import compose
+from methods.clsp.diffusion import build_unet, interpolated_noise
 
 
 def timed(fn, repeats: int, sync) -> float:

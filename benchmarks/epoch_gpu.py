@@ -4,7 +4,7 @@
 
 Runs only where CUDA is present (it says so and exits otherwise). The full training set (50,000
 images) lives on the GPU as uint8; views are made there in one batched pass; bf16 autocast and
-channels_last as in the trainer, which is what is timed (`harness.trainer.fit`). MFU counts the
+channels_last as in the trainer, which is what is timed (`harness.core.trainer.fit`). MFU counts the
 model's forward+backward FLOPs of one step (torch.utils.flop_counter) × steps per epoch ÷ epoch
 time ÷ peak bf16 dense FLOP/s (989 TFLOP/s for an H100 SXM; pass yours).
 """
@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import report  # noqa: E402
-from harness import distributed  # noqa: E402
-from harness.config import compose, instantiate  # noqa: E402
+from harness.core import distributed  # noqa: E402
+from harness.core.trainer import fit  # noqa: E402
 from harness.data.augment import ViewMaker  # noqa: E402
 from harness.data.datasets import load_dataset  # noqa: E402
-from harness.trainer import fit  # noqa: E402
+from harness.jobs.config import compose, instantiate  # noqa: E402
 
 
 def step_flops(cfg, device) -> float:

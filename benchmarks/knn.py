@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import report  # noqa: E402
-from harness.evaluate import knn_classify  # noqa: E402
+from harness.core.evaluate import knn_classify  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -4,7 +4,7 @@ difference between an image and its augmented view.
 A score network is trained here by DSM on real CIFAR-10 (the same artifact a training job with
 the same weighting config would use, so it is trained once), then for held-out test images x
 and views v at increasing strength, d(x, v) is measured with both statistics of
-harness/scorecl.py. Two strength axes, each alone: crop area (RandomResizedCrop at a fixed scale,
+methods/scorecl/addon.py. Two strength axes, each alone: crop area (RandomResizedCrop at a fixed scale,
 no jitter) and colour-jitter strength (p = 1, brightness/contrast/saturation 0.8·k, hue 0.2·k,
 no crop). Reported per level: mean d; per axis: Spearman's ρ between level and d over all
 (image, level) pairs. Controls: the same with an untrained network of the same architecture,
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 import torch  # noqa: E402
 
 from harness.data.augment import Pipeline, augment  # noqa: E402
-from harness.score_net import ScoreNet  # noqa: E402
-from harness.scorecl import score_difference  # noqa: E402
+from methods.scorecl.addon import score_difference  # noqa: E402
+from methods.scorecl.score_net import ScoreNet  # noqa: E402
 
 # Weakest first, none of them the identity (a zero-strength level would make ρ trivially positive).
 CROP_SCALES = (0.85, 0.6, 0.4, 0.2, 0.08)  # fraction of the image area kept
@@ -107,9 +107,9 @@ def main(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
 
     from benchmarks.common import report
-    from harness import distributed
-    from harness.config import compose, instantiate, validate
+    from harness.core import distributed
     from harness.data.datasets import load_dataset
+    from harness.jobs.config import compose, instantiate, validate
 
     cfg = compose(["weighting=scorecl", *overrides])
     validate(cfg)

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import report  # noqa: E402
-from harness import distributed  # noqa: E402
-from harness.config import compose, instantiate  # noqa: E402
+from harness.core import distributed  # noqa: E402
+from harness.core.trainer import fit  # noqa: E402
 from harness.data.augment import ViewMaker  # noqa: E402
 from harness.data.datasets import load_dataset  # noqa: E402
-from harness.trainer import fit  # noqa: E402
+from harness.jobs.config import compose, instantiate  # noqa: E402
 
 
 def plain_loop(cfg, data, device, epochs: int) -> float:

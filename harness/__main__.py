@@ -7,15 +7,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from harness.sweeps import register_sweeps
+from harness.jobs.sweeps import register_sweeps
 
 register_sweeps()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from harness.config import ConfigError
-    from harness.run import RunFailed, run
+    from harness.errors import ConfigError
+    from harness.jobs.run import RunFailed, run
 
     try:
         return run(cfg)

@@ -18,13 +18,13 @@ share it.
   it is waiting and blocks until the builder finishes, then finds the folder and reuses it;
 - the builder calls ``build(tmp)`` on an empty temporary folder beside the final one, under a
   global RNG seeded for the artifact (``seed``, else from its config hash) and given back to the
-  job unchanged afterwards (harness/rng.py): a job that builds an artifact trains exactly as one
+  job unchanged afterwards (harness/core/rng.py): a job that builds an artifact trains exactly as one
   that reuses it, and the artifact does not depend on which job built it. It then writes
   ``artifact.json`` (kind, config, when) into it, and renames it into place with ``os.replace``,
   so a reader sees the whole folder or none. A build killed half-way leaves only a temporary
   folder, removed by the next builder.
 
-Typical use in an add-on (whose constructor gets the job config first, see harness/addons.py):
+Typical use in an add-on (whose constructor gets the job config first, see harness/core/addons.py):
 
     path = artifact_path(cfg, "score_net", {"net": net_cfg, "data": dataset_identity(cfg.dataset)})
     build_once(path, lambda tmp: train_and_save(tmp / "model.pt"))
@@ -49,7 +49,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from harness.rng import isolated_rng
+from harness.core.rng import isolated_rng
 
 MANIFEST = "artifact.json"
 

@@ -138,6 +138,33 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
 }
 
 
+# Settings that say where and how a run executes, not what it computes: they stay out of the
+# run key, so moving a run to another machine or store does not make it a new run.
+NOT_IN_RUN_KEY = (
+    "force",
+    "name",
+    "tags",
+    "sweep",
+    "store",
+    "artifacts",
+    "launcher",
+    "hydra",
+    "trainer.device",
+    "trainer.log_every",
+    "trainer.num_threads",
+    "trainer.compile",
+    "dataset.root",
+    "dataset.archive",
+    "dataset.download",
+    "dataset.cache_dir",
+    "eval.every",
+    "optuna",  # which Optuna study/trial a tuned sweep's job reports to
+)
+
+# Set in the environment of every job of one sweep (the sweep_summary callback, the launchers).
+SWEEP_ENV = "HARNESS_SWEEP_ID"
+
+
 # Changes whenever TABLES does, so a store is migrated (the ALTERs run) only on the first open
 # by code with a different schema, not by every ingest.
 SCHEMA_VERSION = hashlib.sha1(json.dumps(TABLES, sort_keys=True).encode()).hexdigest()[:16]

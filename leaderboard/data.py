@@ -1,7 +1,7 @@
 """What the page and the regression report read from the store, aggregated in DuckDB.
 
 A *configuration* is everything that can change a run's result except the seed: the resolved
-config without `seed` and without the launch/path/logging settings that `harness.config` already
+config without `seed` and without the launch/path/logging settings that `harness.jobs.config` already
 keeps out of the run key (NOT_IN_RUN_KEY). Its `config_key` is a hash of that, so the runs of one
 configuration with different seeds, at different commits or on different machines share it. The
 same hash with the `weighting` subtree (or the `positives` subtree) also removed pairs a ScoreCL
@@ -23,7 +23,7 @@ from typing import Any
 
 import duckdb
 
-from harness.config import NOT_IN_RUN_KEY
+from harness.store import NOT_IN_RUN_KEY
 
 NOT_IDENTITY = (*NOT_IN_RUN_KEY, "seed", "sweep_name")
 

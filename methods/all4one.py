@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import distributed
-from harness.method import LossParts, mlp
+from harness.core import distributed
+from harness.core.method import LossParts, mlp
 from methods.common import (
     Queue,
     full_precision,
@@ -127,8 +127,8 @@ class All4One(nn.Module):
 
     @staticmethod
     def check_config(cfg) -> list:
-        """Config problems found before anything runs (called by harness.config.validate)."""
-        from harness.config import ConfigError
+        """Config problems found before anything runs (called by harness.jobs.config.validate)."""
+        from harness.errors import ConfigError
 
         value = cfg.method.get("positional_encoding", "solo")
         if value not in POSITIONAL_ENCODINGS:
@@ -167,7 +167,7 @@ class All4One(nn.Module):
 
     def synthetic_positive_loss(self, z_syn: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """CLSP ``extra_positive``: synthetic embeddings stand beside the nearest neighbours of the
-        neighbour term, weighted like it (methods/clsp.py)."""
+        neighbour term, weighted like it (methods/clsp/addon.py)."""
         return self.weights[1] * synthetic_positive_pairs(z_syn, selected, *self.predictions, self.temperature)
 
     def after_step(self, progress: float) -> None:

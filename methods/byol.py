@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.method import LossParts, mlp
+from harness.core.method import LossParts, mlp
 from methods.common import momentum_copy, momentum_tau, update_momentum_encoder
 
 

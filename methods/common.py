@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import distributed
+from harness.core import distributed
 
 SCHEDULES = ("constant", "cosine")
 

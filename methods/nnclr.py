@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.method import LossParts, mlp
+from harness.core.method import LossParts, mlp
 from methods.common import Queue, keep_queues_out_of_ddp_broadcast, nn_infonce_pairs, synthetic_positive_pairs
 
 
@@ -55,7 +55,7 @@ class NNCLR(nn.Module):
         return LossParts(pair=pair, batch=pair.new_zeros(()), feats=f1.detach())
 
     def synthetic_positive_loss(self, z_syn: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        """CLSP ``extra_positive``: synthetic embeddings stand beside the neighbours (methods/clsp.py)."""
+        """CLSP ``extra_positive``: synthetic embeddings stand beside the neighbours (methods/clsp/addon.py)."""
         return synthetic_positive_pairs(z_syn, selected, *self.predictions, self.temperature)
 
     def after_step(self, progress: float) -> None:

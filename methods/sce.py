@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import distributed
-from harness.method import LossParts, mlp
+from harness.core import distributed
+from harness.core.method import LossParts, mlp
 from methods.common import (
     Queue,
     forward_in_shuffled_groups,
@@ -110,8 +110,8 @@ class SCE(nn.Module):
 
     @staticmethod
     def check_config(cfg) -> list:
-        """Config problems found before anything runs (called by harness.config.validate)."""
-        from harness.config import ConfigError
+        """Config problems found before anything runs (called by harness.jobs.config.validate)."""
+        from harness.errors import ConfigError
 
         value = cfg.method.get("use_keys", False)
         return [] if isinstance(value, bool) else [ConfigError("method.use_keys", value, "true or false")]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import distributed
-from harness.method import LossParts, mlp
+from harness.core import distributed
+from harness.core.method import LossParts, mlp
 
 
 def nt_xent_pairs(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Loss per image i: ½·(−cos(p1_i, sg(z2_i))) + ½·(−cos(p2_i, sg(z1_i))) (methods.md §2.2). Every
 term involves only image i's own two views, so the whole loss is per-pair, there is no batch term,
 and nothing is gathered under DDP: N ranks on N slices already give the mean of the whole batch.
-(BatchNorm sees the global batch under trainer.sync_bn=true, the default; see harness/distributed.py.)
+(BatchNorm sees the global batch under trainer.sync_bn=true, the default; see harness/core/distributed.py.)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.method import LossParts, mlp
+from harness.core.method import LossParts, mlp
 
 
 def simsiam_pairs(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

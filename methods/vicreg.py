@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import distributed
-from harness.method import LossParts, mlp
+from harness.core import distributed
+from harness.core.method import LossParts, mlp
 
 
 def invariance_pairs(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

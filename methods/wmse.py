@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import distributed
-from harness.method import LossParts, mlp
+from harness.core import distributed
+from harness.core.method import LossParts, mlp
 
 
 def whiten(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -93,8 +93,8 @@ class WMSE(nn.Module):
 
     @staticmethod
     def check_config(cfg) -> list:
-        """Config problems found before anything runs (called by harness.config.validate)."""
-        from harness.config import ConfigError
+        """Config problems found before anything runs (called by harness.jobs.config.validate)."""
+        from harness.errors import ConfigError
 
         size, batch = cfg.method.get("whitening_size"), cfg.trainer.get("batch_size")
         if isinstance(size, int) and isinstance(batch, int) and size > 0 and batch % size:

@@ -5,8 +5,8 @@ Selected with `method._target_=tests.nan_method.NanOnRank1` (tests/ is importabl
 
 from __future__ import annotations
 
-from harness import distributed
-from harness.method import LossParts
+from harness.core import distributed
+from harness.core.method import LossParts
 from methods.simclr import SimCLR
 
 

@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
+from harness.core.tv import import_torchvision
 from harness.data.augment import Pipeline, augment, sample_crops, torchvision_equivalent
-from harness.tv import import_torchvision
 from tests.conftest import requires_cifar
 
 import_torchvision()  # repairs the CPU-torch import first

@@ -1,4 +1,4 @@
-"""harness.checkpoint on real files: what the trainer saves loads with weights_only=True, the previous
+"""harness.core.checkpoint on real files: what the trainer saves loads with weights_only=True, the previous
 checkpoint survives every step of a save, a cut-short or hostile file is never trusted, a full disk
 leaves nothing behind."""
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from harness.checkpoint import load_checkpoint, previous_path, save_checkpoint
-from harness.config import compose, instantiate
-from harness.optim import build_optimizer
+from harness.core.checkpoint import load_checkpoint, previous_path, save_checkpoint
+from harness.core.optim import build_optimizer
+from harness.jobs.config import compose, instantiate
 from harness.store import Store
 from tests.fs_utils import small_file_system
 
@@ -101,7 +101,7 @@ def test_with_no_readable_checkpoint_the_run_starts_over(tmp_path, capsys):
 
 
 def test_the_ddpm_training_state_is_read_with_weights_only(tmp_path, capsys):
-    from harness.diffusion import train_ddpm
+    from methods.clsp.diffusion import train_ddpm
 
     diffusion_cfg = {  # the tiny DDPM recipe, one short epoch
         **compose(["positives=clsp_tiny"]).positives.diffusion, "epochs": 1, "batch_size": 8}

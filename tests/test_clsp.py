@@ -16,24 +16,24 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness import tv  # noqa: F401  (before diffusers)
-from harness.addons import Batch, build_addons
-from harness.config import ConfigError, compose, instantiate, validate
+from harness.core import tv  # noqa: F401  (before diffusers)
+from harness.core.addons import Batch
+from harness.core.distributed import DistInfo
+from harness.core.trainer import fit
 from harness.data.datasets import ImageData, load_dataset
-from harness.diffusion import build_scheduler, build_unet, ddim_scheduler, diffusion_model, load_model
-from harness.distributed import DistInfo
+from harness.jobs.config import ConfigError, build_addons, compose, instantiate, validate
 from harness.store import Store
-from harness.trainer import fit
+from methods.clsp.diffusion import build_scheduler, build_unet, ddim_scheduler, diffusion_model, load_model
 from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
 from tests.dist_utils import run_ranks
 
 # isort: split
 from diffusers import DDIMPipeline, DDPMScheduler
 
-from harness.clsp_generate import generate_candidates, shard_file, synthetic_path
-from harness.diffusion import sample_interpolated
 from methods.all4one import All4One
-from methods.clsp import similarity_term
+from methods.clsp.addon import similarity_term
+from methods.clsp.diffusion import sample_interpolated
+from methods.clsp.generate import generate_candidates, shard_file, synthetic_path
 from methods.common import synthetic_positive_pairs
 from methods.nnclr import NNCLR, nnclr_pairs
 from methods.simclr import SimCLR
@@ -301,7 +301,7 @@ def test_a_killed_generation_resumes_without_redoing_finished_shards(clsp_stages
                  "positives.generate.shards=3", "positives.generate.workers=1", "positives.generate.seed=1"]
     cfg = compose(overrides)
     parts = synthetic_path(cfg).parent / f"{synthetic_path(cfg).name}.parts"
-    cmd = [sys.executable, "-m", "harness.clsp_generate", *overrides, "shard=all"]
+    cmd = [sys.executable, "-m", "methods.clsp.generate", *overrides, "shard=all"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=harness_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 300

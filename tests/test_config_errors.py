@@ -15,8 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from harness.config import ConfigError, compose, validate
 from harness.data.datasets import load_dataset, load_full, size_errors, split_counts
+from harness.jobs.config import ConfigError, compose, validate
 from tests.conftest import run_harness
 
 

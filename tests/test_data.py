@@ -16,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from harness.config import ConfigError
 from harness.data.datasets import balanced_subset, load_dataset, load_full, resolve_source
+from harness.errors import ConfigError
 from tests.conftest import requires_cifar
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

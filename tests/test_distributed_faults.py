@@ -19,8 +19,8 @@ import time
 import pytest
 from filelock import FileLock
 
-from harness import distributed
-from harness.config import compose, run_key
+from harness.core import distributed
+from harness.jobs.config import compose, run_key
 from harness.store import Store
 from tests.conftest import REPO, TINY, harness_env, run_harness
 

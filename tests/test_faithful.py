@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import ConfigError, compose, validate
-from harness.evaluate import knn_classify, knn_protocol
+from harness.core.evaluate import knn_classify, knn_protocol
+from harness.jobs.config import ConfigError, compose, validate
 from methods.all4one import All4One, solo_positions
 from methods.sce import sce_pairs, sce_target_and_logits
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.distributed import GlobalBatchNorm, global_batchnorm
+from harness.core.distributed import GlobalBatchNorm, global_batchnorm
 from tests.dist_utils import run_ranks
 
 BATCH = 16

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from harness.config import ConfigError, compose, instantiate, validate
+from harness.jobs.config import ConfigError, compose, instantiate, validate
 from methods.simsiam import simsiam_pairs
 from methods.vicreg import vicreg_parts
 from methods.wmse import whiten, wmse_pairs

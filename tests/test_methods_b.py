@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import ConfigError, compose, instantiate, validate
-from harness.optim import param_groups
+from harness.core.optim import param_groups
+from harness.jobs.config import ConfigError, compose, instantiate, validate
 from methods.all4one import All4One, feature_decorrelation, sinusoidal_positions
 from methods.byol import BYOL, byol_pairs
 from methods.common import Queue, ema_update, infonce_queue_pairs, momentum_tau, nn_infonce_pairs

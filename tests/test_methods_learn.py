@@ -52,14 +52,14 @@ PRIMARY = "knn:cosine:k=200:T=0.1"
 @functools.cache
 def random_init_knn(overrides: tuple[str, ...]) -> float:
     """k-NN top-1 of the run's backbone before training: the same seed, initialisation and images."""
-    from harness.config import compose, instantiate
+    from harness.core.evaluate import knn_evaluate
     from harness.data.augment import ViewMaker
     from harness.data.datasets import load_dataset
-    from harness.evaluate import knn_evaluate
+    from harness.jobs.config import compose, instantiate
 
     cfg = compose(list(overrides))
     data = load_dataset(cfg.dataset)
-    torch.manual_seed(int(cfg.seed) * 7919)  # as harness.run seeds rank 0 before building the model
+    torch.manual_seed(int(cfg.seed) * 7919)  # as harness.jobs.run seeds rank 0 before building the model
     backbone = instantiate(cfg.backbone)
     plain = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, torch.device("cpu"), seed=0).plain
     evals = knn_evaluate(backbone, data.train_x, data.train_y, {"test": (data.test_x, data.test_y)}, plain,

@@ -1,7 +1,7 @@
 """Run keys name the whole experiment, and the same key gives the same run.
 
 - A job that builds an artifact (here ScoreCL's score network) trains exactly as a job that reuses
-  it: building runs on an RNG of its own (harness/rng.py) and add-ons are seeded from the run seed.
+  it: building runs on an RNG of its own (harness/core/rng.py) and add-ons are seeded from the run seed.
 - An image folder's identity (a manifest of its files) is in the key; where CIFAR is read from is not.
 - The world size is in the key exactly when it changes the experiment (trainer.sync_bn=false).
 """
@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from harness.artifacts import dataset_identity
-from harness.config import compose, run_key
 from harness.data.datasets import folder_manifest
+from harness.jobs.config import compose, run_key
 from tests.conftest import requires_cifar
 
 TRAIN_NAMES = ("loss", "loss_pair", "online_linear_loss", "online_linear_train_acc", "weight_mean", "weight_std",
@@ -28,7 +28,7 @@ TRAIN_NAMES = ("loss", "loss_pair", "online_linear_loss", "online_linear_train_a
 def test_a_run_that_builds_an_artifact_trains_as_one_that_reuses_it(tmp_path, capfd, cifar10_cached):
     """Two runs with one key and seed; the first builds the score net, the second (force=true)
     reuses it: their first epochs are identical, online classifier included."""
-    from harness.run import run
+    from harness.jobs.run import run
     from harness.store import Store
 
     store = tmp_path / "results.duckdb"
@@ -101,7 +101,7 @@ def test_an_image_folder_is_named_by_its_files_not_by_where_it_is(tmp_path):
 def test_two_image_folders_are_two_runs_and_both_stay_on_the_page(tmp_path):
     """The same config on two folders: the second is trained (not skipped as done) and the
     leaderboard's data keeps both results apart."""
-    from harness.run import run
+    from harness.jobs.run import run
     from harness.store import Store
     from leaderboard import data
 
@@ -161,7 +161,7 @@ def test_cifar_keys_with_synchronised_batchnorm_keep_their_old_form(monkeypatch)
     import hashlib
     import json
 
-    from harness.config import NOT_IN_RUN_KEY, _drop, to_container
+    from harness.jobs.config import NOT_IN_RUN_KEY, _drop, to_container
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = compose(["trainer.sync_bn=true"])

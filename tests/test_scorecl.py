@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from harness.addons import Batch, combine
-from harness.config import ConfigError, compose, instantiate, validate
-from harness.score_net import ScoreNet
-from harness.scorecl import normalize_differences, pair_weights, score_difference
+from harness.core.addons import Batch, combine
+from harness.jobs.config import ConfigError, compose, instantiate, validate
+from methods.scorecl.addon import normalize_differences, pair_weights, score_difference
+from methods.scorecl.score_net import ScoreNet
 from tests.dist_utils import run_ranks
 
 D = torch.tensor([0.5, 1.0, 2.0, 4.0, 2.5])
@@ -160,7 +160,7 @@ def test_sweep_preset_covers_the_papers_grid():
 
 
 def _joint_step_grads(rank, world):
-    from harness import distributed
+    from harness.core import distributed
     from harness.data.augment import ViewMaker
     from harness.data.datasets import ImageData
 

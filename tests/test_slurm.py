@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from harness import tuning
+from harness.jobs import tuning
 from harness.store import Store
 from tests.conftest import REPO, harness_env, requires_cifar, run_harness
 

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from PIL import Image
 
-from harness import tuning
+from harness.jobs import tuning
 from harness.store import Store
 from tests.conftest import requires_cifar, run_harness
 

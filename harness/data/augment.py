@@ -274,7 +274,7 @@ def torchvision_equivalent(p: Pipeline, mean=None, std=None):
 
     import torch as _torch
 
-    from harness.tv import import_torchvision
+    from harness.core.tv import import_torchvision
 
     import_torchvision()  # repairs the CPU-torch import before transforms.v2 loads
     v2 = importlib.import_module("torchvision.transforms.v2")

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from harness.atomic import atomic_file
-from harness.config import ConfigError
+from harness.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 ARCHIVE_ENV = "HARNESS_CIFAR10_ARCHIVE"
@@ -256,7 +256,7 @@ def _load_torchvision_pickles(folder: Path, name: str):
 
 def _download(name: str, cache_dir: Path) -> Path:
     """torchvision's download, for users with the internet; returns the root it wrote."""
-    from harness.tv import torchvision
+    from harness.core.tv import torchvision
 
     root = cache_dir / "downloads"
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)

@@ -56,7 +56,7 @@ def compose_points(launcher: Launcher, job_overrides: Sequence[Sequence[str]]) -
 def refuse_bad_points(points: list[DictConfig], job_overrides: Sequence[Sequence[str]],
                       extra_check=None) -> None:
     """Exit with every point's problems listed when any point is invalid; nothing has run yet."""
-    from harness.config import ConfigError, validate
+    from harness.jobs.config import ConfigError, validate
 
     problems = []
     for i, (cfg, overrides) in enumerate(zip(points, job_overrides)):
@@ -84,9 +84,8 @@ def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_pa
     `world_size`: the job's process count (it can be in the run key); None: this process's."""
     import os
 
-    from harness.callbacks import SWEEP_ENV
-    from harness.config import run_key
-    from harness.store import Store, utcnow
+    from harness.jobs.config import run_key
+    from harness.store import SWEEP_ENV, Store, utcnow
 
     sweep_id = os.environ.get(SWEEP_ENV)
     if not sweep_id:
@@ -113,9 +112,8 @@ def stored_outcome(cfg: DictConfig, world_size: int | None = None) -> dict | Non
     """This sweep's final row for the point, when its job wrote one (`world_size` as in record_missing)."""
     import os
 
-    from harness.callbacks import SWEEP_ENV
-    from harness.config import run_key
-    from harness.store import Store
+    from harness.jobs.config import run_key
+    from harness.store import SWEEP_ENV, Store
 
     sweep_id = os.environ.get(SWEEP_ENV)
     if not sweep_id:
@@ -203,7 +201,7 @@ def _sinfo() -> dict[str, dict[str, int]] | None:
 
 def check_slurm(cfg: DictConfig, cluster: dict[str, dict[str, int]] | None) -> None:
     """Raise ConfigError naming every launcher value that cannot work."""
-    from harness.config import ConfigError, _number
+    from harness.jobs.config import ConfigError, _number
 
     lc = cfg.launcher
     errors = [
@@ -327,23 +325,30 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         return [self._collect(i, jobs[i], points[i], job_overrides[i], initial_job_idx) for i in range(len(points))]
 
     def _submit_shared_stages(self, points: list[DictConfig]) -> list[list[str]]:
-        """Queue the stages that points share before their training jobs (CLSP's synthetic sets, once
-        per set), so no training job holds GPUs while it builds or waits; returns, per point, the job
-        ids its training job must wait for."""
-        from harness.clsp_generate import needs_synthetic_set, submit_stages, synthetic_path
+        """Queue the stages that points share before their training jobs, so no training job holds GPUs
+        while it builds or waits; returns, per point, the job ids its training job must wait for.
+
+        The launcher knows no add-on: each configured add-on class may have a hook
+        ``stages(cfg) -> (key, submit) | None``, where `key` names the shared artifact (a stage is
+        queued once per key across the sweep) and ``submit(executor_for)`` queues its Slurm jobs with
+        ``executor_for(name, after)`` and returns the last one (or None when the artifact exists)."""
+        from harness.jobs.config import addon_classes
 
         folder = self.params["submitit_folder"]
-        stage_of: dict[Path, list[str]] = {}
+        stage_of: dict[Any, list[str]] = {}
         after: list[list[str]] = []
         for cfg in points:
-            if not needs_synthetic_set(cfg):
-                after.append([])
-                continue
-            path = synthetic_path(cfg)
-            if path not in stage_of:
-                job = submit_stages(cfg, lambda name, deps, cfg=cfg: stage_executor(cfg, name, deps, folder))
-                stage_of[path] = [job.job_id] if job is not None else []
-            after.append(stage_of[path])
+            needs: list[str] = []
+            for addon in addon_classes(cfg):
+                stage = getattr(addon, "stages", lambda _cfg: None)(cfg)
+                if stage is None:
+                    continue
+                key, submit = stage
+                if key not in stage_of:
+                    job = submit(lambda name, deps, cfg=cfg: stage_executor(cfg, name, deps, folder))
+                    stage_of[key] = [job.job_id] if job is not None else []
+                needs += stage_of[key]
+            after.append(needs)
         return after
 
     @staticmethod

@@ -8,7 +8,7 @@ returns it. The study lives in a journal file beside the store
 same command: trials it left running are launched again under their own numbers (a job that did
 finish is skipped by its run key and returns its stored objective), then the study continues
 until it holds `n_trials` trials. Jobs report every evaluated epoch to their trial and stop when
-the pruner says so (harness/tuning.py); such a trial is PRUNED in the study and `pruned` in the
+the pruner says so (harness/jobs/tuning.py); such a trial is PRUNED in the study and `pruned` in the
 store.
 
 Search space, `params: {config.key: spec}` in Hydra's override syntax:
@@ -143,7 +143,7 @@ class OptunaSweeper(Sweeper):
     def _study(self, grid: dict[str, list]) -> Any:
         import optuna
 
-        from harness import tuning
+        from harness.jobs import tuning
 
         path = self.storage or str(tuning.journal_path(self.config.store.path, self.study_name))
         # A resumed study must not draw the same random startup points again: offset the seed by
@@ -208,7 +208,7 @@ class OptunaSweeper(Sweeper):
     def _tell(study: Any, trial: Any, value: Any) -> None:
         from optuna.trial import TrialState
 
-        from harness.tuning import tell
+        from harness.jobs.tuning import tell
 
         state = study._storage.get_trial(trial._trial_id).state
         if state.is_finished():  # the job told the study itself (pruned)

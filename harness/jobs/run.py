@@ -23,19 +23,18 @@ import torch
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from harness import distributed, preempt, tuning
-from harness.addons import build_addons
 from harness.atomic import write_text_atomic
-from harness.callbacks import SWEEP_ENV
-from harness.checkpoint import has_checkpoint, remove_checkpoints
-from harness.config import experiment_config, instantiate, run_key, validate
+from harness.core import distributed, preempt
+from harness.core.checkpoint import has_checkpoint, remove_checkpoints
+from harness.core.evaluate import knn_protocol
+from harness.core.optim import scaled_lr
+from harness.core.trainer import Diverged, fit, knn_settings
 from harness.data.datasets import load_dataset
-from harness.evaluate import knn_protocol
-from harness.optim import scaled_lr
-from harness.store import DONE_MARKER, Store, StoreBusy, last_row, read_done, utcnow, write_done
-from harness.trainer import Diverged, fit, knn_settings
+from harness.jobs import tuning
+from harness.jobs.config import build_addons, experiment_config, instantiate, run_key, validate
+from harness.store import DONE_MARKER, SWEEP_ENV, Store, StoreBusy, last_row, read_done, utcnow, write_done
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @lru_cache(maxsize=1)
@@ -153,7 +152,7 @@ def run(cfg: DictConfig) -> float | None:
     # The world size is part of the key with trainer.sync_bn=false; it is read from the environment
     # by the same rule distributed.setup follows, so the key is known before the process group starts.
     key = run_key(cfg, distributed.expected_world_size())
-    preempt.install()  # before the process group: from now on a signal requeues the job (harness/preempt.py)
+    preempt.install()  # before the process group: from now on a signal requeues the job (harness/core/preempt.py)
     outcome = {"status": "failed", "objective": None, "error": None, "run_id": None}
     requeue = False
     info = None

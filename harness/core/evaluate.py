@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import distributed
-from harness.rng import isolated_rng
+from harness.core import distributed
+from harness.core.addons import AddonOut
+from harness.core.rng import isolated_rng
 
 
 def knn_protocol(k: int, temperature: float) -> str:
@@ -252,8 +253,6 @@ class OnlineLinear(nn.Module):
         return [(self, {"lr_scale": self.lr_scale, "weight_decay": self.weight_decay})]
 
     def step(self, batch):
-        from harness.addons import AddonOut
-
         feats = batch.parts.feats
         if feats is None:
             raise ValueError(f"eval.online_linear=true needs backbone features, but {type(batch.method).__name__} "

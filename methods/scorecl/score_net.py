@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import harness.tv  # noqa: F401  (imported before diffusers, which is imported where used: see harness/tv.py)
+import harness.core.tv  # noqa: F401  (imported before diffusers, which is imported where used: see harness/core/tv.py)
 
 
 def geometric_sigmas(sigma_min: float, sigma_max: float, num: int) -> list[float]:

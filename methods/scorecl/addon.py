@@ -4,7 +4,7 @@ network sees its two views.
 The paper's idea is confirmed, its formula is not (methods.md §5); every open choice is an option
 of ``weighting=scorecl`` with §5.3's proposal as the default:
 
-- score s(v) = −ε̂(v, σ)/σ of a DSM-trained noise-conditional UNet (harness/score_net.py),
+- score s(v) = −ε̂(v, σ)/σ of a DSM-trained noise-conditional UNet (methods/scorecl/score_net.py),
   evaluated on each view at the fixed level ``sigma``, without gradients;
 - per-pair difference d_i (``statistic``): ``vector`` ‖s(v1_i) − s(v2_i)‖₂/√D, or ``norm``
   |‖s(v1_i)‖ − ‖s(v2_i)‖|/√D;
@@ -28,11 +28,11 @@ import sys
 import torch
 from torch import nn
 
-from harness import distributed
-from harness.addons import AddonOut, Batch
 from harness.artifacts import artifact_path, build_once, dataset_identity
-from harness.config import SCORECL_NORMALIZATIONS, SCORECL_STATISTICS
-from harness.score_net import ScoreNet, dsm_loss, to_unit_range, train_score_net
+from harness.core import distributed
+from harness.core.addons import AddonOut, Batch
+from methods.scorecl.checks import SCORECL_NORMALIZATIONS, SCORECL_STATISTICS, scorecl_errors
+from methods.scorecl.score_net import ScoreNet, dsm_loss, to_unit_range, train_score_net
 
 STATISTICS, NORMALIZATIONS = SCORECL_STATISTICS, SCORECL_NORMALIZATIONS
 
@@ -87,7 +87,9 @@ def _views_to_unit_range(view: torch.Tensor, mean: torch.Tensor, std: torch.Tens
 
 
 class ScoreCL(nn.Module):
-    """The ``weighting=scorecl`` add-on (hooks of harness/addons.py)."""
+    """The ``weighting=scorecl`` add-on (hooks of harness/core/addons.py)."""
+
+    check_config = staticmethod(scorecl_errors)  # called by harness.jobs.config.validate
 
     def __init__(self, job_cfg, alpha: float = 1.0, statistic: str = "vector", normalize: str = "mean",
                  clip=None, renormalize: bool = False, sigma: float = 0.05, mode: str = "pretrained",

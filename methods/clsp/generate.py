@@ -18,10 +18,10 @@ the training jobs) each task of a job array runs one, after a job that trains th
 one that assembles the set, each waiting for the one before. A finished shard file is never
 redone, so a killed generation resumes where it stopped.
 
-    python -m harness.clsp_generate [OVERRIDES...] shard=3/8     # one shard (0-based index / count)
-    python -m harness.clsp_generate [OVERRIDES...] shard=all     # every missing shard, then assemble
-    python -m harness.clsp_generate [OVERRIDES...] launcher=slurm shard=all   # the same as Slurm jobs
-    python -m harness.clsp_generate CONFIG.yaml shard=3/8        # a saved job config instead of overrides
+    python -m methods.clsp.generate [OVERRIDES...] shard=3/8     # one shard (0-based index / count)
+    python -m methods.clsp.generate [OVERRIDES...] shard=all     # every missing shard, then assemble
+    python -m methods.clsp.generate [OVERRIDES...] launcher=slurm shard=all   # the same as Slurm jobs
+    python -m methods.clsp.generate CONFIG.yaml shard=3/8        # a saved job config instead of overrides
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.artifacts import MANIFEST, artifact_path, artifacts_root, build_once, dataset_identity, lock_or_wait
 from harness.atomic import atomic_file, write_text_atomic
 from harness.data.datasets import ImageData, load_dataset
-from harness.diffusion import (
+from methods.clsp.diffusion import (
     ddim_scheduler,
     diffusion_model,
     duration,
@@ -53,7 +53,7 @@ from harness.diffusion import (
     to_uint8,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLER_KEYS = ("steps", "eta", "weight", "clip_sample")  # sampler settings that change the images
 
 
@@ -162,7 +162,7 @@ def with_absolute_artifacts(cfg: DictConfig) -> DictConfig:
 
 
 def run_shards_locally(cfg: DictConfig, todo: list[int], shards: int) -> None:
-    """Run shards `todo` as `python -m harness.clsp_generate` processes, `generate.workers` at a time."""
+    """Run shards `todo` as `python -m methods.clsp.generate` processes, `generate.workers` at a time."""
     parts = parts_dir(synthetic_path(cfg))
     parts.mkdir(parents=True, exist_ok=True)
     config_file = parts / "config.yaml"
@@ -174,7 +174,7 @@ def run_shards_locally(cfg: DictConfig, todo: list[int], shards: int) -> None:
             for slot in range(workers):
                 if slot not in running and waiting:
                     shard = waiting.pop(0)
-                    cmd = [sys.executable, "-m", "harness.clsp_generate", str(config_file), f"shard={shard}/{shards}"]
+                    cmd = [sys.executable, "-m", "methods.clsp.generate", str(config_file), f"shard={shard}/{shards}"]
                     running[slot] = (shard, subprocess.Popen(cmd, env=_child_env(slot)))
             time.sleep(0.2)
             for slot, (shard, proc) in list(running.items()):
@@ -288,7 +288,7 @@ def submit_stages(cfg: DictConfig, executor_for: Callable[[str, list[str]], Any]
 
 
 def _job_config(args: list[str]) -> DictConfig:
-    from harness.config import compose, validate
+    from harness.jobs.config import compose, validate
 
     if len(args) == 1 and args[0].endswith((".yaml", ".yml")) and "=" not in args[0]:
         return OmegaConf.load(args[0])
@@ -300,7 +300,7 @@ def _job_config(args: list[str]) -> DictConfig:
 def main(argv: list[str]) -> int:
     shard_args = [a for a in argv if a.startswith("shard=")]
     if len(shard_args) != 1:
-        print("usage: python -m harness.clsp_generate [OVERRIDES... | CONFIG.yaml] shard=I/N | shard=all",
+        print("usage: python -m methods.clsp.generate [OVERRIDES... | CONFIG.yaml] shard=I/N | shard=all",
               file=sys.stderr)
         return 2
     cfg = _job_config([a for a in argv if not a.startswith("shard=")])
@@ -337,7 +337,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from harness.config import ConfigError
+    from harness.errors import ConfigError
 
     try:
         sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,6 @@
-"""Hydra callbacks: tag the runs of one sweep, and print what happened when it ends."""
+"""Hydra callback of the harness app (``hydra.callbacks`` in harness/conf/config.yaml): tag the runs of
+one sweep, and print what happened when it ends. It lives outside harness/ because it prints through
+the leaderboard's table formatter (harness/ never imports leaderboard/)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from harness.store import SWEEP_ENV, Store, StoreBusy
 from leaderboard.text import format_table
-
-SWEEP_ENV = "HARNESS_SWEEP_ID"
 
 
 class SweepSummary(Callback):
@@ -23,8 +24,6 @@ class SweepSummary(Callback):
         os.environ[SWEEP_ENV] = str(Path(config.hydra.sweep.dir).absolute())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from harness.store import Store, StoreBusy
-
         # The driver is the sweep's ingester: its jobs only wrote files (spool and run folders).
         store = Store(config.store.path, config.store.get("runs_dir"))
         sweep_id = os.environ.get(SWEEP_ENV)

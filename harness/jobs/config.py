@@ -14,40 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-# Settings that say where and how a run executes, not what it computes: they stay out of the
-# run key, so moving a run to another machine or store does not make it a new run.
-NOT_IN_RUN_KEY = (
-    "force",
-    "name",
-    "tags",
-    "sweep",
-    "store",
-    "artifacts",
-    "launcher",
-    "hydra",
-    "trainer.device",
-    "trainer.log_every",
-    "trainer.num_threads",
-    "trainer.compile",
-    "dataset.root",
-    "dataset.archive",
-    "dataset.download",
-    "dataset.cache_dir",
-    "eval.every",
-    "optuna",  # which Optuna study/trial a tuned sweep's job reports to
-)
-
-
-class ConfigError(ValueError):
-    """One or more config values that are not allowed."""
-
-    def __init__(self, field: str, value: Any, allowed: str, more: list[ConfigError] | None = None):
-        self.problems = [(field, value, allowed)] + [p for e in more or [] for p in e.problems]
-        lines = [f"{f} = {v!r} is not allowed: expected {a}" for f, v, a in self.problems]
-        text = "invalid config:\n  " + "\n  ".join(lines) if len(lines) > 1 else "invalid config: " + lines[0]
-        super().__init__(text)
+from harness.errors import ConfigError
+from harness.store import NOT_IN_RUN_KEY
 
 
 def to_container(cfg: DictConfig) -> dict:
@@ -78,7 +48,7 @@ def experiment_config(cfg: DictConfig, world_size: int | None = None) -> dict:
       computes on the whole global batch, and the world size stays out.
 
     `world_size` is the job's number of processes; None reads it from the environment as
-    harness.distributed.setup will (torchrun's WORLD_SIZE, else SLURM_NTASKS, else 1).
+    harness.core.distributed.setup will (torchrun's WORLD_SIZE, else SLURM_NTASKS, else 1).
     This is the config a run stores, so the leaderboard tells these runs apart too.
     """
     tree = to_container(cfg)
@@ -88,7 +58,7 @@ def experiment_config(cfg: DictConfig, world_size: int | None = None) -> dict:
         tree["dataset"]["folder_manifest"] = folder_manifest(str(cfg.dataset.root))
     if OmegaConf.select(cfg, "trainer.sync_bn", default=True) is False:
         if world_size is None:
-            from harness.distributed import expected_world_size
+            from harness.core.distributed import expected_world_size
 
             world_size = expected_world_size()
         if world_size > 1:
@@ -163,95 +133,6 @@ OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("cifar10", "cifar100", "imagefolder")
 LR_SCALING = ("linear", "sqrt", "none")
-SCORECL_STATISTICS = ("vector", "norm")
-SCORECL_NORMALIZATIONS = ("mean", "minmax", "zsigmoid")
-SCORECL_MODES = ("pretrained", "joint")
-
-
-def _scorecl_errors(cfg: DictConfig) -> list[ConfigError | None]:
-    """weighting=scorecl's fields (harness/scorecl.py)."""
-    w, net = "weighting", "weighting.score_net"
-    errors = [
-        _number(cfg, f"{w}.alpha", low=0),
-        _choice(cfg, f"{w}.statistic", SCORECL_STATISTICS),
-        _choice(cfg, f"{w}.normalize", SCORECL_NORMALIZATIONS),
-        _choice(cfg, f"{w}.mode", SCORECL_MODES),
-        _number(cfg, f"{w}.sigma", low=0, strict_low=True),
-        _number(cfg, f"{w}.joint_weight", low=0),
-        _number(cfg, f"{net}.sigma_min", low=0, strict_low=True),
-        _number(cfg, f"{net}.sigma_max", low=0, strict_low=True),
-        _number(cfg, f"{net}.num_sigmas", low=1, integer=True),
-        _number(cfg, f"{net}.epochs", low=1, integer=True),
-        _number(cfg, f"{net}.max_images", low=1, integer=True, optional=True),
-        _number(cfg, f"{net}.batch_size", low=1, integer=True),
-        _number(cfg, f"{net}.lr", low=0, strict_low=True),
-        _number(cfg, f"{net}.ema", low=0, high=0.999999),
-        _number(cfg, f"{net}.seed", low=0, integer=True),
-    ]
-    clip = OmegaConf.select(cfg, f"{w}.clip", default=None)
-    if clip is not None and not (
-            isinstance(clip, (list, tuple, ListConfig)) and len(clip) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clip) and clip[0] <= clip[1]):
-        errors.append(ConfigError(f"{w}.clip", clip, "null or [w_min, w_max] with w_min <= w_max"))
-    if not any(errors):
-        low, high, sigma = float(cfg[w].score_net.sigma_min), float(cfg[w].score_net.sigma_max), float(cfg[w].sigma)
-        if int(cfg[w].score_net.num_sigmas) == 1:
-            high = low
-        elif high < low:
-            errors.append(ConfigError(f"{net}.sigma_max", high, f"a number >= score_net.sigma_min ({low:g})"))
-        if not low <= sigma <= high:
-            errors.append(ConfigError(f"{w}.sigma", sigma, f"a noise level the score net is trained on, in "
-                                                            f"[{low:g}, {high:g}] (score_net.sigma_min..sigma_max)"))
-    return errors
-
-
-POSITIVE_MODES = ("similarity", "extra_positive")
-
-
-def _clsp_errors(cfg: DictConfig) -> list[ConfigError | None]:
-    """The fields of positives=clsp (harness/conf/positives/clsp.yaml, methods/clsp.py)."""
-    if OmegaConf.select(cfg, "positives.name", default=None) != "clsp":
-        return []
-    p, d = "positives", "positives.diffusion"
-    errors = [
-        _number(cfg, f"{p}.weight", low=0),
-        _choice(cfg, f"{p}.mode", POSITIVE_MODES),
-        _number(cfg, f"{p}.view", low=0, high=len(cfg.augment.views) - 1, integer=True),
-        _number(cfg, f"{p}.candidates", low=1, integer=True),
-        _number(cfg, f"{p}.sampler.steps", low=1, integer=True),
-        _number(cfg, f"{p}.sampler.eta", low=0, high=1),
-        _number(cfg, f"{p}.sampler.weight", low=0, high=1),
-        _number(cfg, f"{p}.sampler.batch_size", low=1, integer=True),
-        _number(cfg, f"{p}.generate.seed", low=0, integer=True),
-        _number(cfg, f"{p}.generate.shards", low=1, integer=True),
-        _number(cfg, f"{p}.generate.workers", low=1, integer=True, optional=True),
-        _choice(cfg, f"{p}.generate.device", DEVICES),
-        _number(cfg, f"{d}.timesteps", low=1, integer=True),
-        _number(cfg, f"{d}.beta_start", low=0, high=1, strict_low=True),
-        _number(cfg, f"{d}.beta_end", low=0, high=1, strict_low=True),
-        _number(cfg, f"{d}.epochs", low=1, integer=True),
-        _number(cfg, f"{d}.batch_size", low=1, integer=True),
-        _number(cfg, f"{d}.lr", low=0, strict_low=True),
-        _number(cfg, f"{d}.warmup_steps", low=0, integer=True),
-        _number(cfg, f"{d}.grad_clip", low=0, strict_low=True),
-        _number(cfg, f"{d}.ema_decay", low=0, high=1),
-    ]
-    path, hub = OmegaConf.select(cfg, f"{d}.path", default=None), OmegaConf.select(cfg, f"{d}.hub_id", default=None)
-    if path and hub:
-        errors.append(ConfigError(f"{d}.hub_id", hub, f"null when {d}.path is set (one source of the model)"))
-    if path and not Path(str(path)).expanduser().is_dir():
-        errors.append(ConfigError(f"{d}.path", path, "an existing diffusers checkpoint directory"))
-    if OmegaConf.select(cfg, f"{p}.mode", default=None) == "extra_positive":
-        try:
-            method = import_target(str(cfg.method._target_))
-        except (ImportError, AttributeError, ValueError):
-            method = None  # reported with method._target_
-        if method is not None and not hasattr(method, "synthetic_positive_loss"):
-            errors.append(ConfigError(f"{p}.mode", "extra_positive", f"similarity: {cfg.method.name} has no "
-                                      "synthetic_positive_loss(z_syn, selected) hook (see methods/clsp.py)"))
-    return errors
-
-
 # runs.seed is a 32-bit INTEGER column: a larger seed would make every later ingest fail.
 MAX_SEED = 2**31 - 1
 
@@ -314,7 +195,6 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "trainer.classifier_lr", low=0, strict_low=True, optional=True),
         _number(cfg, "trainer.classifier_weight_decay", low=0, optional=True),
     ]
-    errors += _clsp_errors(cfg)
     errors += _storage_errors(cfg)
     if OmegaConf.select(cfg, "eval.linear.enabled", default=False):
         errors += [
@@ -334,8 +214,6 @@ def validate(cfg: DictConfig) -> None:
     for i, _ in enumerate(OmegaConf.select(cfg, "eval.knn", default=[]) or []):
         errors.append(_number(cfg, f"eval.knn.{i}.k", low=1, integer=True))
         errors.append(_number(cfg, f"eval.knn.{i}.T", low=0, strict_low=True))
-    if OmegaConf.select(cfg, "weighting.name", default=None) == "scorecl":
-        errors += _scorecl_errors(cfg)
     # Method hyper-parameters that several methods share, checked wherever a method has them.
     for name in ("temperature", "temperature_m", "temperature_centroid"):
         errors.append(_number(cfg, f"method.{name}", low=0, strict_low=True, optional=True))
@@ -352,7 +230,8 @@ def validate(cfg: DictConfig) -> None:
             found_class = import_target(str(target))
         except (ImportError, AttributeError, ValueError):
             errors.append(ConfigError(f"{group}._target_", target, f"an importable class path for the {group}"))
-        else:  # a class may check its own settings against the rest of the job (e.g. W-MSE's sub-batch size)
+        else:  # a class checks its own settings against the rest of the job (W-MSE's sub-batch size, an
+               # add-on's fields): the core knows no method's or paper's fields
             errors.extend(getattr(found_class, "check_config", lambda _: [])(cfg))
     if cfg.trainer.device == "cuda":
         import torch
@@ -381,9 +260,32 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from harness.sweeps import register_sweeps
+    from harness.jobs.sweeps import register_sweeps
 
     register_sweeps()
-    conf_dir = Path(__file__).resolve().parent / "conf"
+    conf_dir = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+def build_addons(cfg: DictConfig, feat_dim: int | None = None) -> list:
+    """The add-ons a job's config asks for (hooks: harness/core/addons.py): `_target_` entries of
+    weighting and positives, and the online linear classifier when ``eval.online_linear`` (it needs
+    the backbone's `feat_dim`)."""
+    from harness.core.evaluate import OnlineLinear
+
+    found = []
+    for group in ("weighting", "positives"):
+        node = cfg.get(group)
+        if node is not None and node.get("_target_"):
+            found.append(instantiate(node, cfg))
+    if cfg.get("eval") is not None and cfg.eval.get("online_linear"):
+        found.append(OnlineLinear(cfg, feat_dim))
+    return found
+
+
+def addon_classes(cfg: DictConfig) -> list[type]:
+    """The classes of the add-ons `cfg` configures (weighting, positives), not built: for their class
+    hooks (``check_config``, ``stages``)."""
+    return [import_target(str(cfg[group]._target_)) for group in ("weighting", "positives")
+            if cfg.get(group) is not None and cfg[group].get("_target_")]

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from harness import tv  # noqa: F401  (makes torchvision, and so diffusers, importable on a CPU torch)
 from harness.artifacts import artifact_path, build_once, dataset_identity
-from harness.checkpoint import load_checkpoint, save_checkpoint
+from harness.core import tv  # noqa: F401  (makes torchvision, and so diffusers, importable on a CPU torch)
+from harness.core.checkpoint import load_checkpoint, save_checkpoint
 
 # isort: split
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel

@@ -1,7 +1,7 @@
 """CLSP (Zeng et al., ECCV 2024), methods.md §4: diffusion-made synthetic positives for any method.
 
-An add-on (harness/addons.py), chosen with ``positives=clsp``. Before training it makes sure the
-job's synthetic set exists (harness/clsp_generate.py: a DDPM trained on the training split, then K
+An add-on (harness/core/addons.py), chosen with ``positives=clsp``. Before training it makes sure the
+job's synthetic set exists (methods/clsp/generate.py: a DDPM trained on the training split, then K
 anchor-interpolated samples per image), then at every step a ``ratio`` share of this rank's anchors
 each get one of their candidates, drawn uniformly, augmented with the pipeline of the method's view
 ``view`` and embedded with the method's ``embed``. What the synthetic embedding does (``mode``):
@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness import distributed
-from harness.addons import AddonOut, Batch
+from harness.core import distributed
+from harness.core.addons import AddonOut, Batch
 from harness.data.augment import Pipeline, augment
-
-MODES = ("similarity", "extra_positive")
+from methods.clsp.checks import MODES, clsp_errors
 
 
 def similarity_term(method, anchor_views: torch.Tensor, synthetic_views: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,18 @@ class SyntheticPositives:
     The stages read their settings (candidates, diffusion, sampler, generate) from the job config,
     whose hash keys their artifacts; the keyword arguments used here are the training-time ones.
     """
+
+    check_config = staticmethod(clsp_errors)  # called by harness.jobs.config.validate
+
+    @staticmethod
+    def stages(cfg) -> tuple[Path, Callable] | None:
+        """The Slurm launcher's hook: the synthetic set this job needs, as (its path, a function that
+        queues its stages: DDPM, shards, assembly), or None when no set is needed."""
+        from methods.clsp.generate import needs_synthetic_set, submit_stages, synthetic_path
+
+        if not needs_synthetic_set(cfg):
+            return None
+        return synthetic_path(cfg), lambda executor_for: submit_stages(cfg, executor_for)
 
     def __init__(self, cfg, ratio: float = 0.5, weight: float = 1.0, mode: str = "similarity", view: int = 0,
                  candidates: int = 8, diffusion=None, sampler=None, generate=None):
@@ -74,7 +86,7 @@ class SyntheticPositives:
         self.generator = torch.Generator(device=info.device).manual_seed(int(self.cfg.seed) * 7_000_003 + info.rank)
         if self.ratio == 0:
             return  # nothing is ever drawn: no diffusion model or synthetic set is needed
-        from harness.clsp_generate import synthetic_set
+        from methods.clsp.generate import synthetic_set
 
         folder = synthetic_set(self.cfg, data, info.device)
         index = np.load(folder / "index.npy")
@@ -89,8 +101,8 @@ class SyntheticPositives:
             self._copy_grid(folder, info.world_size)
 
     def _copy_grid(self, folder: Path, world_size: int) -> None:
-        from harness.config import run_key
-        from harness.run import run_dir
+        from harness.jobs.config import run_key
+        from harness.jobs.run import run_dir
 
         target = run_dir(self.cfg, run_key(self.cfg, world_size))
         target.mkdir(parents=True, exist_ok=True)
@@ -121,7 +133,7 @@ class SyntheticPositives:
             hook = getattr(batch.method, "synthetic_positive_loss", None)
             if hook is None:
                 raise TypeError(f"positives.mode=extra_positive needs {type(batch.method).__name__}"
-                                ".synthetic_positive_loss(z_syn, selected); see methods/clsp.py")
+                                ".synthetic_positive_loss(z_syn, selected); see methods/clsp/addon.py")
             term = hook(batch.method.embed(views), selected).mean()
         self.used += k
         return AddonOut(loss=self.weight * term, logs={"loss_synthetic": term.detach()})

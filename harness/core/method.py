@@ -29,7 +29,7 @@ class LossParts:
     batch: torch.Tensor  # scalar; zero for methods without batch-level terms
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     # Detached backbone features of one or more views of this rank's batch, stacked view after
-    # view ((k·n) × feat_dim): what an online linear probe trains on (harness/evaluate.py). None
+    # view ((k·n) × feat_dim): what an online linear probe trains on (harness/core/evaluate.py). None
     # when a method does not expose them.
     feats: torch.Tensor | None = None
 

@@ -14,7 +14,7 @@ file or the training loop. Each is an object built from config (``weighting``, `
 - ``evaluate(backbone, queries, prepare) -> {split: {protocol: (top1, top5)}}``: results under the
   add-on's own protocol name, stored with the k-NN ones (the online linear classifier).
 - ``optim_groups() -> [(module, settings)]``: its parameters' own lr scale / weight decay (see
-  harness/method.py).
+  harness/core/method.py).
 
 An add-on is built as ``Target(job_cfg, **node_keys)``: its constructor gets the whole job config
 first (for artifact paths, see harness/artifacts.py, and dataset normalisation), then the other
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from harness.method import LossParts
+from harness.core.method import LossParts
 
 
 @dataclass
@@ -69,19 +69,3 @@ def combine(batch: Batch, addons: list) -> tuple[torch.Tensor | None, torch.Tens
             extra = out.loss if extra is None else extra + out.loss
         logs.update(out.logs)
     return weights, extra, logs
-
-
-def build_addons(cfg, feat_dim: int | None = None) -> list:
-    """The add-ons a job's config asks for: `_target_` entries of weighting and positives, and the
-    online linear classifier when ``eval.online_linear`` (it needs the backbone's `feat_dim`)."""
-    from harness.config import instantiate
-    from harness.evaluate import OnlineLinear
-
-    found = []
-    for group in ("weighting", "positives"):
-        node = cfg.get(group)
-        if node is not None and node.get("_target_"):
-            found.append(instantiate(node, cfg))
-    if cfg.get("eval") is not None and cfg.eval.get("online_linear"):
-        found.append(OnlineLinear(cfg, feat_dim))
-    return found

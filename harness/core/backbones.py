@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.tv import torchvision
+from harness.core.tv import torchvision
 
 
 class ResNet(nn.Module):

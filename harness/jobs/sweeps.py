@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-PACKAGED = Path(__file__).resolve().parents[1] / "sweeps"
+PACKAGED = Path(__file__).resolve().parents[2] / "sweeps"
 
 
 def sweep_folders() -> list[Path]:

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness import distributed, preempt
-from harness.addons import Batch, combine
-from harness.checkpoint import load_checkpoint, save_checkpoint
+from harness.core import distributed, preempt
+from harness.core.addons import Batch, combine
+from harness.core.checkpoint import load_checkpoint, save_checkpoint
+from harness.core.evaluate import knn_evaluate, knn_protocol, linear_probe
+from harness.core.optim import build_optimizer, lr_at, scaled_lr
+from harness.core.rng import isolated_rng
 from harness.data.augment import ViewMaker
 from harness.data.datasets import ImageData
-from harness.evaluate import knn_evaluate, knn_protocol, linear_probe
-from harness.optim import build_optimizer, lr_at, scaled_lr
-from harness.rng import isolated_rng
 
 
 class Diverged(RuntimeError):
@@ -117,7 +117,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
 
     `log_epoch(epoch, metrics)` receives each finished epoch's metrics (called on every rank).
     `addons` join each step without the method knowing (pair weights, extra positives, probes;
-    see harness/addons.py).
+    see harness/core/addons.py).
     """
     tc = cfg.trainer
     device = info.device
@@ -126,7 +126,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
         if hasattr(addon, "setup"):
             # Seeded from the run seed (the same on every rank) on an RNG of its own: an add-on's
             # initialisation, or an artifact it builds, neither depends on nor moves the global RNG
-            # the training draws from (harness/rng.py).
+            # the training draws from (harness/core/rng.py).
             with isolated_rng(int(cfg.seed) * 1_000_003 + zlib.crc32(type(addon).__name__.encode())):
                 addon.setup(data, info)
     trained_addons = nn.ModuleList([a for a in addons if isinstance(a, nn.Module)])
@@ -203,7 +203,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     progress = Progress(total_steps, every=float(tc.log_every), enabled=info.is_main)
     progress.first_step = start_epoch * steps_per_epoch
     evals: dict[str, dict[str, tuple[float, float]]] = {}
-    preempt.defer(True)  # a signal in the loop waits for its next sync point (harness/preempt.py)
+    preempt.defer(True)  # a signal in the loop waits for its next sync point (harness/core/preempt.py)
     for epoch in range(start_epoch, epochs):
         model.train()
         # Augmentations are seeded per (run seed, epoch, rank): a resumed epoch repeats exactly.
@@ -261,7 +261,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
             if hasattr(addon, "epoch_metrics"):
                 metrics.update(addon.epoch_metrics())
         last = epoch == epochs - 1
-        if last:  # the final evaluation is outside the loop's deferral (harness/preempt.py)
+        if last:  # the final evaluation is outside the loop's deferral (harness/core/preempt.py)
             if stop:
                 raise preempt.Preempted(f"stopped before the final evaluation (epoch {epoch + 1}) for a requeue")
             preempt.defer(False, where="before the final evaluation")
