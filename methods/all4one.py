@@ -90,8 +90,6 @@ def feature_decorrelation(m1: torch.Tensor, m2: torch.Tensor, z1: torch.Tensor, 
 class All4One(nn.Module):
     """NNCLR's projector and predictor, a second predictor, a 3-layer transformer and momentum copies."""
 
-    num_views = 2
-
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, temperature_centroid: float = 0.1,
                  proj_hidden_dim: int = 2048, proj_output_dim: int = 256, pred_hidden_dim: int = 4096,
                  queue_size: int = 98304, num_neighbours: int = 5, transformer_layers: int = 3,

@@ -24,8 +24,6 @@ def byol_pairs(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.T
 class BYOL(nn.Module):
     """Projector feat→4096 (BN, ReLU)→256; predictor 256→4096 (BN, ReLU)→256; momentum 0.99→1 (cosine)."""
 
-    num_views = 2
-
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_output_dim: int = 256,
                  pred_hidden_dim: int = 4096, momentum_base: float = 0.99, momentum_final: float = 1.0,
                  momentum_schedule: str = "cosine"):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core import distributed
+from harness.core.ema import ema_update
 
 SCHEDULES = ("constant", "cosine")
 
@@ -58,15 +59,6 @@ def momentum_copy(module: nn.Module) -> nn.Module:
     for p in target.parameters():
         p.requires_grad_(False)
     return target
-
-
-@torch.no_grad()
-def ema_update(online: nn.Module, target: nn.Module, tau: float) -> None:
-    """θ_target ← τ·θ_target + (1 − τ)·θ_online for every parameter (buffers such as BN statistics are
-    the target's own, from its own forward passes, as in solo-learn and MoCo)."""
-    target_params = list(target.parameters())
-    online_params = [p.detach() for p in online.parameters()]
-    torch._foreach_lerp_(target_params, online_params, 1.0 - tau)
 
 
 def update_momentum_encoder(method: nn.Module, progress: float) -> None:

@@ -26,8 +26,6 @@ from methods.common import (
 class MoCoV2(nn.Module):
     """Projector Linear(feat→2048)–ReLU–Linear(→256), no BN; momentum copies of backbone and projector."""
 
-    num_views = 2
-
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, proj_hidden_dim: int = 2048,
                  proj_output_dim: int = 256, queue_size: int = 32768, momentum_base: float = 0.99,
                  momentum_final: float = 0.999, momentum_schedule: str = "cosine"):

@@ -28,8 +28,6 @@ def nnclr_pairs(pos1: torch.Tensor, pos2: torch.Tensor, p1: torch.Tensor, p2: to
 class NNCLR(nn.Module):
     """Projector feat→2048→2048→256 (BN on every layer); predictor 256→4096 (BN, ReLU)→256."""
 
-    num_views = 2
-
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, proj_hidden_dim: int = 2048,
                  proj_output_dim: int = 256, pred_hidden_dim: int = 4096, queue_size: int = 65536):
         super().__init__()

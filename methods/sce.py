@@ -80,8 +80,6 @@ def sce_pairs(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
 class SCE(nn.Module):
     """Projector feat→512 (BN, ReLU)→128 (SCE's CIFAR trunk head); optional predictor; momentum copies."""
 
-    num_views = 2
-
     def __init__(self, backbone: nn.Module, temperature: float = 0.1, temperature_m: float = 0.05, lam: float = 0.5,
                  proj_hidden_dim: int = 512, proj_output_dim: int = 128, pred_hidden_dim: int | None = None,
                  queue_size: int = 4096, momentum_base: float = 0.99, momentum_final: float = 1.0,

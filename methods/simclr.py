@@ -40,8 +40,6 @@ def nt_xent_pairs(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tor
 class SimCLR(nn.Module):
     """Projector Linear(feat→hidden)–ReLU–Linear(hidden→out), no BN, as solo-learn's CIFAR setup."""
 
-    num_views = 2
-
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, proj_hidden_dim: int = 2048,
                  proj_output_dim: int = 256):
         super().__init__()

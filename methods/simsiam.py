@@ -27,8 +27,6 @@ class SimSiam(nn.Module):
     as in the SimSiam paper and solo-learn (`static_lr: True` on the predictor's group).
     """
 
-    num_views = 2
-
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_output_dim: int = 2048,
                  pred_hidden_dim: int = 512, predictor_static_lr: bool = True):
         super().__init__()

@@ -59,8 +59,6 @@ def vicreg_parts(z1: torch.Tensor, z2: torch.Tensor, sim_loss_weight: float = 25
 class VICReg(nn.Module):
     """Projector 3 layers: feat → hidden (BN, ReLU) → hidden (BN, ReLU) → out, as solo-learn's CIFAR setup."""
 
-    num_views = 2
-
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_output_dim: int = 2048,
                  sim_loss_weight: float = 25.0, var_loss_weight: float = 25.0, cov_loss_weight: float = 1.0):
         super().__init__()

@@ -68,8 +68,6 @@ def wmse_pairs(views: list[torch.Tensor], perms: torch.Tensor, whitening_size: i
 class WMSE(nn.Module):
     """Projector feat → hidden (BN, ReLU) → out, whitening sub-batches of `whitening_size` images."""
 
-    num_views = 2
-
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 1024, proj_output_dim: int = 64,
                  whitening_size: int = 128, whitening_iters: int = 1, whitening_eps: float = 0.0,
                  stop_gradient: bool = True, seed: int = 0):

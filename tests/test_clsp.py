@@ -200,7 +200,7 @@ def test_the_addon_gives_a_ratio_share_of_anchors_a_candidate(mode, method_cls):
     index = torch.arange(16) * 2
     views = [(images[index].float() / 255 - 0.5) for _ in range(2)]
     parts = method(views)
-    out = addon.step(Batch(images[index], index, views, parts, method, method, 0, 0.0))
+    out = addon.step(Batch(images[index], index, views, parts, method, 0, 0.0))
     assert torch.isfinite(out.loss) and out.loss > 0
     out.loss.backward()
     assert method.projector[0].weight.grad.abs().sum() > 0  # the term trains the encoder

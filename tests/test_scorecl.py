@@ -73,7 +73,7 @@ def _simclr_step(cfg, addon, seed=0):
     views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, torch.device("cpu"), seed=seed)(images)
     views = [v.requires_grad_() for v in views]
     parts = method(views)
-    batch = Batch(images, torch.arange(16), views, parts, method, method, 0, 0.0)
+    batch = Batch(images, torch.arange(16), views, parts, method, 0, 0.0)
     return method, views, parts, batch
 
 
@@ -170,7 +170,7 @@ def _joint_step_grads(rank, world):
     data = ImageData(images, torch.zeros(8, dtype=torch.long), images, torch.zeros(8, dtype=torch.long), ["a"], "t")
     addon.setup(data, distributed.DistInfo(rank=rank, world_size=world))
     views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, torch.device("cpu"), seed=rank)(images)
-    out = addon.step(Batch(images, torch.arange(8), views, None, None, None, 0, 0.0))
+    out = addon.step(Batch(images, torch.arange(8), views, None, None, 0, 0.0))
     out.loss.backward()
     return out.loss.item(), [p.grad.clone() for p in addon.net.parameters()]
 

@@ -43,7 +43,6 @@ class Batch:
     views: list[torch.Tensor]  # the method's normalised views
     parts: LossParts  # the method's loss, split into per-pair and batch parts
     method: nn.Module  # the method itself (not the DDP wrapper): heads, embed(), backbone
-    model: nn.Module  # what to call for a forward that DDP must see (the wrapper when distributed)
     epoch: int
     progress: float  # fraction of training done
 

@@ -9,8 +9,6 @@ by accident.
 from __future__ import annotations
 
 import math
-import sys
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 
 from harness.core import distributed
 from harness.core.addons import AddonOut
+from harness.core.progress import Progress
 from harness.core.rng import isolated_rng
 
 
@@ -189,7 +188,7 @@ def linear_probe(backbone: nn.Module, train_x: torch.Tensor, train_y: torch.Tens
     else:
         optimizer = torch.optim.Adam(classifier.parameters(), lr=peak, weight_decay=float(lc.weight_decay))
     n, epochs = len(labels), int(lc.epochs)
-    start = last = time.monotonic()
+    progress = Progress("[linear]", epochs, scale=n, unit="samples", enabled=verbose and distributed.rank() == 0)
     for epoch in range(epochs):
         for group in optimizer.param_groups:
             group["lr"] = peak * linear_lr_factor(lc, epoch)
@@ -201,12 +200,8 @@ def linear_probe(backbone: nn.Module, train_x: torch.Tensor, train_y: torch.Tens
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        now = time.monotonic()
-        if verbose and distributed.rank() == 0 and (now - last > 10 or epoch == epochs - 1):
-            last = now
-            eta = (now - start) / (epoch + 1) * (epochs - epoch - 1)
-            print(f"[linear] epoch {epoch + 1}/{epochs} | loss {loss.item():.4f} | "
-                  f"{(epoch + 1) * n / (now - start):,.0f} samples/s | ETA {eta:.0f}s", file=sys.stderr, flush=True)
+        if progress.due(final=epoch == epochs - 1):
+            progress.report(epoch + 1, f"epoch {epoch + 1}/{epochs} | loss {loss.item():.4f}")
     protocol = linear_protocol(lc)
     with torch.no_grad():
         return {s: {protocol: topk_accuracy(classifier(f), y)} for s, (f, y) in test_feats.items()}

@@ -13,7 +13,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from harness.core.addons import Batch, combine
 from harness.core.checkpoint import load_checkpoint, save_checkpoint
 from harness.core.evaluate import knn_evaluate, knn_protocol, linear_probe
 from harness.core.optim import build_optimizer, lr_at, scaled_lr
+from harness.core.progress import Progress
 from harness.core.rng import isolated_rng
 from harness.data.augment import ViewMaker
 from harness.data.datasets import ImageData
@@ -31,41 +32,6 @@ from harness.data.datasets import ImageData
 
 class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-@dataclass
-class Progress:
-    """A line every `every` seconds (and at each epoch end) with loss, rate and ETA."""
-
-    total_steps: int
-    every: float = 10.0
-    start: float = field(default_factory=time.monotonic)
-    last: float = 0.0
-    first_step: int = 0
-    enabled: bool = True  # only rank 0 prints
-
-    def maybe_print(self, epoch: int, epochs: int, step: int, steps: int, global_step: int, loss: float | None,
-                    images_per_s: float, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < self.every):
-            return
-        self.last = now
-        done = global_step - self.first_step
-        remaining = (self.total_steps - global_step) * (now - self.start) / max(done, 1)
-        loss_text = f"loss {loss:.4f} | " if loss is not None else ""
-        print(
-            f"[train] epoch {epoch + 1}/{epochs} step {step}/{steps} | {loss_text}"
-            f"{images_per_s:,.0f} img/s | ETA {_duration(remaining)}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 @dataclass
@@ -119,171 +85,209 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     `addons` join each step without the method knowing (pair weights, extra positives, probes;
     see harness/core/addons.py).
     """
-    tc = cfg.trainer
-    device = info.device
-    addons = list(addons or [])
-    for addon in addons:
-        if hasattr(addon, "setup"):
-            # Seeded from the run seed (the same on every rank) on an RNG of its own: an add-on's
-            # initialisation, or an artifact it builds, neither depends on nor moves the global RNG
-            # the training draws from (harness/core/rng.py).
-            with isolated_rng(int(cfg.seed) * 1_000_003 + zlib.crc32(type(addon).__name__.encode())):
-                addon.setup(data, info)
-    trained_addons = nn.ModuleList([a for a in addons if isinstance(a, nn.Module)])
-    trained_addons.to(device)
-    if tc.get("sync_bn") and info.world_size > 1:
-        # Each rank's BatchNorm would otherwise normalise by its own slice, so splitting the same
-        # global batch over more GPUs would change the experiment.
-        layers = distributed.global_batchnorm(model)
-        if info.is_main:
-            print(f"[train] trainer.sync_bn: {layers} BatchNorm layers use the global batch's statistics",
-                  file=sys.stderr, flush=True)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    method = model
-    if info.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.get("compile"):
-        model = torch.compile(model)  # the method's own hooks (after_step, embed) stay eager on `method`
-
-    global_batch = int(tc.batch_size)
-    if global_batch % info.world_size:
-        raise ValueError(f"trainer.batch_size={global_batch} is not divisible by the world size {info.world_size}")
-    local_batch = global_batch // info.world_size
-    n_train = len(data.train_x)
-    steps_per_epoch = n_train // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"trainer.batch_size={global_batch} exceeds the {n_train} training images")
-    epochs = int(tc.epochs)
-    total_steps = steps_per_epoch * epochs
-    peak_lr = scaled_lr(float(tc.lr), global_batch, int(tc.base_batch), tc.lr_scaling)
-    warmup_steps = int(round(float(tc.warmup_epochs) * steps_per_epoch))
-    special = [g for owner in (method, *addons) if hasattr(owner, "optim_groups") for g in owner.optim_groups()]
-    optimizer = build_optimizer(nn.ModuleList([method, trained_addons]), tc, peak_lr, special)
-
-    train_x = data.train_x.to(device)  # the whole uint8 dataset lives on the training device
-    train_index = data.train_index.to(device)  # positions in the full training split (for per-image artifacts)
-    views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
-                      seed=int(cfg.seed) * 1000 + info.rank, channels_last=device.type == "cuda")
-    objective_split = "val" if data.val_x is not None else "test"
-    final_queries = {"test": (data.test_x, data.test_y)}
-    if data.val_x is not None:
-        final_queries["val"] = (data.val_x, data.val_y)
-    settings = knn_settings(cfg.eval)
-    primary = knn_protocol(*settings[0])
-
-    def evaluate(splits: list[str], final: bool = False) -> dict[str, dict[str, tuple[float, float]]]:
-        queries = {s: final_queries[s] for s in splits}
-        out = knn_evaluate(method.backbone, data.train_x, data.train_y, queries, views.plain, settings,
-                           data.num_classes)
-        extra = [a.evaluate(method.backbone, queries, views.plain) for a in addons if hasattr(a, "evaluate")]
-        if final and cfg.eval.get("linear") and cfg.eval.linear.enabled:
-            extra.append(linear_probe(method.backbone, data.train_x, data.train_y, queries, views.normalize,
-                                      cfg.eval.linear, data.num_classes, seed=int(cfg.seed), verbose=info.is_main))
-        for results in extra:
-            for split, by_protocol in results.items():
-                out[split].update(by_protocol)
-        return out
-
-    start_epoch, start_step, start_sums = 0, 0, {}
-    # weights_only: a checkpoint in the shared runs folder is data, never code to run.
-    state = load_checkpoint(checkpoint, device, "[train]", info.is_main, required=("model", "optimizer", "epoch"))
-    if state is not None:
-        method.load_state_dict(state["model"])
-        trained_addons.load_state_dict(state.get("addons", {}))
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-        if state.get("step"):  # written on Slurm's signal: continue inside that epoch
-            start_epoch, start_step, start_sums = state["epoch"], state["step"], state["sums"]
-        print(f"[train] resumed from {checkpoint} at epoch {start_epoch + 1}, step {start_step + 1}",
-              file=sys.stderr, flush=True)
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bool(tc.bf16))
-    progress = Progress(total_steps, every=float(tc.log_every), enabled=info.is_main)
-    progress.first_step = start_epoch * steps_per_epoch
-    evals: dict[str, dict[str, tuple[float, float]]] = {}
+    run = Training(cfg, model, data, info, checkpoint, log_epoch, list(addons or []))
+    run.resume()
     preempt.defer(True)  # a signal in the loop waits for its next sync point (harness/core/preempt.py)
-    for epoch in range(start_epoch, epochs):
-        model.train()
+    for epoch in range(run.start_epoch, run.epochs):
+        sums, first_step, lr, epoch_time = run.train_epoch(epoch)
+        run.end_epoch(epoch, sums, first_step, lr, epoch_time)
+    preempt.defer(False, where="after training")  # when no epoch was left (the loop ends it before)
+    if set(run.evals) != set(run.final_queries):  # resumed after the last epoch's checkpoint: evaluate again
+        run.evals = run.evaluate(list(run.final_queries), final=True)
+    return TrainResult(evals=run.evals, objective_split=run.objective_split)
+
+
+class Training:
+    """One `fit`: what its steps share. Built by `prepare` (the constructor), then `resume`, then
+    `train_epoch` and `end_epoch` for each epoch left; `evaluate` runs the k-NN, add-on and linear probes."""
+
+    def __init__(self, cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, checkpoint: Path,
+                 log_epoch: Callable[[int, dict[str, float]], None], addons: list):
+        self.cfg, self.data, self.info, self.checkpoint, self.log_epoch = cfg, data, info, checkpoint, log_epoch
+        self.addons = addons
+        self.prepare(model)
+
+    def prepare(self, model: nn.Module) -> None:
+        """Add-ons set up, the model on its device (global BatchNorm, DDP, compile), the schedule,
+        the optimizer, the data on the device and the evaluation's splits."""
+        cfg, info, tc = self.cfg, self.info, self.cfg.trainer
+        device = self.device = info.device
+        for addon in self.addons:
+            if hasattr(addon, "setup"):
+                # Seeded from the run seed (the same on every rank) on an RNG of its own: an add-on's
+                # initialisation, or an artifact it builds, neither depends on nor moves the global RNG
+                # the training draws from (harness/core/rng.py).
+                with isolated_rng(int(cfg.seed) * 1_000_003 + zlib.crc32(type(addon).__name__.encode())):
+                    addon.setup(self.data, info)
+        self.trained_addons = nn.ModuleList([a for a in self.addons if isinstance(a, nn.Module)])
+        self.trained_addons.to(device)
+        if tc.get("sync_bn") and info.world_size > 1:
+            # Each rank's BatchNorm would otherwise normalise by its own slice, so splitting the same
+            # global batch over more GPUs would change the experiment.
+            layers = distributed.global_batchnorm(model)
+            if info.is_main:
+                print(f"[train] trainer.sync_bn: {layers} BatchNorm layers use the global batch's statistics",
+                      file=sys.stderr, flush=True)
+        model.to(device)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        self.method = model
+        if info.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+        if tc.get("compile"):
+            model = torch.compile(model)  # the method's own hooks (after_step, embed) stay eager on `method`
+        self.model = model
+
+        self.global_batch = int(tc.batch_size)
+        if self.global_batch % info.world_size:
+            raise ValueError(f"trainer.batch_size={self.global_batch} is not divisible by the world size "
+                             f"{info.world_size}")
+        self.local_batch = self.global_batch // info.world_size
+        self.n_train = len(self.data.train_x)
+        self.steps_per_epoch = self.n_train // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"trainer.batch_size={self.global_batch} exceeds the {self.n_train} training images")
+        self.epochs = int(tc.epochs)
+        self.total_steps = self.steps_per_epoch * self.epochs
+        self.peak_lr = scaled_lr(float(tc.lr), self.global_batch, int(tc.base_batch), tc.lr_scaling)
+        self.warmup_steps = int(round(float(tc.warmup_epochs) * self.steps_per_epoch))
+        special = [g for owner in (self.method, *self.addons) if hasattr(owner, "optim_groups")
+                   for g in owner.optim_groups()]
+        self.optimizer = build_optimizer(nn.ModuleList([self.method, self.trained_addons]), tc, self.peak_lr, special)
+
+        self.train_x = self.data.train_x.to(device)  # the whole uint8 dataset lives on the training device
+        self.train_index = self.data.train_index.to(device)  # positions in the full training split
+        self.views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
+                               seed=int(cfg.seed) * 1000 + info.rank, channels_last=device.type == "cuda")
+        self.objective_split = "val" if self.data.val_x is not None else "test"
+        self.final_queries = {"test": (self.data.test_x, self.data.test_y)}
+        if self.data.val_x is not None:
+            self.final_queries["val"] = (self.data.val_x, self.data.val_y)
+        self.settings = knn_settings(cfg.eval)
+        self.primary = knn_protocol(*self.settings[0])
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bool(tc.bf16))
+        self.evals: dict[str, dict[str, tuple[float, float]]] = {}
+
+    def resume(self) -> None:
+        """Continue from this run's checkpoint when there is one (after an epoch, or inside one)."""
+        self.start_epoch, self.start_step, self.start_sums = 0, 0, {}
+        # weights_only: a checkpoint in the shared runs folder is data, never code to run.
+        state = load_checkpoint(self.checkpoint, self.device, "[train]", self.info.is_main,
+                                required=("model", "optimizer", "epoch"))
+        if state is not None:
+            self.method.load_state_dict(state["model"])
+            self.trained_addons.load_state_dict(state.get("addons", {}))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.start_epoch = state["epoch"] + 1
+            if state.get("step"):  # written on Slurm's signal: continue inside that epoch
+                self.start_epoch, self.start_step, self.start_sums = state["epoch"], state["step"], state["sums"]
+            print(f"[train] resumed from {self.checkpoint} at epoch {self.start_epoch + 1}, step {self.start_step + 1}",
+                  file=sys.stderr, flush=True)
+        self.progress = Progress("[train]", self.total_steps, first=self.start_epoch * self.steps_per_epoch,
+                                 every=float(self.cfg.trainer.log_every), scale=self.global_batch,
+                                 enabled=self.info.is_main)
+
+    def train_epoch(self, epoch: int) -> tuple[dict[str, torch.Tensor], int, float, float]:
+        """One epoch's steps; returns (metric sums, the step it started at, the last lr, its seconds)."""
+        cfg, info, tc, device = self.cfg, self.info, self.cfg.trainer, self.device
+        self.model.train()
         # Augmentations are seeded per (run seed, epoch, rank): a resumed epoch repeats exactly.
-        views.generator.manual_seed((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank)
+        self.views.generator.manual_seed((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank)
         # The same permutation on every rank (seeded by run seed and epoch); each takes its slice.
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(int(cfg.seed) * 100003 + epoch))
+        order = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(int(cfg.seed) * 100003 + epoch))
         order = order.to(device)
         sums: dict[str, torch.Tensor] = {}
         first_step = 0
-        if epoch == start_epoch and start_step:
-            first_step, sums = start_step, {k: v.to(device) for k, v in start_sums.items()}
+        if epoch == self.start_epoch and self.start_step:
+            first_step, sums = self.start_step, {k: v.to(device) for k, v in self.start_sums.items()}
             # The rest of an interrupted epoch gets fresh augmentations, seeded by where it stopped.
-            views.generator.manual_seed(((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank) * 7 + first_step)
+            self.views.generator.manual_seed(((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank) * 7 + first_step)
         t0 = time.monotonic()
-        for step in range(first_step, steps_per_epoch):
-            global_step = epoch * steps_per_epoch + step
-            lr = lr_at(global_step, total_steps, warmup_steps, peak_lr, float(tc.warmup_start_lr), float(tc.min_lr))
-            for group in optimizer.param_groups:
-                group["lr"] = (peak_lr if group.get("static_lr") else lr) * group.get("lr_scale", 1.0)
-            idx = order[step * global_batch + info.rank * local_batch:][:local_batch]
-            batch_views = views(train_x[idx])
-            with autocast:
-                parts = model(batch_views)
-                batch = Batch(train_x[idx], train_index[idx], batch_views, parts, method, model, epoch,
-                              global_step / total_steps)
-                weights, extra, addon_logs = combine(batch, addons)
+        steps = self.steps_per_epoch
+        for step in range(first_step, steps):
+            global_step = epoch * steps + step
+            lr = lr_at(global_step, self.total_steps, self.warmup_steps, self.peak_lr, float(tc.warmup_start_lr),
+                       float(tc.min_lr))
+            for group in self.optimizer.param_groups:
+                group["lr"] = (self.peak_lr if group.get("static_lr") else lr) * group.get("lr_scale", 1.0)
+            idx = order[step * self.global_batch + info.rank * self.local_batch:][:self.local_batch]
+            batch_views = self.views(self.train_x[idx])
+            with self.autocast:
+                parts = self.model(batch_views)
+                batch = Batch(self.train_x[idx], self.train_index[idx], batch_views, parts, self.method, epoch,
+                              global_step / self.total_steps)
+                weights, extra, addon_logs = combine(batch, self.addons)
             loss = parts.total(weights) if extra is None else parts.total(weights) + extra
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            if hasattr(method, "after_step"):
-                method.after_step((global_step + 1) / total_steps)
+            self.optimizer.step()
+            if hasattr(self.method, "after_step"):
+                self.method.after_step((global_step + 1) / self.total_steps)
             for name, value in {"loss": loss, "loss_pair": parts.pair.mean(), "loss_batch": parts.batch,
                                 **parts.logs, **addon_logs}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
-            if step % 20 == 0 or step == steps_per_epoch - 1:  # the only host syncs in the loop
+            if step % 20 == 0 or step == steps - 1:  # the only host syncs in the loop
                 current, diverged, stop = _sync_point(loss)
                 if diverged:
                     what = current if not math.isfinite(current) else "not finite on another rank"
                     raise Diverged(f"loss became {what} at epoch {epoch + 1}, step {step + 1}")
-                elapsed = time.monotonic() - t0
-                progress.maybe_print(epoch, epochs, step + 1, steps_per_epoch, global_step + 1, current,
-                                     (step + 1 - first_step) * global_batch / max(elapsed, 1e-9))
-                if stop and step < steps_per_epoch - 1:  # at the last step the epoch's end stops
-                    _stop_for_requeue(method, trained_addons, optimizer, epoch, step + 1, sums, info, checkpoint)
+                self.progress.update(global_step + 1, f"epoch {epoch + 1}/{self.epochs} step {step + 1}/{steps} | "
+                                     f"loss {current:.4f}")
+                if stop and step < steps - 1:  # at the last step the epoch's end stops
+                    _stop_for_requeue(self.method, self.trained_addons, self.optimizer, epoch, step + 1, sums, info,
+                                      self.checkpoint)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        epoch_time = time.monotonic() - t0
-        metrics, stop = _epoch_end_sync(sums, steps_per_epoch)
+        return sums, first_step, lr, time.monotonic() - t0
+
+    def end_epoch(self, epoch: int, sums: dict[str, torch.Tensor], first_step: int, lr: float,
+                  epoch_time: float) -> None:
+        """Metrics over ranks, evaluation when due, the epoch's checkpoint, and a stop when signalled."""
+        info = self.info
+        metrics, stop = _epoch_end_sync(sums, self.steps_per_epoch)
         if not math.isfinite(metrics["loss"]):
             raise Diverged(f"loss became {metrics['loss']} in epoch {epoch + 1}")
         metrics.update(lr=lr, epoch_time_s=epoch_time,
-                       images_per_s=(steps_per_epoch - first_step) * global_batch / epoch_time)
-        for addon in addons:
+                       images_per_s=(self.steps_per_epoch - first_step) * self.global_batch / epoch_time)
+        for addon in self.addons:
             if hasattr(addon, "epoch_metrics"):
                 metrics.update(addon.epoch_metrics())
-        last = epoch == epochs - 1
+        last = epoch == self.epochs - 1
         if last:  # the final evaluation is outside the loop's deferral (harness/core/preempt.py)
             if stop:
                 raise preempt.Preempted(f"stopped before the final evaluation (epoch {epoch + 1}) for a requeue")
             preempt.defer(False, where="before the final evaluation")
-        every = int(cfg.eval.every)
+        every = int(self.cfg.eval.every)
         if last or (every and (epoch + 1) % every == 0):
-            evals = evaluate(list(final_queries) if last else [objective_split], final=last)
-            metrics["knn_top1"] = evals[objective_split][primary][0]
-            for protocol, (top1, _) in evals[objective_split].items():
+            self.evals = self.evaluate(list(self.final_queries) if last else [self.objective_split], final=last)
+            metrics["knn_top1"] = self.evals[self.objective_split][self.primary][0]
+            for protocol, (top1, _) in self.evals[self.objective_split].items():
                 if not protocol.startswith(("knn:", "linear:")):  # add-on protocols, e.g. online_linear
                     metrics[f"{protocol}_top1"] = top1
-        log_epoch(epoch, metrics)
+        self.log_epoch(epoch, metrics)
         if info.is_main:
-            save_checkpoint({"model": method.state_dict(), "addons": trained_addons.state_dict(),
-                             "optimizer": optimizer.state_dict(), "epoch": epoch}, checkpoint)
+            save_checkpoint({"model": self.method.state_dict(), "addons": self.trained_addons.state_dict(),
+                             "optimizer": self.optimizer.state_dict(), "epoch": epoch}, self.checkpoint)
         distributed.barrier()
         knn_text = f" | knn {metrics['knn_top1']:.2f}" if "knn_top1" in metrics else ""
         if info.is_main:
-            print(f"[train] epoch {epoch + 1}/{epochs} done: loss {metrics['loss']:.4f} | "
+            print(f"[train] epoch {epoch + 1}/{self.epochs} done: loss {metrics['loss']:.4f} | "
                   f"{metrics['images_per_s']:,.0f} img/s{knn_text}", file=sys.stderr, flush=True)
         if not last and stop:  # the epoch's checkpoint is written: stop here
             raise preempt.Preempted(f"stopped after epoch {epoch + 1} for a requeue")
-    preempt.defer(False, where="after training")  # when no epoch was left (the loop ends it before)
-    if set(evals) != set(final_queries):  # resumed after the last epoch's checkpoint: evaluate again
-        evals = evaluate(list(final_queries), final=True)
-    return TrainResult(evals=evals, objective_split=objective_split)
+
+    def evaluate(self, splits: list[str], final: bool = False) -> dict[str, dict[str, tuple[float, float]]]:
+        """k-NN on `splits`, the add-ons' own protocols, and the linear probe at the end when enabled."""
+        data, backbone, cfg = self.data, self.method.backbone, self.cfg
+        queries = {s: self.final_queries[s] for s in splits}
+        out = knn_evaluate(backbone, data.train_x, data.train_y, queries, self.views.plain, self.settings,
+                           data.num_classes)
+        extra = [a.evaluate(backbone, queries, self.views.plain) for a in self.addons if hasattr(a, "evaluate")]
+        if final and cfg.eval.get("linear") and cfg.eval.linear.enabled:
+            extra.append(linear_probe(backbone, data.train_x, data.train_y, queries, self.views.normalize,
+                                      cfg.eval.linear, data.num_classes, seed=int(cfg.seed), verbose=self.info.is_main))
+        for results in extra:
+            for split, by_protocol in results.items():
+                out[split].update(by_protocol)
+        return out

@@ -261,34 +261,3 @@ def pad_crop_flip(x_uint8: torch.Tensor, padding: int, flip: float, g: torch.Gen
     batch = torch.arange(n, device=dev).view(-1, 1, 1, 1)
     channel = torch.arange(x_uint8.shape[1], device=dev).view(1, -1, 1, 1)
     return padded[batch, channel, rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
-
-
-def torchvision_equivalent(p: Pipeline, mean=None, std=None):
-    """The per-image torchvision v2 pipeline with the same operations and settings as `p`.
-
-    What the equivalence test compares against and what the augment benchmark races: the way
-    per-image SSL libraries build their views. Input uint8 or float in [0, 1]; output float,
-    normalised when `mean` and `std` are given.
-    """
-    import importlib
-
-    import torch as _torch
-
-    from harness.core.tv import import_torchvision
-
-    import_torchvision()  # repairs the CPU-torch import before transforms.v2 loads
-    v2 = importlib.import_module("torchvision.transforms.v2")
-    ops = [v2.RandomResizedCrop(32, scale=p.crop_scale, ratio=p.crop_ratio, antialias=True),
-           v2.RandomHorizontalFlip(p.flip)]
-    if p.jitter_p > 0:
-        ops.append(v2.RandomApply([v2.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)], p=p.jitter_p))
-    if p.grayscale > 0:
-        ops.append(v2.RandomGrayscale(p.grayscale))
-    if p.blur_p > 0:
-        ops.append(v2.RandomApply([v2.GaussianBlur(p.blur_kernel, p.blur_sigma)], p=p.blur_p))
-    ops.append(v2.ToDtype(_torch.float32, scale=True))
-    if p.solarize > 0:
-        ops.append(v2.RandomSolarize(0.5, p.solarize))
-    if mean is not None and std is not None:
-        ops.append(v2.Normalize(list(mean), list(std)))
-    return v2.Compose(ops)

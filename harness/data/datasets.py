@@ -13,9 +13,7 @@ import hashlib
 import io
 import os
 import pickle
-import sys
 import tarfile
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -26,6 +24,7 @@ import torch
 from PIL import Image
 
 from harness.atomic import atomic_file
+from harness.core.progress import Progress
 from harness.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
@@ -154,24 +153,6 @@ def folder_manifest(root: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------- decoding
-class _Progress:
-    """A line every few seconds with count, rate and ETA, for decoding that takes a while."""
-
-    def __init__(self, what: str, total: int | None, every: float = 3.0):
-        self.what, self.total, self.every = what, total, every
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = f", ETA {((self.total - done) / rate):.0f} s" if self.total else ""
-        of = f"/{self.total}" if self.total else ""
-        print(f"[data] {self.what}: {done}{of} images, {rate:.0f} img/s{eta}", file=sys.stderr, flush=True)
-
-
 def _decode(data: bytes, size: int | None) -> np.ndarray:
     img = Image.open(io.BytesIO(data)).convert("RGB")
     if size and img.size != (size, size):
@@ -191,11 +172,11 @@ def _collect(items: Iterable[tuple[str, str, bytes]], size: int | None, what: st
     """Decode (split, class, bytes) triples into per-split arrays with alphabetical class ids."""
     images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     names: dict[str, list[str]] = {"train": [], "test": []}
-    progress = _Progress(what, total)
+    progress = Progress(f"[data] {what}:", total, every=3.0)
     for n, (split, cls, data) in enumerate(items, 1):
         images[split].append(_decode(data, size))
         names[split].append(cls)
-        progress.update(n)
+        progress.update(n, f"{n}/{total} images" if total else f"{n} images")
     classes = sorted(set(names["train"]) | set(names["test"]))
     index = {c: i for i, c in enumerate(classes)}
     out = {}

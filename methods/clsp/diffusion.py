@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from omegaconf import OmegaConf
 from harness.artifacts import artifact_path, build_once, dataset_identity
 from harness.core import tv  # noqa: F401  (makes torchvision, and so diffusers, importable on a CPU torch)
 from harness.core.checkpoint import load_checkpoint, save_checkpoint
+from harness.core.ema import ema_update
+from harness.core.progress import Progress
 
 # isort: split
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -111,7 +112,7 @@ def train_ddpm(images: torch.Tensor, diffusion_cfg: Mapping, out_dir: Path, stat
         print(f"[diffusion] resuming training at epoch {start + 1}/{epochs}", file=sys.stderr, flush=True)
     alphas = scheduler.alphas_cumprod.to(device)
     data = images.to(device)
-    t0, last = time.monotonic(), 0.0
+    progress = Progress("[diffusion]", total, first=start * steps_per_epoch, every=log_every, scale=batch)
     for epoch in range(start, epochs):
         unet.train()
         order = torch.randperm(len(data), generator=gen)
@@ -131,31 +132,16 @@ def train_ddpm(images: torch.Tensor, diffusion_cfg: Mapping, out_dir: Path, stat
             torch.nn.utils.clip_grad_norm_(unet.parameters(), clip)
             optimizer.step()
             # EMA with the usual short warm-up, so a brief (test) training still has a usable EMA.
-            d = min(decay, (1 + global_step) / (10 + global_step))
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), unet.parameters()):
-                    pe.lerp_(p, 1 - d)
-            now = time.monotonic()
-            if now - last >= log_every or global_step + 1 == total:
-                last = now
-                done = global_step + 1 - start * steps_per_epoch
-                eta = (total - global_step - 1) * (now - t0) / max(done, 1)
-                print(f"[diffusion] epoch {epoch + 1}/{epochs} step {global_step + 1}/{total} | loss {loss.item():.4f}"
-                      f" | {done * batch / max(now - t0, 1e-9):,.0f} img/s | ETA {duration(eta)}",
-                      file=sys.stderr, flush=True)
+            ema_update(unet, ema, min(decay, (1 + global_step) / (10 + global_step)))
+            if progress.due(final=global_step + 1 == total):
+                progress.report(global_step + 1, f"epoch {epoch + 1}/{epochs} step {global_step + 1}/{total} | "
+                                                 f"loss {loss.item():.4f}")
         every = int(diffusion_cfg.get("checkpoint_every", 0) or 0)
         if every and (epoch + 1) % every == 0 and epoch + 1 < epochs:
             save_checkpoint({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                              "generator": gen.get_state(), "epoch": epoch}, state_file)
     DDPMPipeline(unet=ema.cpu(), scheduler=scheduler).save_pretrained(out_dir)
     shutil.rmtree(state_dir, ignore_errors=True)
-
-
-def duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ---------------------------------------------------------------------------------------- sampler

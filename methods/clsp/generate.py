@@ -41,11 +41,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.artifacts import MANIFEST, artifact_path, artifacts_root, build_once, dataset_identity, lock_or_wait
 from harness.atomic import atomic_file, write_text_atomic
+from harness.core.progress import Progress
 from harness.data.datasets import ImageData, load_dataset
 from methods.clsp.diffusion import (
     ddim_scheduler,
     diffusion_model,
-    duration,
     load_model,
     model_identity,
     resolve_device,
@@ -124,18 +124,13 @@ def run_shard(cfg: DictConfig, shard: int, shards: int, data: ImageData | None =
         h, w = data.train_x.shape[-2:]
         result = np.empty((stop - start, k, h, w, 3), dtype=np.uint8)
         per_call = max(1, int(p.sampler.batch_size) // k)
-        t0 = last = time.monotonic()
+        progress = Progress(label, stop, first=start, every=log_every)
         for b in range(start, stop, per_call):
             e = min(b + per_call, stop)
             anchors = data.train_x[b:e].to(device)
             result[b - start:e - start] = generate_candidates(unet, scheduler, anchors, ids[b:e], k, p.sampler,
                                                               seed).cpu().numpy()
-            now = time.monotonic()
-            if now - last >= log_every or e == stop:
-                last = now
-                rate = (e - start) / max(now - t0, 1e-9)
-                print(f"{label}: {e - start}/{stop - start} images (×{k} candidates) | {rate:.1f} img/s | "
-                      f"ETA {duration((stop - e) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
+            progress.update(e, f"{e - start}/{stop - start} images (×{k} candidates)", final=e == stop)
         with atomic_file(out) as f:  # a shard file exists whole or not at all
             np.save(f, result)
         return out

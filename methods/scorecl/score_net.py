@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import harness.core.tv  # noqa: F401  (imported before diffusers, which is imported where used: see harness/core/tv.py)
+from harness.core.ema import ema_update
+from harness.core.progress import Progress
 
 
 def geometric_sigmas(sigma_min: float, sigma_max: float, num: int) -> list[float]:
@@ -106,7 +106,8 @@ def train_score_net(net: ScoreNet, images: torch.Tensor, net_cfg, device: torch.
     images = images.to(device)
     n = len(images)
     steps = max(n // batch_size, 1)
-    total, done, start, last = epochs * steps, 0, time.monotonic(), 0.0
+    total, done = epochs * steps, 0
+    progress = Progress("[score_net]", total, every=10.0, scale=batch_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for epoch in range(epochs):
         order = torch.randperm(n, generator=gen).to(device)
@@ -122,18 +123,11 @@ def train_score_net(net: ScoreNet, images: torch.Tensor, net_cfg, device: torch.
             loss.backward()
             optimizer.step()
             if ema is not None:
-                with torch.no_grad():
-                    for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
-                        pe.lerp_(p, 1.0 - ema_decay)
+                ema_update(net, ema, ema_decay)
             done += 1
-            now = time.monotonic()
-            if now - last >= 10 or step == steps - 1:
-                last = now
+            if progress.due(final=step == steps - 1):
                 running = loss.item()
                 if not math.isfinite(running):
                     raise RuntimeError(f"score network DSM loss became {running} at epoch {epoch + 1}")
-                rate = done * batch_size / (now - start)
-                eta = (total - done) * (now - start) / done
-                print(f"[score_net] epoch {epoch + 1}/{epochs} step {step + 1}/{steps} | dsm {running:.4f} | "
-                      f"{rate:,.0f} img/s | ETA {int(eta) // 60}m{int(eta) % 60:02d}s", file=sys.stderr, flush=True)
+                progress.report(done, f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} | dsm {running:.4f}")
     return (ema if ema is not None else net).eval()
