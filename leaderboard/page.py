@@ -23,6 +23,7 @@ from typing import Any
 
 import duckdb
 
+from harness.atomic import write_text_atomic
 from leaderboard import data, regress
 from leaderboard.stats import t_halfwidth
 
@@ -480,5 +481,5 @@ def build(db: Path, out: Path, cdn: bool = False) -> int:
     with Store(db).connect() as con:
         text = render(con, Path(db), cdn)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    write_text_atomic(out, text)  # a page being served is never seen half-written
     return len(text.encode())

@@ -28,6 +28,7 @@ from typing import Any
 
 import duckdb
 
+from harness.atomic import write_text_atomic
 from leaderboard import data
 from leaderboard.stats import mean_std, welch
 from leaderboard.text import format_table
@@ -132,8 +133,8 @@ def write_baseline_file(path: Path, commit: str, side: dict[tuple, dict[str, Any
                         "weighting": e["weighting"], "synthetic_ratio": e["synthetic_ratio"], "epochs": e["epochs"],
                         "values": e["values"], "seeds": e["seeds"], "mean": mean, "std": std,
                         "tolerance": tolerance, "config": json.loads(e["identity"]) if e.get("identity") else None})
-    path.write_text(json.dumps({"version": BASELINE_VERSION, "commit": commit, "metric": "top1", "split": "test",
-                                "entries": entries}, indent=1) + "\n")
+    write_text_atomic(path, json.dumps({"version": BASELINE_VERSION, "commit": commit, "metric": "top1",
+                                        "split": "test", "entries": entries}, indent=1) + "\n")
     return len(entries)
 
 
@@ -221,7 +222,7 @@ def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, a
     print(f"{regressed} regressed, {sum(r['verdict'] == 'improved' for r in results)} improved, "
           f"{sum(r['verdict'] == 'ok' for r in results)} unchanged of {len(results)} configurations")
     if json_out:
-        json_out.write_text(json.dumps({
+        write_text_atomic(json_out, json.dumps({
             "baseline": base_label, "candidate": cand_commit, "alpha": alpha, "min_effect": min_effect,
             "tolerance": tolerance, "regressed": regressed, "notes": notes,
             "results": [{k: _clean(v) for k, v in r.items()} for r in results]}, indent=1) + "\n")
