@@ -1,6 +1,6 @@
 """Artifacts: things a job builds once and every job with the same config reuses.
 
-A score network (ScoreCL), a diffusion model or a synthetic set (CLSP) takes far longer to build
+A trained model (a score network, a diffusion model) or a generated data set takes far longer to build
 than to load, and a sweep has many jobs that need the same one. An artifact is a folder
 
     <root>/<kind>/<hash of its config>/

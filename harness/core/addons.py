@@ -1,6 +1,6 @@
 """Add-ons: what joins training without the method knowing about it.
 
-ScoreCL's pair weights, CLSP's synthetic positives and an online linear probe all work on any
+Pair weights, extra (e.g. synthetic) positives and an online linear probe all work on any
 method through the method contract (``LossParts``), so none of them is written into a method
 file or the training loop. Each is an object built from config (``weighting``, ``positives``,
 ``eval.online_linear``) with any of these optional hooks:
@@ -15,6 +15,15 @@ file or the training loop. Each is an object built from config (``weighting``, `
   add-on's own protocol name, stored with the k-NN ones (the online linear classifier).
 - ``optim_groups() -> [(module, settings)]``: its parameters' own lr scale / weight decay (see
   harness/core/method.py).
+
+Class-level hooks (called without building the add-on):
+
+- ``check_config(cfg) -> [ConfigError | None]``: its fields, checked with the rest of the job
+  before anything runs (harness/jobs/config.py ``validate``).
+- ``stages(cfg) -> (key, submit) | None``: a shared artifact the Slurm launcher queues once per
+  key before the training jobs that need it (hydra_plugins/harness_launchers/launchers.py).
+
+The add-ons of papers live in methods/, one package each; the core never names them.
 
 An add-on is built as ``Target(job_cfg, **node_keys)``: its constructor gets the whole job config
 first (for artifact paths, see harness/artifacts.py, and dataset normalisation), then the other

@@ -15,7 +15,7 @@ class ResNet(nn.Module):
     """torchvision's ResNet-18/50 for small images: 3×3 stride-1 first conv, no max-pool, no fc.
 
     `stem=imagenet` keeps the original 7×7/stride-2 conv and max-pool (for 224 px folders);
-    `stem=mid` is CLSP's 64 px variant (3×3 stride-1 conv, max-pool kept).
+    `stem=mid` keeps the max-pool after a 3×3 stride-1 conv (for 64 px images).
     """
 
     def __init__(self, depth: int = 18, stem: str = "cifar"):

@@ -4,7 +4,7 @@ A method is an ``nn.Module`` that owns the backbone it is given and its own head
 list of views (normalised image batches), it returns ``LossParts``: the per-pair loss (one entry
 per anchor image, not yet averaged), a batch-level scalar, and scalars to log. The trainer forms
 ``mean(w * pair) + batch`` with ``w = 1`` unless a pair weighting is configured; that single
-contract is what lets ScoreCL weight and CLSP extend any method without touching it.
+contract is what lets a pair weighting or extra positives (add-ons) join any method without touching it.
 
 Optional hooks a method may define:
 - ``after_step(progress: float)``: after each optimizer step (EMA updates, queue pushes);
