@@ -22,8 +22,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks.common import report  # noqa: E402
 from benchmarks.torchvision_reference import torchvision_equivalent  # noqa: E402
-from harness.data.augment import Pipeline, ViewMaker  # noqa: E402
-from harness.data.datasets import load_dataset  # noqa: E402
+from harness.core.data.augment import Pipeline, ViewMaker  # noqa: E402
+from harness.core.data.datasets import load_dataset  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "harness" / "conf"
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from common import report
 
-from harness.data.datasets import load_dataset
+from harness.core.data.datasets import load_dataset
 from harness.jobs.config import compose, validate
 from methods.clsp.diffusion import ddim_scheduler, diffusion_model, load_model, sample_interpolated, to_uint8
 from methods.clsp.generate import generation_device, save_grid

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 
 import torch  # noqa: E402
 
-from harness.data.augment import Pipeline, augment  # noqa: E402
+from harness.core.data.augment import Pipeline, augment  # noqa: E402
 from methods.scorecl.addon import score_difference  # noqa: E402
 from methods.scorecl.score_net import ScoreNet  # noqa: E402
 
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> None:
 
     from benchmarks.common import report
     from harness.core import distributed
-    from harness.data.datasets import load_dataset
+    from harness.core.data.datasets import load_dataset
     from harness.jobs.config import compose, instantiate, validate
 
     cfg = compose(["weighting=scorecl", *overrides])

@@ -8,8 +8,8 @@ import importlib
 
 import torch
 
+from harness.core.data.augment import Pipeline
 from harness.core.tv import import_torchvision
-from harness.data.augment import Pipeline
 
 
 def torchvision_equivalent(p: Pipeline, mean=None, std=None):

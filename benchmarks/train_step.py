@@ -22,9 +22,9 @@ import torch  # noqa: E402
 
 from benchmarks.common import report  # noqa: E402
 from harness.core import distributed  # noqa: E402
+from harness.core.data.augment import ViewMaker  # noqa: E402
+from harness.core.data.datasets import load_dataset  # noqa: E402
 from harness.core.trainer import fit  # noqa: E402
-from harness.data.augment import ViewMaker  # noqa: E402
-from harness.data.datasets import load_dataset  # noqa: E402
 from harness.jobs.config import compose, instantiate  # noqa: E402
 
 

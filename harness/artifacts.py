@@ -54,7 +54,7 @@ from harness.core.rng import isolated_rng
 MANIFEST = "artifact.json"
 
 # Dataset settings that decide which training images a model sees (where the files are read from
-# does not; an image folder is named by its files, see harness.data.datasets.folder_manifest).
+# does not; an image folder is named by its files, see harness.core.data.datasets.folder_manifest).
 _DATASET_KEYS = ("name", "train_size", "val_size", "subset_seed", "image_size")
 
 
@@ -91,7 +91,7 @@ def dataset_identity(ds: DictConfig) -> dict:
     """The part of a dataset config that decides the training split (for artifact keys)."""
     ident = {k: _plain(ds.get(k)) for k in _DATASET_KEYS if ds.get(k) is not None}
     if ds.get("name") == "imagefolder":
-        from harness.data.datasets import folder_manifest
+        from harness.core.data.datasets import folder_manifest
 
         ident["folder_manifest"] = folder_manifest(str(ds.get("root")))
     return ident

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cifar_archive() -> Path | None:
-    from harness.data.datasets import default_archive
+    from harness.core.data.datasets import default_archive
 
     archive = default_archive()
     return archive if archive is not None and archive.exists() else None
@@ -65,6 +65,6 @@ def cifar10_cached():
         _without_cifar()
     from omegaconf import OmegaConf
 
-    from harness.data.datasets import load_full
+    from harness.core.data.datasets import load_full
 
     return load_full(OmegaConf.create({"name": "cifar10", "archive": "auto", "root": None, "download": False}))

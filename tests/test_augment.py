@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from harness.data.augment import Pipeline, ViewMaker, augment, gaussian_blur, grayscale, sample_crops
+from harness.core.data.augment import Pipeline, ViewMaker, augment, gaussian_blur, grayscale, sample_crops
 
 
 def pipe(**over) -> Pipeline:

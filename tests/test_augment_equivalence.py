@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from benchmarks.torchvision_reference import torchvision_equivalent
+from harness.core.data.augment import Pipeline, augment, sample_crops
 from harness.core.tv import import_torchvision
-from harness.data.augment import Pipeline, augment, sample_crops
 from tests.conftest import requires_cifar
 
 import_torchvision()  # repairs the CPU-torch import first

@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 
 from harness.core import tv  # noqa: F401  (before diffusers)
 from harness.core.addons import Batch
+from harness.core.data.datasets import ImageData, load_dataset
 from harness.core.distributed import DistInfo
 from harness.core.trainer import fit
-from harness.data.datasets import ImageData, load_dataset
 from harness.jobs.config import ConfigError, build_addons, compose, instantiate, validate
 from harness.store import Store
 from methods.clsp.diffusion import build_scheduler, build_unet, ddim_scheduler, diffusion_model, load_model

@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from harness.data.datasets import load_dataset, load_full, size_errors, split_counts
+from harness.core.data.datasets import load_dataset, load_full, size_errors, split_counts
 from harness.jobs.config import ConfigError, compose, validate
 from tests.conftest import run_harness
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from harness.data.datasets import balanced_subset, load_dataset, load_full, resolve_source
+from harness.core.data.datasets import balanced_subset, load_dataset, load_full, resolve_source
 from harness.errors import ConfigError
 from tests.conftest import requires_cifar
 

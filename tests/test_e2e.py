@@ -103,9 +103,9 @@ def test_torchrun_runs_the_same_job_as_two_processes(tmp_path, cifar10_cached):
 
 def test_simclr_learns_real_features(tmp_path, cifar10_cached):
     """SimCLR-trained ConvNet vs the same ConvNet at random initialisation, same k-NN protocol."""
+    from harness.core.data.augment import ViewMaker
+    from harness.core.data.datasets import load_dataset
     from harness.core.evaluate import knn_evaluate
-    from harness.data.augment import ViewMaker
-    from harness.data.datasets import load_dataset
     from harness.jobs.config import compose, instantiate
 
     db = tmp_path / "r.duckdb"

@@ -6,9 +6,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from harness.core.data.augment import pad_crop_flip
 from harness.core.evaluate import LINEAR_DEFAULTS, linear_lr_factor, linear_probe, linear_protocol
 from harness.core.optim import build_optimizer
-from harness.data.augment import pad_crop_flip
 from harness.jobs.config import ConfigError, compose, validate
 from harness.store import Store
 from tests.conftest import requires_cifar, run_harness

@@ -52,9 +52,9 @@ PRIMARY = "knn:cosine:k=200:T=0.1"
 @functools.cache
 def random_init_knn(overrides: tuple[str, ...]) -> float:
     """k-NN top-1 of the run's backbone before training: the same seed, initialisation and images."""
+    from harness.core.data.augment import ViewMaker
+    from harness.core.data.datasets import load_dataset
     from harness.core.evaluate import knn_evaluate
-    from harness.data.augment import ViewMaker
-    from harness.data.datasets import load_dataset
     from harness.jobs.config import compose, instantiate
 
     cfg = compose(list(overrides))

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from harness.artifacts import dataset_identity
-from harness.data.datasets import folder_manifest
+from harness.core.data.datasets import folder_manifest
 from harness.jobs.config import compose, run_key
 from tests.conftest import requires_cifar
 

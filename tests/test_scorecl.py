@@ -65,7 +65,7 @@ def _addon(alpha: float, overrides=()):
 
 
 def _simclr_step(cfg, addon, seed=0):
-    from harness.data.augment import ViewMaker
+    from harness.core.data.augment import ViewMaker
 
     torch.manual_seed(seed)
     method = instantiate(cfg.method, instantiate(cfg.backbone))
@@ -161,8 +161,8 @@ def test_sweep_preset_covers_the_papers_grid():
 
 def _joint_step_grads(rank, world):
     from harness.core import distributed
-    from harness.data.augment import ViewMaker
-    from harness.data.datasets import ImageData
+    from harness.core.data.augment import ViewMaker
+    from harness.core.data.datasets import ImageData
 
     cfg, addon = _addon(1.0, ["weighting.mode=joint"])
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own images

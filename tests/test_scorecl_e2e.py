@@ -31,7 +31,7 @@ def test_score_difference_grows_with_augmentation_strength(tmp_path, cifar10_cac
     """The paper's observation, small: a score net trained here on real images, 3 strength levels."""
     from benchmarks.scorecl_observation import measure, pipelines
     from harness.core import distributed
-    from harness.data.datasets import load_dataset
+    from harness.core.data.datasets import load_dataset
     from harness.jobs.config import compose, instantiate
 
     cfg = compose(["weighting=scorecl_tiny", "dataset.train_size=500", f"store.path={tmp_path}/r.duckdb"])

@@ -161,7 +161,7 @@ def linear_probe(backbone: nn.Module, train_x: torch.Tensor, train_y: torch.Tens
     at random. Every rank then trains the same probe from the same seed, so all ranks agree.
     `normalize` maps float images in [0, 1] to the backbone's input normalisation.
     """
-    from harness.data.augment import pad_crop_flip
+    from harness.core.data.augment import pad_crop_flip
 
     device = next(backbone.parameters()).device
     padding, flip = LINEAR_AUGMENTS[lc.augment]

@@ -22,12 +22,12 @@ from torch import nn
 from harness.core import distributed, preempt
 from harness.core.addons import Batch, combine
 from harness.core.checkpoint import load_checkpoint, save_checkpoint
+from harness.core.data.augment import ViewMaker
+from harness.core.data.datasets import ImageData
 from harness.core.evaluate import knn_evaluate, knn_protocol, linear_probe
 from harness.core.optim import build_optimizer, lr_at, scaled_lr
 from harness.core.progress import Progress
 from harness.core.rng import isolated_rng
-from harness.data.augment import ViewMaker
-from harness.data.datasets import ImageData
 
 
 class Diverged(RuntimeError):

@@ -39,7 +39,7 @@ def experiment_config(cfg: DictConfig, world_size: int | None = None) -> dict:
     """The resolved config plus what decides the result without being a setting of its own:
 
     - ``dataset.folder_manifest`` for ``dataset.name=imagefolder``: the folder's files (a hash of
-      their paths inside it, sizes and first/last 4 KiB, harness.data.datasets.folder_manifest),
+      their paths inside it, sizes and first/last 4 KiB, harness.core.data.datasets.folder_manifest),
       since ``dataset.root`` only says where they are: a copy elsewhere gets the same key. Where
       CIFAR is read from (root, archive, download) names the same images and adds nothing.
     - ``trainer.world_size`` when ``trainer.sync_bn=false`` and the job runs as more than one
@@ -53,7 +53,7 @@ def experiment_config(cfg: DictConfig, world_size: int | None = None) -> dict:
     """
     tree = to_container(cfg)
     if OmegaConf.select(cfg, "dataset.name") == "imagefolder":
-        from harness.data.datasets import folder_manifest
+        from harness.core.data.datasets import folder_manifest
 
         tree["dataset"]["folder_manifest"] = folder_manifest(str(cfg.dataset.root))
     if OmegaConf.select(cfg, "trainer.sync_bn", default=True) is False:
@@ -240,7 +240,7 @@ def validate(cfg: DictConfig) -> None:
             errors.append(ConfigError("trainer.device", "cuda", "auto or cpu: this machine has no CUDA device"))
     found = [e for e in errors if e is not None]
     if not any(f == "dataset.name" for e in found for f, _, _ in e.problems):
-        from harness.data.datasets import resolve_source, size_errors
+        from harness.core.data.datasets import resolve_source, size_errors
 
         try:
             resolve_source(cfg.dataset)

@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from harness.atomic import write_text_atomic
 from harness.core import distributed, preempt
 from harness.core.checkpoint import has_checkpoint, remove_checkpoints
+from harness.core.data.datasets import load_dataset
 from harness.core.evaluate import knn_protocol
 from harness.core.optim import scaled_lr
 from harness.core.trainer import Diverged, fit, knn_settings
-from harness.data.datasets import load_dataset
 from harness.jobs import tuning
 from harness.jobs.config import build_addons, experiment_config, instantiate, run_key, validate
 from harness.store import DONE_MARKER, SWEEP_ENV, Store, StoreBusy, last_row, read_done, utcnow, write_done

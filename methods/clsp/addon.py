@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from harness.core import distributed
 from harness.core.addons import AddonOut, Batch
-from harness.data.augment import Pipeline, augment
+from harness.core.data.augment import Pipeline, augment
 from methods.clsp.checks import MODES, clsp_errors
 
 

@@ -41,8 +41,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.artifacts import MANIFEST, artifact_path, artifacts_root, build_once, dataset_identity, lock_or_wait
 from harness.atomic import atomic_file, write_text_atomic
+from harness.core.data.datasets import ImageData, load_dataset
 from harness.core.progress import Progress
-from harness.data.datasets import ImageData, load_dataset
 from methods.clsp.diffusion import (
     ddim_scheduler,
     diffusion_model,
