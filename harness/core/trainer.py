@@ -112,32 +112,8 @@ class Training:
         the optimizer, the data on the device and the evaluation's splits."""
         cfg, info, tc = self.cfg, self.info, self.cfg.trainer
         device = self.device = info.device
-        for addon in self.addons:
-            if hasattr(addon, "setup"):
-                # Seeded from the run seed (the same on every rank) on an RNG of its own: an add-on's
-                # initialisation, or an artifact it builds, neither depends on nor moves the global RNG
-                # the training draws from (harness/core/rng.py).
-                with isolated_rng(int(cfg.seed) * 1_000_003 + zlib.crc32(type(addon).__name__.encode())):
-                    addon.setup(self.data, info)
-        self.trained_addons = nn.ModuleList([a for a in self.addons if isinstance(a, nn.Module)])
-        self.trained_addons.to(device)
-        if tc.get("sync_bn") and info.world_size > 1:
-            # Each rank's BatchNorm would otherwise normalise by its own slice, so splitting the same
-            # global batch over more GPUs would change the experiment.
-            layers = distributed.global_batchnorm(model)
-            if info.is_main:
-                print(f"[train] trainer.sync_bn: {layers} BatchNorm layers use the global batch's statistics",
-                      file=sys.stderr, flush=True)
-        model.to(device)
-        if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        self.method = model
-        if info.world_size > 1:
-            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-        if tc.get("compile"):
-            model = torch.compile(model)  # the method's own hooks (after_step, embed) stay eager on `method`
-        self.model = model
+        self.setup_addons()
+        self.place_model(model)
 
         self.global_batch = int(tc.batch_size)
         if self.global_batch % info.world_size:
@@ -168,6 +144,38 @@ class Training:
         self.primary = knn_protocol(*self.settings[0])
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bool(tc.bf16))
         self.evals: dict[str, dict[str, tuple[float, float]]] = {}
+
+    def setup_addons(self) -> None:
+        for addon in self.addons:
+            if hasattr(addon, "setup"):
+                # Seeded from the run seed (the same on every rank) on an RNG of its own: an add-on's
+                # initialisation, or an artifact it builds, neither depends on nor moves the global RNG
+                # the training draws from (harness/core/rng.py).
+                with isolated_rng(int(self.cfg.seed) * 1_000_003 + zlib.crc32(type(addon).__name__.encode())):
+                    addon.setup(self.data, self.info)
+        self.trained_addons = nn.ModuleList([a for a in self.addons if isinstance(a, nn.Module)])
+        self.trained_addons.to(self.device)
+
+    def place_model(self, model: nn.Module) -> None:
+        """`method` is the model itself (its hooks, checkpoints); `model` what the step calls (DDP, compiled)."""
+        info, tc, device = self.info, self.cfg.trainer, self.device
+        if tc.get("sync_bn") and info.world_size > 1:
+            # Each rank's BatchNorm would otherwise normalise by its own slice, so splitting the same
+            # global batch over more GPUs would change the experiment.
+            layers = distributed.global_batchnorm(model)
+            if info.is_main:
+                print(f"[train] trainer.sync_bn: {layers} BatchNorm layers use the global batch's statistics",
+                      file=sys.stderr, flush=True)
+        model.to(device)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        self.method = model
+        if info.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+        if tc.get("compile"):
+            model = torch.compile(model)  # the method's own hooks (after_step, embed) stay eager on `method`
+        self.model = model
 
     def resume(self) -> None:
         """Continue from this run's checkpoint when there is one (after an epoch, or inside one)."""
