@@ -23,7 +23,7 @@ from typing import Any
 
 import duckdb
 
-from leaderboard import data, regress
+from leaderboard import claims, data, regress
 from leaderboard.stats import t_halfwidth
 
 REFERENCES = Path(__file__).with_name("references.csv")
@@ -99,6 +99,29 @@ def hyper_parameters(configs: list[dict[str, Any]]) -> dict[str, str]:
         else:  # one configuration tried: show the learning rate actually used and the batch
             out[c["config_key"]] = "" if c.get("lr") is None else f"lr={c['lr']:.4g}, bs={c['batch_size']}"
     return out
+
+
+def claims_section(page: Page, con: duckdb.DuckDBPyConnection) -> None:
+    """Each paper's claim beside what we measured: verdict, and the budget as its own badge."""
+    results = claims.check(con, claims.load())
+    body = []
+    for r, cells in zip(results, claims.text_rows(results)):
+        badge = {"matches": "budget matches", "differs": "budget differs", "unknown": "budget not stated",
+                 "not run": ""}[r["budget"]]
+        body.append(row_html([
+            ("claim", r["claim"]), ("paper", r["paper"]), ("what", r["claim_text"]), ("method", r["method"]),
+            ("protocol", r["protocol"]), ("claimed", cells["claimed"]), ("measured", cells["measured"]),
+            ("interval", cells["95% interval"]), ("n", r["n"]), ("verdict", r["reading"]),
+            ("budget", badge), ("budgetnotes", "; ".join(r["budget_notes"] + claims.budget_words(r["our_budget"]))),
+        ], {"dataset": r["dataset"], "verdict": r["verdict"], "budget": r["budget"]}))
+    page.sections.append(
+        "<p>Each claim of the papers (<code>leaderboard/claims.csv</code>) beside our measurement: for an add-on, "
+        "the paired difference over seeds at the best configuration without it (as in the add-on table); "
+        "95% t-interval. <b>reproduced</b>: the interval lies above what the claim asserts; <b>contradicted</b>: "
+        "below it; otherwise not significant. A result at another budget is shown as such, not as a failed "
+        "reproduction.</p>"
+        + table(["claim", "paper", "what the source says", "method", "protocol", "claimed (points)", "measured",
+                 "95% interval", "n", "verdict", "budget", "budget: ours vs the claim's"], body, "claims"))
 
 
 def rankings(page: Page, configs: list[dict[str, Any]],
@@ -362,7 +385,11 @@ td.names,td.hparams,td.note{max-width:320px;overflow-wrap:anywhere}
 #filters{position:sticky;top:0;background:#fff;padding:6px 0;z-index:5;border-bottom:1px solid #eee}
 #filters label{margin-right:14px}.verdict.bad{color:#b00;font-weight:600}.verdict.good{color:#070}
 tr[data-verdict=REGRESSED] td{background:#fde8e8}
-summary{cursor:pointer;margin:6px 0}table.beside{font-size:11.5px;color:#444}
+summary{cursor:pointer;margin:6px 0}
+tr[data-verdict=reproduced] td.verdict{color:#070;font-weight:600}
+tr[data-verdict=contradicted] td.verdict{color:#b00;font-weight:600}
+td.budget{white-space:nowrap}tr[data-budget=differs] td.budget{background:#fff3cd}
+td.what,td.budgetnotes{max-width:260px;overflow-wrap:anywhere}table.beside{font-size:11.5px;color:#444}
 """
 
 SCRIPT = """
@@ -415,6 +442,8 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     datasets = sorted({c["dataset"] for c in configs})
     counts = con.execute("SELECT count(*), count(*) FILTER (WHERE status = 'completed') FROM runs").fetchone()
 
+    page.sections.append("<h2>Claims checked</h2>")
+    claims_section(page, con)
     page.sections.append("<h2>Rankings</h2><p>One row per setting: its best configuration by mean test top-1 "
                          "over seeds (newest run per seed); 95% interval is Student's t over seeds.</p>")
     refs = load_references(con)
