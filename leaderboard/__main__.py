@@ -19,7 +19,8 @@ from leaderboard import claims, page, regress
 from leaderboard.text import format_table
 
 SHOW_SQL = """
-SELECT r.method, r.dataset, r.backbone, r.weighting, r.positives, r.seed, r.epochs, r.status,
+SELECT r.method, r.dataset, r.backbone, coalesce(r.weighting_variant, r.weighting) AS weighting,
+       coalesce(r.positives_variant, r.positives) AS positives, r.seed, r.epochs, r.status,
        e.protocol, e.top1, e.top5, r.run_key, r.git_commit
 FROM runs r LEFT JOIN evals e ON e.run_id = r.run_id AND e.split = 'test'
 WHERE (? OR r.status = 'completed')

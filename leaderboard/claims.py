@@ -143,7 +143,9 @@ def measured(con: duckdb.DuckDBPyConnection, claim: dict[str, str], effects: lis
     if claim["kind"] == "effect":
         for e in effects:
             chosen = e["weighting"] if claim["addon"] == "weighting" else e["positives"]
-            if (e["addon"] == claim["addon"] and chosen == claim["treatment"] and e["method"] in methods
+            # A variant of the add-on (scorecl_tiny) is measured against the claim too; its budget tells it apart.
+            variant_of = chosen == claim["treatment"] or str(chosen).startswith(claim["treatment"] + "_")
+            if (e["addon"] == claim["addon"] and variant_of and e["method"] in methods
                     and e["dataset"] == claim["dataset"] and protocol_matches(claim["protocol"], e["protocol"])):
                 found.append({**e, "label": e["treatment"]})
     else:

@@ -29,6 +29,10 @@ NOT_IDENTITY = (*NOT_IN_RUN_KEY, "seed", "sweep_name")
 
 # Columns a setting is made of (one ranking row per setting and dataset x protocol).
 SETTING = ("method", "backbone", "weighting", "positives", "synthetic_ratio", "epochs")
+# An add-on is shown by the config option chosen (scorecl_tiny), not its YAML's name (scorecl):
+# runs from before the harness recorded it fall back to the name.
+SETTING_SQL = {"weighting": "coalesce(r.weighting_variant, r.weighting) AS weighting",
+               "positives": "coalesce(r.positives_variant, r.positives) AS positives"}
 # A run from a tree with uncommitted changes did not run its commit's code: it counts as a commit of
 # its own, `<hash>+dirty`, so it never mixes with (or stands in for) the clean commit's runs.
 DIRTY = "+dirty"
@@ -104,7 +108,8 @@ def prepare(con: duckdb.DuckDBPyConnection) -> None:
     # One value per configuration, seed and protocol: the newest completed run's test top-1.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE all_seeds AS
         SELECT r.dataset, e.protocol, i.config_key, i.weight_key, i.pos_key, r.seed, e.top1, e.top5,
-               r.run_id, r.name, {", ".join("r." + c for c in SETTING)}, r.batch_size, r.lr, r.gpu_hours,
+               r.run_id, r.name, {", ".join(SETTING_SQL.get(c, "r." + c) for c in SETTING)},
+               r.batch_size, r.lr, r.gpu_hours,
                coalesce(r.git_commit, 'unknown') || CASE WHEN r.git_dirty THEN '{DIRTY}' ELSE '' END AS git_commit,
                r.git_dirty, r.finished_at
         FROM evals e JOIN runs r ON r.run_id = e.run_id JOIN run_ident i ON i.run_id = e.run_id

@@ -102,3 +102,29 @@ def test_the_page_opens_with_the_claims_and_their_verdicts(planted, tmp_path):
     assert scorecl["simclr"]["budget"] == "budget not stated"
     assert "ours: 10 ep, convnet, 50000 train images" in scorecl["simclr"]["budgetnotes"]
     assert float(scorecl["simclr"]["measured"]) == pytest.approx(sum(PLANTED["simclr"]) / 4, abs=0.006)
+
+
+def test_a_variant_is_shown_by_its_own_name_and_checked_at_its_budget(tmp_path, capsys):
+    store = Store(tmp_path / "r.duckdb")
+    tiny = {"weighting.score_net.epochs": 1, "weighting.score_net.unet.block_out_channels": [16, 32]}
+    full = {"weighting.score_net.epochs": 100, "weighting.score_net.unet.block_out_channels": [64, 128, 256, 256]}
+    for seed, base in enumerate(BASE):
+        add_run(store, f"plain{seed}", base, seed=seed)
+        add_run(store, f"tiny{seed}", base + 0.5, seed=seed, weighting="scorecl", fields=tiny,
+                row={"weighting_variant": "scorecl_tiny"})
+        add_run(store, f"full{seed}", base + 2.0, seed=seed, weighting="scorecl", fields=full)  # an older row
+    out = tmp_path / "p.html"
+    assert main(["build", "--db", str(store.path), "--out", str(out), "--cdn"]) == 0
+    parsed = parse_dom(out.read_text())
+    assert sorted(r["weighting"] for r in parsed.tables["ranking"]) == ["none", "scorecl", "scorecl_tiny"]
+    assert sorted(r["treatment"] for r in parsed.tables["effects"]) == ["scorecl", "scorecl_tiny"]
+    capsys.readouterr()
+    claims_file = tmp_path / "claims.csv"
+    write_claims(claims_file, [{**CLAIM, "artifact_epochs": "100", "artifact_channels": "64;128;256;256"}])
+    results = {r["treatment"]: r for r in verdicts(capsys, store.path, claims_file) if r["method"] == "simclr"}
+    assert results["scorecl"]["budget"] == "matches"
+    assert results["scorecl_tiny"]["budget"] == "differs"
+    assert results["scorecl_tiny"]["budget_notes"] == ["artifact_epochs 1 vs 100",
+                                                       "artifact_channels 16;32 vs 64;128;256;256"]
+    assert main(["show", "--db", str(store.path)]) == 0
+    assert "scorecl_tiny" in capsys.readouterr().out
