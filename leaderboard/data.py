@@ -110,6 +110,10 @@ def prepare(con: duckdb.DuckDBPyConnection) -> None:
         SELECT r.dataset, e.protocol, i.config_key, i.weight_key, i.pos_key, r.seed, e.top1, e.top5,
                r.run_id, r.name, {", ".join(SETTING_SQL.get(c, "r." + c) for c in SETTING)},
                r.batch_size, r.lr, r.gpu_hours,
+               -- Cost of the run's last attempt (started_at is set when an attempt starts), CPU runs included.
+               epoch(r.finished_at - r.started_at) / 3600.0 AS wall_hours,
+               epoch(r.finished_at - r.started_at) / 3600.0 * coalesce(r.world_size, 1) AS device_hours,
+               coalesce(r.device_name, 'unknown') AS device_name,
                coalesce(r.git_commit, 'unknown') || CASE WHEN r.git_dirty THEN '{DIRTY}' ELSE '' END AS git_commit,
                r.git_dirty, r.finished_at
         FROM evals e JOIN runs r ON r.run_id = e.run_id JOIN run_ident i ON i.run_id = e.run_id
@@ -136,7 +140,8 @@ def configurations(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
                    any_value(batch_size) AS batch_size, any_value(lr) AS lr,
                    avg(top1) AS mean, stddev_samp(top1) AS std, count(*) AS n,
                    list(top1 ORDER BY seed) AS values, list(seed ORDER BY seed) AS seeds,
-                   sum(gpu_hours) AS gpu_hours,
+                   sum(gpu_hours) AS gpu_hours, sum(wall_hours) AS wall_hours, sum(device_hours) AS device_hours,
+                   string_agg(DISTINCT device_name, ' | ' ORDER BY device_name) AS devices,
                    string_agg(DISTINCT name, ' | ' ORDER BY name) AS names,
                    string_agg(DISTINCT git_commit, ' ' ORDER BY git_commit) AS commits
             FROM per_seed GROUP BY ALL)

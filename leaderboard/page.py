@@ -16,7 +16,7 @@ import csv
 import html
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,9 @@ def setting_label(row: dict[str, Any]) -> str:
 
 def table(headers: list[str], body: Iterable[str], css: str = "") -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    # In a box that scrolls sideways, so that a wide table never runs off a narrow screen.
+    return (f'<div class="scroll"><table class="{css}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def row_html(cells: list[tuple[str, Any]], attrs: dict[str, Any] | None = None) -> str:
@@ -124,6 +126,80 @@ def claims_section(page: Page, con: duckdb.DuckDBPyConnection) -> None:
                  "95% interval", "n", "verdict", "budget", "budget: ours vs the claim's"], body, "claims"))
 
 
+def primary_protocol(identity: str | None) -> str | None:
+    """The protocol a run's objective and per-epoch k-NN curve use: the first of its eval.knn settings."""
+    knn = data.flatten(json.loads(identity or "{}")).get("eval.knn")
+    if not isinstance(knn, list) or not knn or not isinstance(knn[0], dict):
+        return None
+    try:  # the name harness.evaluate.knn_protocol gives it
+        return f"knn:cosine:k={int(knn[0]['k'])}:T={float(knn[0]['T']):g}"
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def block_order(configs: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], dict[str, str | None]]:
+    """(every dataset x protocol, each dataset's primary protocol first; the primary protocol per dataset).
+
+    A dataset's primary protocol is the one most of its configurations were run with as primary.
+    """
+    votes: dict[str, Counter] = defaultdict(Counter)
+    protocols: dict[str, set[str]] = defaultdict(set)
+    for c in configs:
+        protocols[c["dataset"]].add(c["protocol"])
+        if c["protocol"] == primary_protocol(c["identity"]):
+            votes[c["dataset"]][c["protocol"]] += 1
+    primary = {d: (votes[d].most_common(1)[0][0] if votes[d] else None) for d in protocols}
+    order = [(d, p) for d in sorted(protocols) for p in sorted(protocols[d], key=lambda p: (p != primary[d], p))]
+    return order, primary
+
+
+def tie_ranks(members: list[dict[str, Any]]) -> list[str]:
+    """Rank labels of rows sorted by mean. A row whose 95% interval overlaps its neighbour's is marked a tie
+    and shares the rank of the row above it; without an interval (one seed) the order is not supported
+    either, so such a row ties too."""
+    labels, rank = [], 1
+    for i, m in enumerate(members):
+        above = i > 0 and _overlaps(members[i - 1], m)
+        if i > 0 and not above:
+            rank = i + 1
+        below = i + 1 < len(members) and _overlaps(m, members[i + 1])
+        labels.append(f"{rank} (tie)" if above or below else str(rank))
+    return labels
+
+
+def _overlaps(upper: dict[str, Any], lower: dict[str, Any]) -> bool:
+    h1, h2 = t_halfwidth(upper["std"], upper["n"]), t_halfwidth(lower["std"], lower["n"])
+    return h1 is None or h2 is None or upper["mean"] - h1 <= lower["mean"] + h2
+
+
+def cost_text(m: dict[str, Any]) -> str:
+    if m.get("device_hours") is None:
+        return "–"
+    return f"{m['device_hours']:.3g} h ({m['devices']})"
+
+
+# Ranking columns: (header, cell class, value); a column whose text is the same in every row of a block
+# is folded into the block's heading instead (FOLDABLE), an empty names column is left out.
+RANK_COLUMNS = [
+    ("method", "method", lambda m: m["method"]), ("weighting", "weighting", lambda m: m["weighting"]),
+    ("positives", "positives", lambda m: m["positives"]),
+    ("synthetic ratio", "ratio", lambda m: f"{m['synthetic_ratio'] or 0:g}"),
+    ("backbone", "backbone", lambda m: m["backbone"]), ("epochs", "epochs", lambda m: m["epochs"]),
+    ("top-1 mean ± std", "mean", lambda m: f"{num(m['mean'])} ± {num(m['std'])}"),
+    ("n seeds", "n", lambda m: m["n"]), ("95% interval", "interval", lambda m: interval_of(m)),
+    ("best hyper-parameters", "hparams", lambda m: m["hparams"]),
+    ("configs tried", "tried", lambda m: m["tried"]),
+    ("device-hours, all seeds (device)", "cost", cost_text),
+    ("run names", "names", lambda m: m["names"] or ""),
+]
+FOLDABLE = {"method", "weighting", "positives", "ratio", "backbone", "epochs", "tried", "hparams", "cost"}
+
+
+def interval_of(m: dict[str, Any]) -> str:
+    half = t_halfwidth(m["std"], m["n"])
+    return f"[{num(m['mean'] - half)}, {num(m['mean'] + half)}]" if half is not None else "one seed"
+
+
 def rankings(page: Page, configs: list[dict[str, Any]],
              refs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     by_setting: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -135,29 +211,36 @@ def rankings(page: Page, configs: list[dict[str, Any]],
         top = min(members, key=lambda m: m["rank_in_setting"])
         best[(top["dataset"], top["protocol"])].append({**top, "hparams": hp[top["config_key"]],
                                                         "tried": len(members)})
-    headers = ["#", "method", "weighting", "positives", "synthetic ratio", "backbone", "epochs", "top-1 mean ± std",
-               "n seeds", "95% interval", "best hyper-parameters", "configs tried", "GPU-hours", "protocol",
-               "run names"]
-    out = []
-    for (dataset, protocol), members in sorted(best.items()):
-        members.sort(key=lambda m: -m["mean"])
-        body = []
-        for rank, m in enumerate(members, 1):
-            half = t_halfwidth(m["std"], m["n"])
-            interval = f"[{num(m['mean'] - half)}, {num(m['mean'] + half)}]" if half is not None else "one seed"
-            body.append(row_html([
-                ("rank", rank), ("method", m["method"]), ("weighting", m["weighting"]), ("positives", m["positives"]),
-                ("ratio", f"{m['synthetic_ratio'] or 0:g}"), ("backbone", m["backbone"]), ("epochs", m["epochs"]),
-                ("mean", f"{num(m['mean'])} ± {num(m['std'])}"), ("n", m["n"]), ("interval", interval),
-                ("hparams", m["hparams"]), ("tried", m["tried"]), ("gpuh", num(m["gpu_hours"], 3)),
-                ("protocol", protocol), ("names", m["names"] or ""),
-            ], {"config": m["config_key"], "epochs": m["epochs"]}))
+    order, primary = block_order(configs)
+    out = {}
+    for i, (dataset, protocol) in enumerate(order):
+        members = sorted(best[(dataset, protocol)], key=lambda m: -m["mean"])
+        cells = [[(css, get(m)) for _, css, get in RANK_COLUMNS] for m in members]
+        keep, folded = [], []
+        for j, (header, css, _) in enumerate(RANK_COLUMNS):
+            values = {str(row[j][1]) for row in cells}
+            if css == "names" and values == {""}:
+                continue
+            if css in FOLDABLE and len(values) == 1 and len(members) > 1:
+                folded.append(f"{header} {values.pop()}")
+                continue
+            keep.append(j)
+        ranks = tie_ranks(members)
+        body = [row_html([("rank", rank)] + [row[j] for j in keep], {"config": m["config_key"], "epochs": m["epochs"]})
+                for rank, m, row in zip(ranks, members, cells)]
+        is_primary = protocol == primary[dataset]
+        heading = (f"{esc(dataset)} — {esc(protocol)}" + (' <span class="badge primary">primary protocol</span>'
+                                                          if is_primary else "") + " (test top-1 %)")
         page.sections.append(
-            f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
-            f"<h3>{esc(dataset)} — {esc(protocol)} (test top-1 %)</h3>{table(headers, body, 'ranking')}"
-            f"{beside(refs, dataset, {str(m['method']).lower() for m in members})}</section>")
-        out.append(((dataset, protocol), members))
-    return dict(out)
+            f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}"'
+            f' data-primary="{"yes" if is_primary else "no"}"><h3>{heading}</h3>'
+            + (f'<p class="folded">In every row: {esc(" · ".join(folded))}</p>' if folded else "")
+            + table(["#"] + [RANK_COLUMNS[j][0] for j in keep], body, "ranking") + "</section>")
+        out[(dataset, protocol)] = members
+        if i + 1 == len(order) or order[i + 1][0] != dataset:  # the dataset's published numbers, once
+            ours = [m for (d, _), ms in out.items() if d == dataset for m in ms]
+            page.sections.append(beside(refs, dataset, ours))
+    return out
 
 
 def load_references(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
@@ -177,13 +260,26 @@ def reference_rows(refs: list[dict[str, Any]]) -> list[str]:
             for r in sorted(refs, key=lambda r: (r["protocol"], -float(r["top1"] or 0)))]
 
 
-def beside(refs: list[dict[str, Any]], dataset: str, methods: set[str]) -> str:
-    """Published rows for the methods of one ranking (a method also matches e.g. 'clsp-simclr')."""
+def beside(refs: list[dict[str, Any]], dataset: str, ours: list[dict[str, Any]]) -> str:
+    """Published rows for the methods ranked on one dataset (a method also matches e.g. 'clsp-simclr'), once
+    per dataset, each marked "budget differs" when no ranked row of ours ran its backbone and epochs."""
+    methods = {str(m["method"]).lower() for m in ours}
+    budgets = {(str(m["backbone"]), str(m["epochs"])) for m in ours}
     chosen = [r for r in refs if r["dataset"] == dataset and any(m and m in r["method"] for m in methods)]
     if not chosen:
         return ""
-    return ("<p>Published numbers for these methods on this dataset (their protocols, single runs; not ranked "
-            "with ours):</p>" + table(REF_HEADERS, reference_rows(chosen), "refs beside"))
+    rows = []
+    for r in sorted(chosen, key=lambda r: (r["protocol"], -float(r["top1"] or 0))):
+        same = (str(r.get("backbone", "")), str(r.get("epochs", ""))) in budgets
+        ours_text = ", ".join(f"{b} {e} ep" for b, e in sorted(budgets))
+        rows.append(row_html([("source", r["source"]), ("method", r["method"]), ("backbone", r.get("backbone", "")),
+                              ("epochs", r.get("epochs", "")), ("batch", r.get("batch_size", "")),
+                              ("top1", r["top1"] or "claim"), ("protocol", r["protocol"]),
+                              ("budget", "same budget" if same else f"budget differs (ours: {ours_text})"),
+                              ("note", r.get("note", ""))], {"budget": "same" if same else "differs"}))
+    return (f'<section class="block f" data-dataset="{esc(dataset)}"><h3>{esc(dataset)}: published numbers for '
+            "these methods</h3><p>Their protocols, single runs, their budgets: not ranked with ours.</p>"
+            + table([*REF_HEADERS[:-1], "comparable?", "note"], rows, "refs beside") + "</section>")
 
 
 def all_references(page: Page, refs: list[dict[str, Any]], datasets: list[str]) -> None:
@@ -230,27 +326,58 @@ def effects(page: Page, con: duckdb.DuckDBPyConnection) -> None:
                      "baseline config"], body, "effects") + "</section>")
 
 
+def epoch_axis(series: list[dict[str, Any]]) -> dict[str, Any]:
+    """An x axis with whole-epoch ticks (never 1.5), at most about 10 of them."""
+    last = max((e for c in series for e in c["epochs"]), default=1)
+    return {"title": {"text": "epoch"}, "tickmode": "linear", "tick0": 0, "dtick": max(1, math.ceil(last / 10)),
+            "tickformat": "d"}
+
+
+def metric_under(protocol: str, m: dict[str, Any], series: dict[tuple[str, str], Any]) -> str | None:
+    """The per-epoch metric that measures `protocol` for configuration m, if it logs one."""
+    if protocol == primary_protocol(m["identity"]):
+        return "knn_top1"
+    return f"{protocol}_top1" if (m["config_key"], f"{protocol}_top1") in series else None
+
+
 def learning_curves(page: Page, con: duckdb.DuckDBPyConnection,
                     ranked: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    """Per ranking block: the loss of its top configurations, each divided by its first epoch's value (methods'
+    losses differ in scale: SimCLR ~6, VICReg ~50), and the top-1 per epoch under THIS block's protocol: the
+    per-epoch k-NN is the run's primary protocol, an add-on protocol (online_linear) logs its own."""
     chosen = {key: members[:TOP_CURVES] for key, members in ranked.items()}
     keys = sorted({m["config_key"] for members in chosen.values() for m in members})
-    series = {(c["config_key"], c["name"]): c for c in data.curves(con, keys)}
-    for (dataset, protocol), members in sorted(chosen.items()):
+    names = ("loss", "knn_top1", *sorted({f"{p}_top1" for _, p in chosen if not p.startswith(("knn:", "linear:"))}))
+    series = {(c["config_key"], c["name"]): c for c in data.curves(con, keys, names)}
+    for (dataset, protocol), members in chosen.items():  # in the rankings' order: primary protocol first
         plots = []
-        for metric, title in (("loss", "training loss"), ("knn_top1", "k-NN top-1 per epoch (%)")):
+        losses = [(m, series[(m["config_key"], "loss")]) for m in members if (m["config_key"], "loss") in series]
+        if losses:
             traces = [{"type": "scatter", "mode": "lines+markers", "name": plot_text(setting_label(m)),
-                       "x": series[(m["config_key"], metric)]["epochs"],
-                       "y": series[(m["config_key"], metric)]["values"],
-                       "hovertemplate": "epoch %{x}: %{y:.3f}<extra>" + plot_text(m["config_key"]) + "</extra>"}
-                      for m in members if (m["config_key"], metric) in series]
-            if traces:
-                plots.append(page.figure(traces, {"title": {"text": title}, "xaxis": {"title": {"text": "epoch"}},
-                                                  "showlegend": True, "legend": {"font": {"size": 10}}}))
+                       "x": c["epochs"], "y": [v / c["values"][0] if c["values"][0] else v for v in c["values"]],
+                       "text": [f"{v:.4g}" for v in c["values"]],
+                       "hovertemplate": "epoch %{x}: %{y:.3f} of the first (loss %{text})<extra>"
+                                        + plot_text(m["config_key"]) + "</extra>"} for m, c in losses]
+            plots.append(page.figure(traces, {"title": {"text": "training loss ÷ its first-epoch value"},
+                                              "xaxis": epoch_axis([c for _, c in losses]), "showlegend": True,
+                                              "legend": {"font": {"size": 10}}}))
+        tops = [(m, series[(m["config_key"], metric)]) for m in members
+                if (metric := metric_under(protocol, m, series)) and (m["config_key"], metric) in series]
+        if tops:
+            traces = [{"type": "scatter", "mode": "lines+markers", "name": plot_text(setting_label(m)),
+                       "x": c["epochs"], "y": c["values"],
+                       "hovertemplate": "epoch %{x}: %{y:.2f}<extra>" + plot_text(m["config_key"]) + "</extra>"}
+                      for m, c in tops]
+            plots.append(page.figure(traces, {"title": {"text": plot_text(f"{protocol} top-1 per epoch (%)")},
+                                              "xaxis": epoch_axis([c for _, c in tops]), "showlegend": True,
+                                              "legend": {"font": {"size": 10}}}))
+        note = "" if tops else ("<p>No per-epoch values under this protocol: during training only the primary "
+                                "k-NN protocol (and add-on protocols such as online_linear) are evaluated.</p>")
         if plots:
             page.sections.append(
                 f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
                 f"<h3>{esc(dataset)} — top {len(members)} of the {esc(protocol)} ranking: mean over seeds</h3>"
-                f'<div class="row">{"".join(plots)}</div></section>')
+                f'{note}<div class="row">{"".join(plots)}</div></section>')
 
 
 def across_commits(page: Page, con: duckdb.DuckDBPyConnection) -> None:
@@ -386,6 +513,9 @@ td.names,td.hparams,td.note{max-width:320px;overflow-wrap:anywhere}
 #filters label{margin-right:14px}.verdict.bad{color:#b00;font-weight:600}.verdict.good{color:#070}
 tr[data-verdict=REGRESSED] td{background:#fde8e8}
 summary{cursor:pointer;margin:6px 0}
+.scroll{overflow-x:auto;max-width:100%}.badge{font-size:11px;padding:1px 6px;border-radius:8px;background:#e6f0ff}
+.badge.primary{background:#dff3df;color:#064}p.folded{margin:2px 0;color:#555}
+tr[data-budget=differs] td.budget{background:#fff3cd}
 tr[data-verdict=reproduced] td.verdict{color:#070;font-weight:600}
 tr[data-verdict=contradicted] td.verdict{color:#b00;font-weight:600}
 td.budget{white-space:nowrap}tr[data-budget=differs] td.budget{background:#fff3cd}

@@ -98,7 +98,7 @@ def test_filters_from_the_link_hide_other_datasets_and_epochs(tmp_path):
     rankings = [a for a in parsed.sections if a.get("data-protocol")]
     assert {a["data-dataset"]: hidden(a) for a in rankings} == {"cifar10": True, "cifar100": False}
     rows = [r for r in parsed.tables["ranking"] if r["_section"]["data-dataset"] == "cifar100"]
-    assert {r["epochs"]: hidden(r["_attrs"]) for r in rows} == {"10": True, "20": False}
+    assert {r["_attrs"]["data-epochs"]: hidden(r["_attrs"]) for r in rows} == {"10": True, "20": False}
 
 
 @requires_cifar
@@ -115,7 +115,8 @@ def test_page_from_a_real_sweep_in_chromium(real_sweep, tmp_path):
     expected = expected_rows(real_sweep)
     assert len(expected) >= 4 and len(ranking) == len(expected)  # 2 epochs settings x >= 2 protocols
     for e in expected:
-        [row] = [r for r in ranking if r["protocol"] == e["protocol"] and r["epochs"] == str(e["epochs"])]
+        [row] = [r for r in ranking if r["_section"]["data-protocol"] == e["protocol"]
+                 and r["_attrs"]["data-epochs"] == str(e["epochs"])]
         std = "–" if e["std"] is None else f"{e['std']:.2f}"
         assert row["mean"] == f"{e['mean']:.2f} ± {std}"
         assert row["n"] == str(e["n"])

@@ -1,0 +1,77 @@
+"""The page's blocks as a researcher reads them: primary protocol first, ties, folded columns, published
+numbers once per dataset with a budget badge, curves per protocol, cost per configuration (raw HTML; the
+Chromium tests in test_leaderboard_page.py check the rendered page)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.store import Store
+from leaderboard.__main__ import main
+from tests.leaderboard_util import add_run, parse_dom
+
+PRIMARY, OTHER = "knn:cosine:k=20:T=0.07", "knn:cosine:k=200:T=0.1"
+KNN = [{"k": 20, "T": 0.07}, {"k": 200, "T": 0.1}]
+
+
+def run(store: Store, run_id: str, top1: float, seed: int, **kw) -> None:
+    """A run evaluated under both k-NN protocols (the primary one first in its config), one hour long."""
+    add_run(store, run_id, top1, seed=seed, protocol=PRIMARY, fields={"eval.knn": KNN, **kw.pop("fields", {})},
+            row={"started_at": "2024-12-31T23:00:00"}, **kw)
+    store.write("evals", [{"run_id": run_id, "run_key": f"k-{run_id}", "protocol": OTHER, "split": "test",
+                           "top1": top1 - 5, "top5": 99.0, "epoch": 10}])
+
+
+@pytest.fixture
+def page(tmp_path) -> tuple[str, dict]:
+    store = Store(tmp_path / "r.duckdb")
+    for seed in range(3):
+        run(store, f"simclr{seed}", 70.0 + seed, seed)  # mean 71, interval about [68.5, 73.5]
+        run(store, f"byol{seed}", 70.5 + seed, seed, method="byol")  # overlaps simclr: a tie
+        run(store, f"vicreg{seed}", 50.0 + 0.1 * seed, seed, method="vicreg")  # far below both
+    out = tmp_path / "p.html"
+    assert main(["build", "--db", str(store.path), "--out", str(out), "--cdn"]) == 0
+    text = out.read_text()
+    blob = text.split('<script type="application/json" id="figures">', 1)[1].split("</script>", 1)[0]
+    return text, json.loads(blob)
+
+
+def test_primary_protocol_first_and_marked_ties_and_folded_columns(page):
+    text, _ = page
+    parsed = parse_dom(text)
+    blocks = [a for a in parsed.sections if a.get("data-protocol") and a.get("data-primary")]
+    assert [(a["data-protocol"], a["data-primary"]) for a in blocks] == [(PRIMARY, "yes"), (OTHER, "no")]
+    rows = [r for r in parsed.tables["ranking"] if r["_section"]["data-protocol"] == PRIMARY]
+    assert [(r["method"], r["rank"]) for r in rows] == [("byol", "1 (tie)"), ("simclr", "1 (tie)"), ("vicreg", "3")]
+    # Columns constant over the block are said once above it; an empty names column is left out.
+    assert "In every row: weighting none · positives none · synthetic ratio 0 · backbone convnet · epochs 10" in text
+    assert all("positives" not in r and "names" not in r and "weighting" not in r for r in rows)
+
+
+def test_published_numbers_once_per_dataset_with_a_budget_badge(page):
+    parsed = parse_dom(page[0])
+    refs = parsed.tables["refs beside"]
+    simclr = [r for r in refs if r["method"] == "simclr" and r["source"] == "solo-learn README"]
+    assert len(simclr) == 1  # not repeated under each protocol block
+    assert simclr[0]["budget"] == "budget differs (ours: convnet 10 ep)"
+
+
+def test_curves_per_protocol_normalised_losses_integer_epochs(page):
+    text, figures = page
+    titles = [f["layout"].get("title", {}).get("text") for f in figures.values()]
+    # The per-epoch k-NN measures the primary protocol only: no curve claims to be the other one.
+    assert f"{PRIMARY} top-1 per epoch (%)" in titles and f"{OTHER} top-1 per epoch (%)" not in titles
+    assert "No per-epoch values under this protocol" in text
+    losses = [f for f in figures.values() if f["layout"]["title"]["text"].startswith("training loss")]
+    assert losses and all(t["y"][0] == 1.0 for f in losses for t in f["data"])
+    assert all(f["layout"]["xaxis"]["dtick"] == 1 and f["layout"]["xaxis"]["tickformat"] == "d" for f in losses)
+
+
+def test_cost_per_configuration_includes_cpu_runs(page):
+    parsed = parse_dom(page[0])
+    [simclr] = [r for r in parsed.tables["ranking"]
+                if r["method"] == "simclr" and r["_section"]["data-primary"] == "yes"]
+    assert simclr.get("cost") is None  # the same in every row: folded into the heading
+    assert "device-hours, all seeds (device) 3 h (cpu)" in page[0]
