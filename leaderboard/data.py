@@ -263,14 +263,15 @@ def curves(con: duckdb.DuckDBPyConnection, config_keys: list[str], names: tuple[
 
 
 def throughput(con: duckdb.DuckDBPyConnection, points_up_to: int = 2000) -> tuple[list[dict[str, Any]], bool]:
-    """Median images/s over each completed run's epochs, grouped by what it ran on.
+    """Median images/s over each completed run's epochs, grouped by method and what it ran on.
 
     Returns (groups, with_points): up to `points_up_to` runs each group lists its runs; beyond, only
     the quartiles per group come back (thousands of points make a page slow to open).
     """
     runs = """
         SELECT r.run_id, r.name, r.method, r.seed, t.images_per_s,
-               r.backbone || ' · ' || coalesce(r.device_name, 'unknown') || ' × ' || coalesce(r.world_size, 1)
+               r.method || ' · ' || r.backbone || ' · ' || coalesce(r.device_name, 'unknown')
+                   || ' × ' || coalesce(r.world_size, 1)
                    || ' · bs ' || coalesce(r.batch_size::VARCHAR, '?') AS grp
         FROM runs r JOIN (SELECT run_id, median(value) AS images_per_s FROM metrics
                           WHERE name = 'images_per_s' GROUP BY run_id) t ON t.run_id = r.run_id

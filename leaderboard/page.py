@@ -454,6 +454,65 @@ def throughput(page: Page, con: duckdb.DuckDBPyConnection) -> None:
                                               "showlegend": False, "height": 420}))
 
 
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both cost (lower) and accuracy (higher), cheapest first."""
+    frontier, best = [], -math.inf
+    for i in sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1])):
+        if points[i][1] > best:
+            frontier.append(i)
+            best = points[i][1]
+    return frontier
+
+
+def accuracy_vs_cost(page: Page, ranked: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    """Per ranking block: each setting's mean top-1 against its device-hours per seed, Pareto frontier drawn."""
+    drawn = False
+    for (dataset, protocol), members in ranked.items():
+        costed = [m for m in members if m.get("device_hours") is not None]
+        if not costed:
+            continue
+        points = [(m["device_hours"] / m["n"], m["mean"]) for m in costed]
+        front = pareto(points)
+        spread = [x for x, _ in points if x > 0]
+        log = len(spread) == len(points) and max(spread) > 100 * min(spread)
+        traces = [{"type": "scatter", "mode": "markers", "name": "setting (best configuration)",
+                   "x": [x for x, _ in points], "y": [y for _, y in points],
+                   "text": [plot_text(f"{setting_label(m)} · {m['devices']}") for m in costed],
+                   "hovertemplate": "%{x:.3g} device-h per seed: %{y:.2f}%<br>%{text}<extra></extra>"},
+                  {"type": "scatter", "mode": "lines", "name": "Pareto frontier", "line": {"shape": "hv"},
+                   "x": [points[i][0] for i in front], "y": [points[i][1] for i in front], "hoverinfo": "skip"}]
+        page.sections.append(
+            f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
+            f"<h3>{esc(dataset)} — {esc(protocol)}: accuracy against cost</h3>"
+            + page.figure(traces, {"xaxis": {"title": {"text": "device-hours per seed (wall-clock × devices)"},
+                                             "type": "log" if log else "linear"},
+                                   "yaxis": {"title": {"text": "test top-1 %"}}}) + "</section>")
+        drawn = True
+    if not drawn:
+        page.sections.append("<p>No run has both a start and an end time: no cost to plot.</p>")
+
+
+def artifacts(page: Page, db: Path) -> None:
+    """The built-once artifacts beside the store (score networks, diffusion models, synthetic sets) with their
+    build time, read from each one's manifest: their cost is not in any run's wall-clock when reused."""
+    root = db.with_name(db.name + ".artifacts")
+    manifests = sorted(root.glob("*/*/artifact.json")) if root.is_dir() else []
+    body = []
+    for path in manifests:
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        seconds = m.get("build_seconds")
+        body.append(row_html([("kind", m.get("kind")), ("hash", m.get("hash")), ("built", m.get("built_at")),
+                              ("hours", "–" if seconds is None else f"{seconds / 3600:.3g}"),
+                              ("config", json.dumps(m.get("config"), sort_keys=True)[:300])]))
+    if body:
+        page.sections.append(f"<p>Artifacts in <code>{esc(root)}</code>: built once, shared by every run with "
+                             "the same recipe (their build time is not in those runs' device-hours).</p>"
+                             + table(["kind", "hash", "built at", "build hours", "config"], body, "artifacts"))
+
+
 def optuna_studies(page: Page, db: Path) -> None:
     folder = db.with_name(db.name + ".optuna")
     logs = sorted(folder.glob("*.log")) if folder.is_dir() else []
@@ -588,6 +647,9 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     learning_curves(page, con, ranked)
     page.sections.append("<h2>Each configuration across commits</h2>")
     across_commits(page, con)
+    page.sections.append("<h2>Cost</h2>")
+    accuracy_vs_cost(page, ranked)
+    artifacts(page, db)
     page.sections.append("<h2>Throughput per run</h2>")
     throughput(page, con)
     studies_at = len(page.sections)

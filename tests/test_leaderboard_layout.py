@@ -64,7 +64,7 @@ def test_curves_per_protocol_normalised_losses_integer_epochs(page):
     # The per-epoch k-NN measures the primary protocol only: no curve claims to be the other one.
     assert f"{PRIMARY} top-1 per epoch (%)" in titles and f"{OTHER} top-1 per epoch (%)" not in titles
     assert "No per-epoch values under this protocol" in text
-    losses = [f for f in figures.values() if f["layout"]["title"]["text"].startswith("training loss")]
+    losses = [f for f in figures.values() if f["layout"].get("title", {}).get("text", "").startswith("training loss")]
     assert losses and all(t["y"][0] == 1.0 for f in losses for t in f["data"])
     assert all(f["layout"]["xaxis"]["dtick"] == 1 and f["layout"]["xaxis"]["tickformat"] == "d" for f in losses)
 
@@ -75,3 +75,20 @@ def test_cost_per_configuration_includes_cpu_runs(page):
                 if r["method"] == "simclr" and r["_section"]["data-primary"] == "yes"]
     assert simclr.get("cost") is None  # the same in every row: folded into the heading
     assert "device-hours, all seeds (device) 3 h (cpu)" in page[0]
+
+
+def test_accuracy_against_cost_marks_the_pareto_frontier(tmp_path):
+    store = Store(tmp_path / "r.duckdb")
+    # (method, top-1, hours): cheap and good, dear and better, dear and worse (dominated).
+    for method, top1, start in (("simclr", 70.0, "2024-12-31T23:00:00"), ("byol", 75.0, "2024-12-31T20:00:00"),
+                                ("vicreg", 65.0, "2024-12-31T19:00:00")):
+        add_run(store, method, top1, method=method, row={"started_at": start})
+    out = tmp_path / "p.html"
+    assert main(["build", "--db", str(store.path), "--out", str(out), "--cdn"]) == 0
+    text = out.read_text()
+    figures = json.loads(text.split('id="figures">', 1)[1].split("</script>", 1)[0]).values()
+    [frontier] = [t for f in figures for t in f["data"] if t.get("name") == "Pareto frontier"]
+    assert list(zip(frontier["x"], frontier["y"])) == [(1.0, 70.0), (4.0, 75.0)]
+    # Throughput is per method, not pooled.
+    boxes = [t["name"] for f in figures for t in f["data"] if t["type"] == "box"]
+    assert sorted(b.split(" · ")[0] for b in boxes) == ["byol", "simclr", "vicreg"]
