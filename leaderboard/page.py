@@ -172,6 +172,18 @@ def _overlaps(upper: dict[str, Any], lower: dict[str, Any]) -> bool:
     return h1 is None or h2 is None or upper["mean"] - h1 <= lower["mean"] + h2
 
 
+def floor_text(m: dict[str, Any], floor: dict[str, Any] | None) -> str:
+    """How far a trained row is above its backbone's untrained floor; 'not above ...' when the gap is within
+    the row's own 95% interval (or below zero with one seed)."""
+    if m["epochs"] == 0:
+        return "random-init floor"
+    if floor is None:
+        return "no floor run for this backbone"
+    diff = m["mean"] - floor["mean"]
+    half = t_halfwidth(m["std"], m["n"]) or 0.0
+    return f"{diff:+.2f}" if diff > half else f"not above the floor ({diff:+.2f}, interval ±{half:.2f})"
+
+
 def cost_text(m: dict[str, Any]) -> str:
     if m.get("device_hours") is None:
         return "–"
@@ -225,9 +237,22 @@ def rankings(page: Page, configs: list[dict[str, Any]],
                 folded.append(f"{header} {values.pop()}")
                 continue
             keep.append(j)
-        ranks = tie_ranks(members)
-        body = [row_html([("rank", rank)] + [row[j] for j in keep], {"config": m["config_key"], "epochs": m["epochs"]})
-                for rank, m, row in zip(ranks, members, cells)]
+        # Untrained backbones (epochs 0) are the floor of their backbone, not contestants: "floor" in the
+        # rank column, and each trained row says how far above its backbone's floor it is.
+        trained = [m for m in members if m["epochs"] != 0]
+        ranks = dict(zip((m["config_key"] for m in trained), tie_ranks(trained)))
+        floors = {}
+        for m in members:
+            if m["epochs"] == 0 and (m["backbone"] not in floors or m["mean"] > floors[m["backbone"]]["mean"]):
+                floors[m["backbone"]] = m
+        body = []
+        for m, row in zip(members, cells):
+            extra = [("floor", floor_text(m, floors.get(m["backbone"])))] if floors else []
+            below = bool(extra) and extra[0][1].startswith("not above")
+            body.append(row_html([("rank", ranks.get(m["config_key"], "floor"))] + [row[j] for j in keep] + extra,
+                                 {"config": m["config_key"], "epochs": m["epochs"],
+                                  **({"floor": "yes"} if m["epochs"] == 0 else {}),
+                                  **({"below-floor": "yes"} if below else {})}))
         is_primary = protocol == primary[dataset]
         heading = (f"{esc(dataset)} — {esc(protocol)}" + (' <span class="badge primary">primary protocol</span>'
                                                           if is_primary else "") + " (test top-1 %)")
@@ -235,7 +260,8 @@ def rankings(page: Page, configs: list[dict[str, Any]],
             f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}"'
             f' data-primary="{"yes" if is_primary else "no"}"><h3>{heading}</h3>'
             + (f'<p class="folded">In every row: {esc(" · ".join(folded))}</p>' if folded else "")
-            + table(["#"] + [RANK_COLUMNS[j][0] for j in keep], body, "ranking") + "</section>")
+            + table(["#"] + [RANK_COLUMNS[j][0] for j in keep] + (["vs random-init floor"] if floors else []),
+                    body, "ranking") + "</section>")
         out[(dataset, protocol)] = members
         if i + 1 == len(order) or order[i + 1][0] != dataset:  # the dataset's published numbers, once
             ours = [m for (d, _), ms in out.items() if d == dataset for m in ms]
@@ -575,9 +601,11 @@ summary{cursor:pointer;margin:6px 0}
 .scroll{overflow-x:auto;max-width:100%}.badge{font-size:11px;padding:1px 6px;border-radius:8px;background:#e6f0ff}
 .badge.primary{background:#dff3df;color:#064}p.folded{margin:2px 0;color:#555}
 tr[data-budget=differs] td.budget{background:#fff3cd}
+tr[data-floor=yes] td{background:#f4f4f4;font-style:italic}tr[data-below-floor=yes] td.floor{color:#b00;font-weight:600}
 tr[data-verdict=reproduced] td.verdict{color:#070;font-weight:600}
 tr[data-verdict=contradicted] td.verdict{color:#b00;font-weight:600}
 td.budget{white-space:nowrap}tr[data-budget=differs] td.budget{background:#fff3cd}
+tr[data-floor=yes] td{background:#f4f4f4;font-style:italic}tr[data-below-floor=yes] td.floor{color:#b00;font-weight:600}
 td.what,td.budgetnotes{max-width:260px;overflow-wrap:anywhere}table.beside{font-size:11.5px;color:#444}
 """
 

@@ -92,3 +92,19 @@ def test_accuracy_against_cost_marks_the_pareto_frontier(tmp_path):
     # Throughput is per method, not pooled.
     boxes = [t["name"] for f in figures for t in f["data"] if t["type"] == "box"]
     assert sorted(b.split(" · ")[0] for b in boxes) == ["byol", "simclr", "vicreg"]
+
+
+def test_the_random_init_floor_is_a_row_and_configurations_not_above_it_are_flagged(tmp_path):
+    store = Store(tmp_path / "r.duckdb")
+    for seed in range(3):
+        add_run(store, f"floor{seed}", 68.0 + 0.1 * seed, seed=seed, epochs=0)  # the untrained ConvNet
+        add_run(store, f"good{seed}", 75.0 + seed, seed=seed, method="byol")
+        add_run(store, f"bad{seed}", 66.0 + 2 * seed, seed=seed, method="vicreg")  # mean 68, within its interval
+    out = tmp_path / "p.html"
+    assert main(["build", "--db", str(store.path), "--out", str(out), "--cdn"]) == 0
+    rows = {r["method"] + ":" + r["_attrs"]["data-epochs"]: r for r in parse_dom(out.read_text()).tables["ranking"]}
+    assert rows["simclr:0"]["rank"] == "floor" and rows["simclr:0"]["_attrs"]["data-floor"] == "yes"
+    assert rows["byol:10"]["rank"] == "1" and rows["byol:10"]["floor"] == "+7.90"
+    assert rows["vicreg:10"]["floor"].startswith("not above the floor (-0.10")
+    assert rows["vicreg:10"]["_attrs"]["data-below-floor"] == "yes"
+    assert "data-below-floor" not in rows["byol:10"]["_attrs"]
