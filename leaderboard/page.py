@@ -184,6 +184,20 @@ def floor_text(m: dict[str, Any], floor: dict[str, Any] | None) -> str:
     return f"{diff:+.2f}" if diff > half else f"not above the floor ({diff:+.2f}, interval ±{half:.2f})"
 
 
+def warmup_note(m: dict[str, Any]) -> str:
+    """The peak learning rate the run actually reached, when a linear warm-up longer than the run cut it short."""
+    flat = data.flatten(json.loads(m["identity"] or "{}"))
+    try:
+        warmup, epochs = float(flat.get("trainer.warmup_epochs") or 0), int(m["epochs"] or 0)
+        start, lr = float(flat.get("trainer.warmup_start_lr") or 0), float(m["lr"])
+    except (TypeError, ValueError):
+        return ""
+    if epochs <= 0 or warmup <= epochs:
+        return ""
+    reached = start + (lr - start) * epochs / warmup
+    return f" ⚠ warm-up {warmup:g} ep > the {epochs}-ep run: peak lr reached {reached:.3g}, not {lr:.3g}"
+
+
 def cost_text(m: dict[str, Any]) -> str:
     if m.get("device_hours") is None:
         return "–"
@@ -221,7 +235,7 @@ def rankings(page: Page, configs: list[dict[str, Any]],
     for members in by_setting.values():
         hp = hyper_parameters(members)
         top = min(members, key=lambda m: m["rank_in_setting"])
-        best[(top["dataset"], top["protocol"])].append({**top, "hparams": hp[top["config_key"]],
+        best[(top["dataset"], top["protocol"])].append({**top, "hparams": hp[top["config_key"]] + warmup_note(top),
                                                         "tried": len(members)})
     order, primary = block_order(configs)
     out = {}

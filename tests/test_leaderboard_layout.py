@@ -108,3 +108,15 @@ def test_the_random_init_floor_is_a_row_and_configurations_not_above_it_are_flag
     assert rows["vicreg:10"]["floor"].startswith("not above the floor (-0.10")
     assert rows["vicreg:10"]["_attrs"]["data-below-floor"] == "yes"
     assert "data-below-floor" not in rows["byol:10"]["_attrs"]
+
+
+def test_a_warm_up_longer_than_the_run_shows_the_peak_lr_reached(tmp_path):
+    store = Store(tmp_path / "r.duckdb")
+    warmup = {"trainer.warmup_epochs": 10, "trainer.warmup_start_lr": 0.0}
+    add_run(store, "short", 60.0, epochs=3, lr=0.4, fields=warmup)
+    add_run(store, "long", 70.0, epochs=20, lr=0.4, fields=warmup)
+    out = tmp_path / "p.html"
+    assert main(["build", "--db", str(store.path), "--out", str(out), "--cdn"]) == 0
+    rows = {r["_attrs"]["data-epochs"]: r for r in parse_dom(out.read_text()).tables["ranking"]}
+    assert rows["3"]["hparams"].endswith("⚠ warm-up 10 ep > the 3-ep run: peak lr reached 0.12, not 0.4")
+    assert "warm-up" not in rows["20"]["hparams"]
