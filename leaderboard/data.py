@@ -67,6 +67,20 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def primary_protocol(config_json: str | None) -> str | None:
+    """The protocol a run's objective and per-epoch k-NN curve use: the first of its eval.knn settings."""
+    try:
+        knn = flatten(json.loads(config_json or "{}")).get("eval.knn")
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(knn, list) or not knn or not isinstance(knn[0], dict):
+        return None
+    try:  # the name harness.evaluate.knn_protocol gives it
+        return f"knn:cosine:k={int(knn[0]['k'])}:T={float(knn[0]['T']):g}"
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def identities(config_json: str | None) -> tuple[str, str, str, str]:
     """(config_key, key without weighting, key without positives, identity config as JSON) of one run."""
     try:

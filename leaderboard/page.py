@@ -126,17 +126,6 @@ def claims_section(page: Page, con: duckdb.DuckDBPyConnection) -> None:
                  "95% interval", "n", "verdict", "budget", "budget: ours vs the claim's"], body, "claims"))
 
 
-def primary_protocol(identity: str | None) -> str | None:
-    """The protocol a run's objective and per-epoch k-NN curve use: the first of its eval.knn settings."""
-    knn = data.flatten(json.loads(identity or "{}")).get("eval.knn")
-    if not isinstance(knn, list) or not knn or not isinstance(knn[0], dict):
-        return None
-    try:  # the name harness.evaluate.knn_protocol gives it
-        return f"knn:cosine:k={int(knn[0]['k'])}:T={float(knn[0]['T']):g}"
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def block_order(configs: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], dict[str, str | None]]:
     """(every dataset x protocol, each dataset's primary protocol first; the primary protocol per dataset).
 
@@ -146,7 +135,7 @@ def block_order(configs: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], d
     protocols: dict[str, set[str]] = defaultdict(set)
     for c in configs:
         protocols[c["dataset"]].add(c["protocol"])
-        if c["protocol"] == primary_protocol(c["identity"]):
+        if c["protocol"] == data.primary_protocol(c["identity"]):
             votes[c["dataset"]][c["protocol"]] += 1
     primary = {d: (votes[d].most_common(1)[0][0] if votes[d] else None) for d in protocols}
     order = [(d, p) for d in sorted(protocols) for p in sorted(protocols[d], key=lambda p: (p != primary[d], p))]
@@ -375,7 +364,7 @@ def epoch_axis(series: list[dict[str, Any]]) -> dict[str, Any]:
 
 def metric_under(protocol: str, m: dict[str, Any], series: dict[tuple[str, str], Any]) -> str | None:
     """The per-epoch metric that measures `protocol` for configuration m, if it logs one."""
-    if protocol == primary_protocol(m["identity"]):
+    if protocol == data.primary_protocol(m["identity"]):
         return "knn_top1"
     return f"{protocol}_top1" if (m["config_key"], f"{protocol}_top1") in series else None
 

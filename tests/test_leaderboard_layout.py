@@ -120,3 +120,18 @@ def test_a_warm_up_longer_than_the_run_shows_the_peak_lr_reached(tmp_path):
     rows = {r["_attrs"]["data-epochs"]: r for r in parse_dom(out.read_text()).tables["ranking"]}
     assert rows["3"]["hparams"].endswith("⚠ warm-up 10 ep > the 3-ep run: peak lr reached 0.12, not 0.4")
     assert "warm-up" not in rows["20"]["hparams"]
+
+
+def test_the_sweep_summary_has_one_line_per_group_over_seeds():
+    from leaderboard.text import sweep_groups
+
+    config = json.dumps({"eval": {"knn": KNN}, "dataset": {"val_size": 0}})
+    points = [{"overrides": f"seed={seed} sweep=smoke trainer.lr={lr}", "status": status, "objective": value,
+               "config": config}
+              for lr, seed, status, value in ((0.1, 0, "completed", 70.0), (0.1, 1, "skipped", 72.0),
+                                              (0.2, 0, "completed", 60.0), (0.2, 1, "failed", None))]
+    lines = sweep_groups(points).splitlines()
+    assert lines[0] == f"Per group, over seeds (objective: top-1 under {PRIMARY} on test):"
+    assert lines[1] == "Shared by every group: sweep=smoke"
+    rows = [line.split() for line in lines[4:]]
+    assert rows == [["trainer.lr=0.1", "2", "71.00", "±", "1.41"], ["trainer.lr=0.2", "1", "60.00", "±", "–"]]
