@@ -104,12 +104,18 @@ def hyper_parameters(configs: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def claims_section(page: Page, con: duckdb.DuckDBPyConnection) -> None:
-    """Each paper's claim beside what we measured: verdict, and the budget as its own badge."""
+    """Each paper's claim beside what we measured: verdict, and the budget as its own badge. Claims this store
+    has no runs for are listed once, folded, below the measured ones."""
     results = claims.check(con, claims.load())
-    body = []
+    body, unmeasured = [], []
     for r, cells in zip(results, claims.text_rows(results)):
-        badge = {"matches": "budget matches", "differs": "budget differs", "unknown": "budget not stated",
-                 "not run": ""}[r["budget"]]
+        if r["verdict"] == "not measured":
+            unmeasured.append(row_html([
+                ("claim", r["claim"]), ("paper", r["paper"]), ("what", r["claim_text"]), ("method", r["method"]),
+                ("dataset", r["dataset"]), ("protocol", r["protocol"]), ("claimed", cells["claimed"])],
+                {"dataset": r["dataset"], "verdict": r["verdict"]}))
+            continue
+        badge = {"matches": "budget matches", "differs": "budget differs", "unknown": "budget not stated"}[r["budget"]]
         body.append(row_html([
             ("claim", r["claim"]), ("paper", r["paper"]), ("what", r["claim_text"]), ("method", r["method"]),
             ("protocol", r["protocol"]), ("claimed", cells["claimed"]), ("measured", cells["measured"]),
@@ -122,8 +128,12 @@ def claims_section(page: Page, con: duckdb.DuckDBPyConnection) -> None:
         "95% t-interval. <b>reproduced</b>: the interval lies above what the claim asserts; <b>contradicted</b>: "
         "below it; otherwise not significant. A result at another budget is shown as such, not as a failed "
         "reproduction.</p>"
-        + table(["claim", "paper", "what the source says", "method", "protocol", "claimed (points)", "measured",
-                 "95% interval", "n", "verdict", "budget", "budget: ours vs the claim's"], body, "claims"))
+        + (table(["claim", "paper", "what the source says", "method", "protocol", "claimed (points)", "measured",
+                  "95% interval", "n", "verdict", "budget", "budget: ours vs the claim's"], body, "claims")
+           if body else "<p>No claim is measured by the runs in this store yet.</p>")
+        + (f"<details><summary>{len(unmeasured)} claim(s) not measured in this store (no matching runs)</summary>"
+           + table(["claim", "paper", "what the source says", "method", "dataset", "protocol", "claimed (points)"],
+                   unmeasured, "claims-unmeasured") + "</details>" if unmeasured else ""))
 
 
 def block_order(configs: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], dict[str, str | None]]:
@@ -293,21 +303,22 @@ def beside(refs: list[dict[str, Any]], dataset: str, ours: list[dict[str, Any]])
     """Published rows for the methods ranked on one dataset (a method also matches e.g. 'clsp-simclr'), once
     per dataset, each marked "budget differs" when no ranked row of ours ran its backbone and epochs."""
     methods = {str(m["method"]).lower() for m in ours}
-    budgets = {(str(m["backbone"]), str(m["epochs"])) for m in ours}
+    budgets = {(str(m["backbone"]), str(m["epochs"])) for m in ours if m["epochs"] != 0}  # not the floor
     chosen = [r for r in refs if r["dataset"] == dataset and any(m and m in r["method"] for m in methods)]
     if not chosen:
         return ""
     rows = []
+    ours_text = ", ".join(f"{b} {e} ep" for b, e in sorted(budgets))
     for r in sorted(chosen, key=lambda r: (r["protocol"], -float(r["top1"] or 0))):
         same = (str(r.get("backbone", "")), str(r.get("epochs", ""))) in budgets
-        ours_text = ", ".join(f"{b} {e} ep" for b, e in sorted(budgets))
         rows.append(row_html([("source", r["source"]), ("method", r["method"]), ("backbone", r.get("backbone", "")),
                               ("epochs", r.get("epochs", "")), ("batch", r.get("batch_size", "")),
                               ("top1", r["top1"] or "claim"), ("protocol", r["protocol"]),
-                              ("budget", "same budget" if same else f"budget differs (ours: {ours_text})"),
+                              ("budget", "same budget" if same else "budget differs"),
                               ("note", r.get("note", ""))], {"budget": "same" if same else "differs"}))
     return (f'<section class="block f" data-dataset="{esc(dataset)}"><h3>{esc(dataset)}: published numbers for '
-            "these methods</h3><p>Their protocols, single runs, their budgets: not ranked with ours.</p>"
+            f"these methods</h3><p>Their protocols, single runs, their budgets (ours: {esc(ours_text)}): not ranked "
+            "with ours.</p>"
             + table([*REF_HEADERS[:-1], "comparable?", "note"], rows, "refs beside") + "</section>")
 
 
@@ -609,7 +620,8 @@ tr[data-verdict=reproduced] td.verdict{color:#070;font-weight:600}
 tr[data-verdict=contradicted] td.verdict{color:#b00;font-weight:600}
 td.budget{white-space:nowrap}tr[data-budget=differs] td.budget{background:#fff3cd}
 tr[data-floor=yes] td{background:#f4f4f4;font-style:italic}tr[data-below-floor=yes] td.floor{color:#b00;font-weight:600}
-td.what,td.budgetnotes{max-width:260px;overflow-wrap:anywhere}table.beside{font-size:11.5px;color:#444}
+td.what,td.budgetnotes{max-width:260px;overflow-wrap:anywhere}
+table.beside td.method{max-width:200px;overflow-wrap:anywhere}table.beside{font-size:11.5px;color:#444}
 """
 
 SCRIPT = """

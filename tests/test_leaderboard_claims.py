@@ -102,6 +102,9 @@ def test_the_page_opens_with_the_claims_and_their_verdicts(planted, tmp_path):
     assert scorecl["simclr"]["budget"] == "budget not stated"
     assert "ours: 10 ep, convnet, 50000 train images" in scorecl["simclr"]["budgetnotes"]
     assert float(scorecl["simclr"]["measured"]) == pytest.approx(sum(PLANTED["simclr"]) / 4, abs=0.006)
+    # Claims without runs are listed once, folded, not as rows of verdicts.
+    unmeasured = {r["claim"] for r in parse_dom(text).tables["claims-unmeasured"]}
+    assert "scorecl-cifar100" in unmeasured and "scorecl-cifar10" not in unmeasured
 
 
 def test_a_variant_is_shown_by_its_own_name_and_checked_at_its_budget(tmp_path, capsys):
