@@ -183,6 +183,21 @@ def floor_text(m: dict[str, Any], floor: dict[str, Any] | None) -> str:
     return f"{diff:+.2f}" if diff > half else f"not above the floor ({diff:+.2f}, interval ±{half:.2f})"
 
 
+def addon_text(m: dict[str, Any], group: str) -> str:
+    """The add-on's config option with its artifact's budget: 'scorecl_tiny (score net 1 ep, 16·32 ch)'."""
+    name = str(m[group])
+    if name == "none":
+        return name
+    flat = data.flatten(json.loads(m["identity"] or "{}"))
+    net, what = ("weighting.score_net", "score net") if group == "weighting" else ("positives.diffusion", "DDPM")
+    epochs, channels = flat.get(f"{net}.epochs"), flat.get(f"{net}.unet.block_out_channels")
+    if epochs is None:
+        return name
+    width = f", {'·'.join(str(c) for c in channels)} ch" if isinstance(channels, list) else ""
+    extra = f", K={flat['positives.candidates']}" if group == "positives" and "positives.candidates" in flat else ""
+    return f"{name} ({what} {epochs} ep{width}{extra})"
+
+
 def warmup_note(m: dict[str, Any]) -> str:
     """The peak learning rate the run actually reached, when a linear warm-up longer than the run cut it short."""
     flat = data.flatten(json.loads(m["identity"] or "{}"))
@@ -206,8 +221,8 @@ def cost_text(m: dict[str, Any]) -> str:
 # Ranking columns: (header, cell class, value); a column whose text is the same in every row of a block
 # is folded into the block's heading instead (FOLDABLE), an empty names column is left out.
 RANK_COLUMNS = [
-    ("method", "method", lambda m: m["method"]), ("weighting", "weighting", lambda m: m["weighting"]),
-    ("positives", "positives", lambda m: m["positives"]),
+    ("method", "method", lambda m: m["method"]), ("weighting", "weighting", lambda m: addon_text(m, "weighting")),
+    ("positives", "positives", lambda m: addon_text(m, "positives")),
     ("synthetic ratio", "ratio", lambda m: f"{m['synthetic_ratio'] or 0:g}"),
     ("backbone", "backbone", lambda m: m["backbone"]), ("epochs", "epochs", lambda m: m["epochs"]),
     ("top-1 mean ± std", "mean", lambda m: f"{num(m['mean'])} ± {num(m['std'])}"),

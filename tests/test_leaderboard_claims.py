@@ -119,7 +119,8 @@ def test_a_variant_is_shown_by_its_own_name_and_checked_at_its_budget(tmp_path, 
     out = tmp_path / "p.html"
     assert main(["build", "--db", str(store.path), "--out", str(out), "--cdn"]) == 0
     parsed = parse_dom(out.read_text())
-    assert sorted(r["weighting"] for r in parsed.tables["ranking"]) == ["none", "scorecl", "scorecl_tiny"]
+    assert sorted(r["weighting"] for r in parsed.tables["ranking"]) == [
+        "none", "scorecl (score net 100 ep, 64·128·256·256 ch)", "scorecl_tiny (score net 1 ep, 16·32 ch)"]
     assert sorted(r["treatment"] for r in parsed.tables["effects"]) == ["scorecl", "scorecl_tiny"]
     capsys.readouterr()
     claims_file = tmp_path / "claims.csv"
