@@ -23,6 +23,7 @@ from typing import Any
 
 import duckdb
 
+from leaderboard import artifacts as artifact_store
 from leaderboard import claims, data, regress
 from leaderboard.stats import t_halfwidth
 
@@ -215,7 +216,8 @@ def warmup_note(m: dict[str, Any]) -> str:
 def cost_text(m: dict[str, Any]) -> str:
     if m.get("device_hours") is None:
         return "–"
-    return f"{m['device_hours']:.3g} h ({m['devices']})"
+    shared = f" + {m['artifact_hours']:.3g} h artifacts (its share)" if m.get("artifact_hours") else ""
+    return f"{m['device_hours']:.3g} h ({m['devices']}){shared}"
 
 
 # Ranking columns: (header, cell class, value); a column whose text is the same in every row of a block
@@ -240,8 +242,8 @@ def interval_of(m: dict[str, Any]) -> str:
     return f"[{num(m['mean'] - half)}, {num(m['mean'] + half)}]" if half is not None else "one seed"
 
 
-def rankings(page: Page, configs: list[dict[str, Any]],
-             refs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+def rankings(page: Page, configs: list[dict[str, Any]], refs: list[dict[str, Any]],
+             artifact_share: dict[str, float] | None = None) -> dict[tuple[str, str], list[dict[str, Any]]]:
     by_setting: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for c in configs:
         by_setting[(c["dataset"], c["protocol"], *(c[k] for k in data.SETTING))].append(c)
@@ -249,8 +251,9 @@ def rankings(page: Page, configs: list[dict[str, Any]],
     for members in by_setting.values():
         hp = hyper_parameters(members)
         top = min(members, key=lambda m: m["rank_in_setting"])
-        best[(top["dataset"], top["protocol"])].append({**top, "hparams": hp[top["config_key"]] + warmup_note(top),
-                                                        "tried": len(members)})
+        best[(top["dataset"], top["protocol"])].append({
+            **top, "hparams": hp[top["config_key"]] + warmup_note(top), "tried": len(members),
+            "artifact_hours": (artifact_share or {}).get(top["config_key"], 0.0) * top["n"]})
     order, primary = block_order(configs)
     out = {}
     for i, (dataset, protocol) in enumerate(order):
@@ -547,25 +550,19 @@ def accuracy_vs_cost(page: Page, ranked: dict[tuple[str, str], list[dict[str, An
         page.sections.append("<p>No run has both a start and an end time: no cost to plot.</p>")
 
 
-def artifacts(page: Page, db: Path) -> None:
-    """The built-once artifacts beside the store (score networks, diffusion models, synthetic sets) with their
-    build time, read from each one's manifest: their cost is not in any run's wall-clock when reused."""
-    root = db.with_name(db.name + ".artifacts")
-    manifests = sorted(root.glob("*/*/artifact.json")) if root.is_dir() else []
-    body = []
-    for path in manifests:
-        try:
-            m = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        seconds = m.get("build_seconds")
-        body.append(row_html([("kind", m.get("kind")), ("hash", m.get("hash")), ("built", m.get("built_at")),
-                              ("hours", "–" if seconds is None else f"{seconds / 3600:.3g}"),
-                              ("config", json.dumps(m.get("config"), sort_keys=True)[:300])]))
+def artifacts(page: Page, found: list[dict[str, Any]]) -> None:
+    """The built-once artifacts (score networks, diffusion models, synthetic sets) with their build time and
+    how many completed runs share it: the rankings' cost column adds each run's even share."""
+    body = [row_html([("kind", m.get("kind")), ("hash", m.get("hash")), ("built", m.get("built_at")),
+                      ("hours", "–" if m.get("build_seconds") is None else f"{m['build_seconds'] / 3600:.3g}"),
+                      ("runs", m.get("runs", 0)), ("root", m.get("root")),
+                      ("config", json.dumps(m.get("config"), sort_keys=True)[:300])])
+            for m in found]
     if body:
-        page.sections.append(f"<p>Artifacts in <code>{esc(root)}</code>: built once, shared by every run with "
-                             "the same recipe (their build time is not in those runs' device-hours).</p>"
-                             + table(["kind", "hash", "built at", "build hours", "config"], body, "artifacts"))
+        page.sections.append("<p>Artifacts: built once, shared by every run with the same recipe and training split "
+                             "(their build time is in no run's device-hours; the rankings add each run's share).</p>"
+                             + table(["kind", "hash", "built at", "build hours", "runs sharing it", "folder",
+                                      "config"], body, "artifacts"))
 
 
 def optuna_studies(page: Page, db: Path) -> None:
@@ -694,7 +691,8 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     page.sections.append("<h2>Rankings</h2><p>One row per setting: its best configuration by mean test top-1 "
                          "over seeds (newest run per seed); 95% interval is Student's t over seeds.</p>")
     refs = load_references(con)
-    ranked = rankings(page, configs, refs)
+    built, artifact_share = artifact_store.shares(con, Path(db))
+    ranked = rankings(page, configs, refs, artifact_share)
     if not ranked:
         page.sections.append("<p>No completed runs with test evaluations yet.</p>")
     page.sections.append("<h2>Add-on effects (paired over seeds)</h2>")
@@ -707,7 +705,7 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     across_commits(page, con)
     page.sections.append("<h2>Cost</h2>")
     accuracy_vs_cost(page, ranked)
-    artifacts(page, db)
+    artifacts(page, built)
     page.sections.append("<h2>Throughput per run</h2>")
     throughput(page, con)
     studies_at = len(page.sections)

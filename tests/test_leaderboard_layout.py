@@ -136,3 +136,28 @@ def test_the_sweep_summary_has_one_line_per_group_over_seeds():
     assert lines[1] == "Shared by every group: sweep=smoke"
     rows = [line.split() for line in lines[4:]]
     assert rows == [["trainer.lr=0.1", "2", "71.00", "±", "1.41"], ["trainer.lr=0.2", "1", "60.00", "±", "–"]]
+
+
+def test_an_artifacts_build_time_is_split_over_the_runs_that_share_it(tmp_path):
+    store = Store(tmp_path / "r.duckdb")
+    tiny = {"epochs": 1, "max_images": 512, "unet": {"block_out_channels": [16, 32]}}
+    for seed in range(2):
+        add_run(store, f"plain{seed}", 70.0 + seed, seed=seed)
+        add_run(store, f"tiny{seed}", 71.0 + seed, seed=seed, weighting="scorecl", fields={"weighting.score_net": tiny})
+        add_run(store, f"other{seed}", 72.0 + seed, seed=seed, weighting="scorecl",
+                fields={"weighting.score_net": {**tiny, "epochs": 100}},  # another score net, not built here
+                row={"weighting_variant": "scorecl_long"})
+    # The manifest harness.artifacts.build_once writes: the config that keyed the artifact and its build time.
+    folder = tmp_path / "r.duckdb.artifacts" / "score_net" / "0123abcd"
+    folder.mkdir(parents=True)
+    (folder / "artifact.json").write_text(json.dumps({
+        "kind": "score_net", "hash": "0123abcd", "build_seconds": 7200.0, "built_at": "2025-01-01T00:00:00",
+        "config": {"score_net": tiny, "data": {"name": "cifar10"}}}))
+    out = tmp_path / "p.html"
+    assert main(["build", "--db", str(store.path), "--out", str(out), "--cdn"]) == 0
+    parsed = parse_dom(out.read_text())
+    [artifact] = parsed.tables["artifacts"]
+    assert artifact["hours"] == "2" and artifact["runs"] == "2"
+    costs = {r["weighting"].split(" ")[0]: r["cost"] for r in parsed.tables["ranking"]}
+    assert costs == {"scorecl": "0 h (cpu) + 2 h artifacts (its share)", "scorecl_long": "0 h (cpu)",
+                     "none": "0 h (cpu)"}
