@@ -68,6 +68,9 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
             "weighting": "VARCHAR",
             "positives": "VARCHAR",
             "synthetic_ratio": "DOUBLE",
+            # The config option chosen (weighting=scorecl_tiny), which the YAML's `name` does not tell apart.
+            "weighting_variant": "VARCHAR",
+            "positives_variant": "VARCHAR",
             "seed": "INTEGER",
             "epochs": "INTEGER",
             "batch_size": "INTEGER",

@@ -2,6 +2,7 @@
 
   show     every run with its evaluations, as a text table
   build    the leaderboard page: one self-contained HTML file (plotly.js inlined unless --cdn)
+  claims   each paper's claim (leaderboard/claims.csv) against the store: measured effect, verdict, budget
   regress  compare each configuration between a baseline (commit or pinned file) and a candidate
            commit; exit status 1 when anything regressed (a CI step)
 """
@@ -14,11 +15,12 @@ import time
 from pathlib import Path
 
 from harness.store import Store
-from leaderboard import page, regress
+from leaderboard import claims, page, regress
 from leaderboard.text import format_table
 
 SHOW_SQL = """
-SELECT r.method, r.dataset, r.backbone, r.weighting, r.positives, r.seed, r.epochs, r.status,
+SELECT r.method, r.dataset, r.backbone, coalesce(r.weighting_variant, r.weighting) AS weighting,
+       coalesce(r.positives_variant, r.positives) AS positives, r.seed, r.epochs, r.status,
        e.protocol, e.top1, e.top5, r.run_key, r.git_commit
 FROM runs r LEFT JOIN evals e ON e.run_id = r.run_id AND e.split = 'test'
 WHERE (? OR r.status = 'completed')
@@ -56,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     build_cmd.add_argument("--out", type=Path, default=Path("leaderboard.html"))
     build_cmd.add_argument("--cdn", action="store_true",
                            help="load plotly.js from its CDN (small file; viewing needs internet)")
+    claims_cmd = commands.add_parser("claims", help="check the papers' claims against the store",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=claims.__doc__)
+    claims_cmd.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
+    claims_cmd.add_argument("--claims", type=Path, default=claims.CLAIMS,
+                            help="a claims CSV (default: the shipped one)")
+    claims_cmd.add_argument("--json", action="store_true", help="print the results as JSON")
     reg = commands.add_parser("regress", help="did any configuration get worse? (exit 1 if so)",
                               formatter_class=argparse.RawDescriptionHelpFormatter, description=regress.__doc__)
     reg.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
@@ -76,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         size = page.build(args.db, args.out, args.cdn)
         print(f"wrote {args.out} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
+    elif args.command == "claims":
+        print(claims.run(args.db, args.claims, args.json))
     elif args.command == "regress":
         return regress.run(args.db, args.baseline, args.candidate, args.json, args.alpha, args.min_effect,
                            args.tolerance, args.write_baseline)

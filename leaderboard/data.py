@@ -29,6 +29,10 @@ NOT_IDENTITY = (*NOT_IN_RUN_KEY, "seed", "sweep_name")
 
 # Columns a setting is made of (one ranking row per setting and dataset x protocol).
 SETTING = ("method", "backbone", "weighting", "positives", "synthetic_ratio", "epochs")
+# An add-on is shown by the config option chosen (scorecl_tiny), not its YAML's name (scorecl):
+# runs from before the harness recorded it fall back to the name.
+SETTING_SQL = {"weighting": "coalesce(r.weighting_variant, r.weighting) AS weighting",
+               "positives": "coalesce(r.positives_variant, r.positives) AS positives"}
 # A run from a tree with uncommitted changes did not run its commit's code: it counts as a commit of
 # its own, `<hash>+dirty`, so it never mixes with (or stands in for) the clean commit's runs.
 DIRTY = "+dirty"
@@ -61,6 +65,20 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for k, v in tree.items():
         out.update(flatten(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
     return out
+
+
+def primary_protocol(config_json: str | None) -> str | None:
+    """The protocol a run's objective and per-epoch k-NN curve use: the first of its eval.knn settings."""
+    try:
+        knn = flatten(json.loads(config_json or "{}")).get("eval.knn")
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(knn, list) or not knn or not isinstance(knn[0], dict):
+        return None
+    try:  # the name harness.evaluate.knn_protocol gives it
+        return f"knn:cosine:k={int(knn[0]['k'])}:T={float(knn[0]['T']):g}"
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def identities(config_json: str | None) -> tuple[str, str, str, str]:
@@ -104,7 +122,12 @@ def prepare(con: duckdb.DuckDBPyConnection) -> None:
     # One value per configuration, seed and protocol: the newest completed run's test top-1.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE all_seeds AS
         SELECT r.dataset, e.protocol, i.config_key, i.weight_key, i.pos_key, r.seed, e.top1, e.top5,
-               r.run_id, r.name, {", ".join("r." + c for c in SETTING)}, r.batch_size, r.lr, r.gpu_hours,
+               r.run_id, r.name, {", ".join(SETTING_SQL.get(c, "r." + c) for c in SETTING)},
+               r.batch_size, r.lr, r.gpu_hours,
+               -- Cost of the run's last attempt (started_at is set when an attempt starts), CPU runs included.
+               epoch(r.finished_at - r.started_at) / 3600.0 AS wall_hours,
+               epoch(r.finished_at - r.started_at) / 3600.0 * coalesce(r.world_size, 1) AS device_hours,
+               coalesce(r.device_name, 'unknown') AS device_name,
                coalesce(r.git_commit, 'unknown') || CASE WHEN r.git_dirty THEN '{DIRTY}' ELSE '' END AS git_commit,
                r.git_dirty, r.finished_at
         FROM evals e JOIN runs r ON r.run_id = e.run_id JOIN run_ident i ON i.run_id = e.run_id
@@ -131,7 +154,8 @@ def configurations(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
                    any_value(batch_size) AS batch_size, any_value(lr) AS lr,
                    avg(top1) AS mean, stddev_samp(top1) AS std, count(*) AS n,
                    list(top1 ORDER BY seed) AS values, list(seed ORDER BY seed) AS seeds,
-                   sum(gpu_hours) AS gpu_hours,
+                   sum(gpu_hours) AS gpu_hours, sum(wall_hours) AS wall_hours, sum(device_hours) AS device_hours,
+                   string_agg(DISTINCT device_name, ' | ' ORDER BY device_name) AS devices,
                    string_agg(DISTINCT name, ' | ' ORDER BY name) AS names,
                    string_agg(DISTINCT git_commit, ' ' ORDER BY git_commit) AS commits
             FROM per_seed GROUP BY ALL)
@@ -253,14 +277,15 @@ def curves(con: duckdb.DuckDBPyConnection, config_keys: list[str], names: tuple[
 
 
 def throughput(con: duckdb.DuckDBPyConnection, points_up_to: int = 2000) -> tuple[list[dict[str, Any]], bool]:
-    """Median images/s over each completed run's epochs, grouped by what it ran on.
+    """Median images/s over each completed run's epochs, grouped by method and what it ran on.
 
     Returns (groups, with_points): up to `points_up_to` runs each group lists its runs; beyond, only
     the quartiles per group come back (thousands of points make a page slow to open).
     """
     runs = """
         SELECT r.run_id, r.name, r.method, r.seed, t.images_per_s,
-               r.backbone || ' · ' || coalesce(r.device_name, 'unknown') || ' × ' || coalesce(r.world_size, 1)
+               r.method || ' · ' || r.backbone || ' · ' || coalesce(r.device_name, 'unknown')
+                   || ' × ' || coalesce(r.world_size, 1)
                    || ' · bs ' || coalesce(r.batch_size::VARCHAR, '?') AS grp
         FROM runs r JOIN (SELECT run_id, median(value) AS images_per_s FROM metrics
                           WHERE name = 'images_per_s' GROUP BY run_id) t ON t.run_id = r.run_id

@@ -16,7 +16,7 @@ import csv
 import html
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from typing import Any
 import duckdb
 
 from harness.atomic import write_text_atomic
-from leaderboard import data, regress
+from leaderboard import artifacts as artifact_store
+from leaderboard import claims, data, regress
 from leaderboard.stats import t_halfwidth
 
 REFERENCES = Path(__file__).with_name("references.csv")
@@ -57,7 +58,9 @@ def setting_label(row: dict[str, Any]) -> str:
 
 def table(headers: list[str], body: Iterable[str], css: str = "") -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    # In a box that scrolls sideways, so that a wide table never runs off a narrow screen.
+    return (f'<div class="scroll"><table class="{css}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def row_html(cells: list[tuple[str, Any]], attrs: dict[str, Any] | None = None) -> str:
@@ -102,8 +105,146 @@ def hyper_parameters(configs: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
-def rankings(page: Page, configs: list[dict[str, Any]],
-             refs: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+def claims_section(page: Page, con: duckdb.DuckDBPyConnection) -> None:
+    """Each paper's claim beside what we measured: verdict, and the budget as its own badge. Claims this store
+    has no runs for are listed once, folded, below the measured ones."""
+    results = claims.check(con, claims.load())
+    body, unmeasured = [], []
+    for r, cells in zip(results, claims.text_rows(results)):
+        if r["verdict"] == "not measured":
+            unmeasured.append(row_html([
+                ("claim", r["claim"]), ("paper", r["paper"]), ("what", r["claim_text"]), ("method", r["method"]),
+                ("dataset", r["dataset"]), ("protocol", r["protocol"]), ("claimed", cells["claimed"])],
+                {"dataset": r["dataset"], "verdict": r["verdict"]}))
+            continue
+        badge = {"matches": "budget matches", "differs": "budget differs", "unknown": "budget not stated"}[r["budget"]]
+        body.append(row_html([
+            ("claim", r["claim"]), ("paper", r["paper"]), ("what", r["claim_text"]), ("method", r["method"]),
+            ("protocol", r["protocol"]), ("claimed", cells["claimed"]), ("measured", cells["measured"]),
+            ("interval", cells["95% interval"]), ("n", r["n"]), ("verdict", r["reading"]),
+            ("budget", badge), ("budgetnotes", "; ".join(r["budget_notes"] + claims.budget_words(r["our_budget"]))),
+        ], {"dataset": r["dataset"], "verdict": r["verdict"], "budget": r["budget"]}))
+    page.sections.append(
+        "<p>Each claim of the papers (<code>leaderboard/claims.csv</code>) beside our measurement: for an add-on, "
+        "the paired difference over seeds at the best configuration without it (as in the add-on table); "
+        "95% t-interval. <b>reproduced</b>: the interval lies above what the claim asserts; <b>contradicted</b>: "
+        "below it; otherwise not significant. A result at another budget is shown as such, not as a failed "
+        "reproduction.</p>"
+        + (table(["claim", "paper", "what the source says", "method", "protocol", "claimed (points)", "measured",
+                  "95% interval", "n", "verdict", "budget", "budget: ours vs the claim's"], body, "claims")
+           if body else "<p>No claim is measured by the runs in this store yet.</p>")
+        + (f"<details><summary>{len(unmeasured)} claim(s) not measured in this store (no matching runs)</summary>"
+           + table(["claim", "paper", "what the source says", "method", "dataset", "protocol", "claimed (points)"],
+                   unmeasured, "claims-unmeasured") + "</details>" if unmeasured else ""))
+
+
+def block_order(configs: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], dict[str, str | None]]:
+    """(every dataset x protocol, each dataset's primary protocol first; the primary protocol per dataset).
+
+    A dataset's primary protocol is the one most of its configurations were run with as primary.
+    """
+    votes: dict[str, Counter] = defaultdict(Counter)
+    protocols: dict[str, set[str]] = defaultdict(set)
+    for c in configs:
+        protocols[c["dataset"]].add(c["protocol"])
+        if c["protocol"] == data.primary_protocol(c["identity"]):
+            votes[c["dataset"]][c["protocol"]] += 1
+    primary = {d: (votes[d].most_common(1)[0][0] if votes[d] else None) for d in protocols}
+    order = [(d, p) for d in sorted(protocols) for p in sorted(protocols[d], key=lambda p: (p != primary[d], p))]
+    return order, primary
+
+
+def tie_ranks(members: list[dict[str, Any]]) -> list[str]:
+    """Rank labels of rows sorted by mean. A row whose 95% interval overlaps its neighbour's is marked a tie
+    and shares the rank of the row above it; without an interval (one seed) the order is not supported
+    either, so such a row ties too."""
+    labels, rank = [], 1
+    for i, m in enumerate(members):
+        above = i > 0 and _overlaps(members[i - 1], m)
+        if i > 0 and not above:
+            rank = i + 1
+        below = i + 1 < len(members) and _overlaps(m, members[i + 1])
+        labels.append(f"{rank} (tie)" if above or below else str(rank))
+    return labels
+
+
+def _overlaps(upper: dict[str, Any], lower: dict[str, Any]) -> bool:
+    h1, h2 = t_halfwidth(upper["std"], upper["n"]), t_halfwidth(lower["std"], lower["n"])
+    return h1 is None or h2 is None or upper["mean"] - h1 <= lower["mean"] + h2
+
+
+def floor_text(m: dict[str, Any], floor: dict[str, Any] | None) -> str:
+    """How far a trained row is above its backbone's untrained floor; 'not above ...' when the gap is within
+    the row's own 95% interval (or below zero with one seed)."""
+    if m["epochs"] == 0:
+        return "random-init floor"
+    if floor is None:
+        return "no floor run for this backbone"
+    diff = m["mean"] - floor["mean"]
+    half = t_halfwidth(m["std"], m["n"]) or 0.0
+    return f"{diff:+.2f}" if diff > half else f"not above the floor ({diff:+.2f}, interval ±{half:.2f})"
+
+
+def addon_text(m: dict[str, Any], group: str) -> str:
+    """The add-on's config option with its artifact's budget: 'scorecl_tiny (score net 1 ep, 16·32 ch)'."""
+    name = str(m[group])
+    if name == "none":
+        return name
+    flat = data.flatten(json.loads(m["identity"] or "{}"))
+    net, what = ("weighting.score_net", "score net") if group == "weighting" else ("positives.diffusion", "DDPM")
+    epochs, channels = flat.get(f"{net}.epochs"), flat.get(f"{net}.unet.block_out_channels")
+    if epochs is None:
+        return name
+    width = f", {'·'.join(str(c) for c in channels)} ch" if isinstance(channels, list) else ""
+    extra = f", K={flat['positives.candidates']}" if group == "positives" and "positives.candidates" in flat else ""
+    return f"{name} ({what} {epochs} ep{width}{extra})"
+
+
+def warmup_note(m: dict[str, Any]) -> str:
+    """The peak learning rate the run actually reached, when a linear warm-up longer than the run cut it short."""
+    flat = data.flatten(json.loads(m["identity"] or "{}"))
+    try:
+        warmup, epochs = float(flat.get("trainer.warmup_epochs") or 0), int(m["epochs"] or 0)
+        start, lr = float(flat.get("trainer.warmup_start_lr") or 0), float(m["lr"])
+    except (TypeError, ValueError):
+        return ""
+    if epochs <= 0 or warmup <= epochs:
+        return ""
+    reached = start + (lr - start) * epochs / warmup
+    return f" ⚠ warm-up {warmup:g} ep > the {epochs}-ep run: peak lr reached {reached:.3g}, not {lr:.3g}"
+
+
+def cost_text(m: dict[str, Any]) -> str:
+    if m.get("device_hours") is None:
+        return "–"
+    shared = f" + {m['artifact_hours']:.3g} h artifacts (its share)" if m.get("artifact_hours") else ""
+    return f"{m['device_hours']:.3g} h ({m['devices']}){shared}"
+
+
+# Ranking columns: (header, cell class, value); a column whose text is the same in every row of a block
+# is folded into the block's heading instead (FOLDABLE), an empty names column is left out.
+RANK_COLUMNS = [
+    ("method", "method", lambda m: m["method"]), ("weighting", "weighting", lambda m: addon_text(m, "weighting")),
+    ("positives", "positives", lambda m: addon_text(m, "positives")),
+    ("synthetic ratio", "ratio", lambda m: f"{m['synthetic_ratio'] or 0:g}"),
+    ("backbone", "backbone", lambda m: m["backbone"]), ("epochs", "epochs", lambda m: m["epochs"]),
+    ("top-1 mean ± std", "mean", lambda m: f"{num(m['mean'])} ± {num(m['std'])}"),
+    ("n seeds", "n", lambda m: m["n"]), ("95% interval", "interval", lambda m: interval_of(m)),
+    ("best hyper-parameters", "hparams", lambda m: m["hparams"]),
+    ("configs tried", "tried", lambda m: m["tried"]),
+    ("device-hours, all seeds (device)", "cost", cost_text),
+    ("run names", "names", lambda m: m["names"] or ""),
+]
+FOLDABLE = {"method", "weighting", "positives", "ratio", "backbone", "epochs", "tried", "hparams", "cost"}
+
+
+def interval_of(m: dict[str, Any]) -> str:
+    half = t_halfwidth(m["std"], m["n"])
+    return f"[{num(m['mean'] - half)}, {num(m['mean'] + half)}]" if half is not None else "one seed"
+
+
+def rankings(page: Page, configs: list[dict[str, Any]], refs: list[dict[str, Any]],
+             artifact_share: dict[str, float] | None = None) -> dict[tuple[str, str], list[dict[str, Any]]]:
     by_setting: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for c in configs:
         by_setting[(c["dataset"], c["protocol"], *(c[k] for k in data.SETTING))].append(c)
@@ -111,31 +252,53 @@ def rankings(page: Page, configs: list[dict[str, Any]],
     for members in by_setting.values():
         hp = hyper_parameters(members)
         top = min(members, key=lambda m: m["rank_in_setting"])
-        best[(top["dataset"], top["protocol"])].append({**top, "hparams": hp[top["config_key"]],
-                                                        "tried": len(members)})
-    headers = ["#", "method", "weighting", "positives", "synthetic ratio", "backbone", "epochs", "top-1 mean ± std",
-               "n seeds", "95% interval", "best hyper-parameters", "configs tried", "GPU-hours", "protocol",
-               "run names"]
-    out = []
-    for (dataset, protocol), members in sorted(best.items()):
-        members.sort(key=lambda m: -m["mean"])
+        best[(top["dataset"], top["protocol"])].append({
+            **top, "hparams": hp[top["config_key"]] + warmup_note(top), "tried": len(members),
+            "artifact_hours": (artifact_share or {}).get(top["config_key"], 0.0) * top["n"]})
+    order, primary = block_order(configs)
+    out = {}
+    for i, (dataset, protocol) in enumerate(order):
+        members = sorted(best[(dataset, protocol)], key=lambda m: -m["mean"])
+        cells = [[(css, get(m)) for _, css, get in RANK_COLUMNS] for m in members]
+        keep, folded = [], []
+        for j, (header, css, _) in enumerate(RANK_COLUMNS):
+            values = {str(row[j][1]) for row in cells}
+            if css == "names" and values == {""}:
+                continue
+            if css in FOLDABLE and len(values) == 1 and len(members) > 1:
+                folded.append(f"{header} {values.pop()}")
+                continue
+            keep.append(j)
+        # Untrained backbones (epochs 0) are the floor of their backbone, not contestants: "floor" in the
+        # rank column, and each trained row says how far above its backbone's floor it is.
+        trained = [m for m in members if m["epochs"] != 0]
+        ranks = dict(zip((m["config_key"] for m in trained), tie_ranks(trained)))
+        floors = {}
+        for m in members:
+            if m["epochs"] == 0 and (m["backbone"] not in floors or m["mean"] > floors[m["backbone"]]["mean"]):
+                floors[m["backbone"]] = m
         body = []
-        for rank, m in enumerate(members, 1):
-            half = t_halfwidth(m["std"], m["n"])
-            interval = f"[{num(m['mean'] - half)}, {num(m['mean'] + half)}]" if half is not None else "one seed"
-            body.append(row_html([
-                ("rank", rank), ("method", m["method"]), ("weighting", m["weighting"]), ("positives", m["positives"]),
-                ("ratio", f"{m['synthetic_ratio'] or 0:g}"), ("backbone", m["backbone"]), ("epochs", m["epochs"]),
-                ("mean", f"{num(m['mean'])} ± {num(m['std'])}"), ("n", m["n"]), ("interval", interval),
-                ("hparams", m["hparams"]), ("tried", m["tried"]), ("gpuh", num(m["gpu_hours"], 3)),
-                ("protocol", protocol), ("names", m["names"] or ""),
-            ], {"config": m["config_key"], "epochs": m["epochs"]}))
+        for m, row in zip(members, cells):
+            extra = [("floor", floor_text(m, floors.get(m["backbone"])))] if floors else []
+            below = bool(extra) and extra[0][1].startswith("not above")
+            body.append(row_html([("rank", ranks.get(m["config_key"], "floor"))] + [row[j] for j in keep] + extra,
+                                 {"config": m["config_key"], "epochs": m["epochs"],
+                                  **({"floor": "yes"} if m["epochs"] == 0 else {}),
+                                  **({"below-floor": "yes"} if below else {})}))
+        is_primary = protocol == primary[dataset]
+        heading = (f"{esc(dataset)} — {esc(protocol)}" + (' <span class="badge primary">primary protocol</span>'
+                                                          if is_primary else "") + " (test top-1 %)")
         page.sections.append(
-            f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
-            f"<h3>{esc(dataset)} — {esc(protocol)} (test top-1 %)</h3>{table(headers, body, 'ranking')}"
-            f"{beside(refs, dataset, {str(m['method']).lower() for m in members})}</section>")
-        out.append(((dataset, protocol), members))
-    return dict(out)
+            f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}"'
+            f' data-primary="{"yes" if is_primary else "no"}"><h3>{heading}</h3>'
+            + (f'<p class="folded">In every row: {esc(" · ".join(folded))}</p>' if folded else "")
+            + table(["#"] + [RANK_COLUMNS[j][0] for j in keep] + (["vs random-init floor"] if floors else []),
+                    body, "ranking") + "</section>")
+        out[(dataset, protocol)] = members
+        if i + 1 == len(order) or order[i + 1][0] != dataset:  # the dataset's published numbers, once
+            ours = [m for (d, _), ms in out.items() if d == dataset for m in ms]
+            page.sections.append(beside(refs, dataset, ours))
+    return out
 
 
 def load_references(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
@@ -155,13 +318,27 @@ def reference_rows(refs: list[dict[str, Any]]) -> list[str]:
             for r in sorted(refs, key=lambda r: (r["protocol"], -float(r["top1"] or 0)))]
 
 
-def beside(refs: list[dict[str, Any]], dataset: str, methods: set[str]) -> str:
-    """Published rows for the methods of one ranking (a method also matches e.g. 'clsp-simclr')."""
+def beside(refs: list[dict[str, Any]], dataset: str, ours: list[dict[str, Any]]) -> str:
+    """Published rows for the methods ranked on one dataset (a method also matches e.g. 'clsp-simclr'), once
+    per dataset, each marked "budget differs" when no ranked row of ours ran its backbone and epochs."""
+    methods = {str(m["method"]).lower() for m in ours}
+    budgets = {(str(m["backbone"]), str(m["epochs"])) for m in ours if m["epochs"] != 0}  # not the floor
     chosen = [r for r in refs if r["dataset"] == dataset and any(m and m in r["method"] for m in methods)]
     if not chosen:
         return ""
-    return ("<p>Published numbers for these methods on this dataset (their protocols, single runs; not ranked "
-            "with ours):</p>" + table(REF_HEADERS, reference_rows(chosen), "refs beside"))
+    rows = []
+    ours_text = ", ".join(f"{b} {e} ep" for b, e in sorted(budgets))
+    for r in sorted(chosen, key=lambda r: (r["protocol"], -float(r["top1"] or 0))):
+        same = (str(r.get("backbone", "")), str(r.get("epochs", ""))) in budgets
+        rows.append(row_html([("source", r["source"]), ("method", r["method"]), ("backbone", r.get("backbone", "")),
+                              ("epochs", r.get("epochs", "")), ("batch", r.get("batch_size", "")),
+                              ("top1", r["top1"] or "claim"), ("protocol", r["protocol"]),
+                              ("budget", "same budget" if same else "budget differs"),
+                              ("note", r.get("note", ""))], {"budget": "same" if same else "differs"}))
+    return (f'<section class="block f" data-dataset="{esc(dataset)}"><h3>{esc(dataset)}: published numbers for '
+            f"these methods</h3><p>Their protocols, single runs, their budgets (ours: {esc(ours_text)}): not ranked "
+            "with ours.</p>"
+            + table([*REF_HEADERS[:-1], "comparable?", "note"], rows, "refs beside") + "</section>")
 
 
 def all_references(page: Page, refs: list[dict[str, Any]], datasets: list[str]) -> None:
@@ -196,39 +373,71 @@ def effects(page: Page, con: duckdb.DuckDBPyConnection) -> None:
                                   ("backbone", r["backbone"]), ("epochs", r["epochs"]), ("other", other),
                                   ("diff", f"{r['mean']:+.2f}"), ("interval", interval), ("n", r["n"]),
                                   ("configs", r["configs"]), ("overall", f"{r['mean_over_configs']:+.2f}"),
-                                  ("protocol", protocol), ("config", r["config_key"]), ("base", r["base_key"])],
-                                 {"epochs": r["epochs"]}))
+                                  ],
+                                 # The configuration hashes stay in the row (for a script), not in the width.
+                                 {"epochs": r["epochs"], "config": r["config_key"], "base": r["base_key"]}))
         page.sections.append(
             f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
             f"<h3>{esc(dataset)} — {esc(protocol)}: add-on minus the same run without it (points)</h3>"
-            + "<p>At the best configuration of the run without the add-on; the last but two columns average the "
+            + "<p>At the best configuration of the run without the add-on; the last two columns average the "
             "effect over every configuration tried with and without it.</p>"
             + table(["add-on", "treatment", "method", "backbone", "epochs", "other add-on", "mean paired diff",
-                     "95% interval", "n seed pairs", "configs paired", "mean over configs", "protocol", "config",
-                     "baseline config"], body, "effects") + "</section>")
+                     "95% interval", "n seed pairs", "configs paired", "mean over configs"], body, "effects")
+            + "</section>")
+
+
+def epoch_axis(series: list[dict[str, Any]]) -> dict[str, Any]:
+    """An x axis with whole-epoch ticks (never 1.5), at most about 10 of them."""
+    last = max((e for c in series for e in c["epochs"]), default=1)
+    return {"title": {"text": "epoch"}, "tickmode": "linear", "tick0": 0, "dtick": max(1, math.ceil(last / 10)),
+            "tickformat": "d"}
+
+
+def metric_under(protocol: str, m: dict[str, Any], series: dict[tuple[str, str], Any]) -> str | None:
+    """The per-epoch metric that measures `protocol` for configuration m, if it logs one."""
+    if protocol == data.primary_protocol(m["identity"]):
+        return "knn_top1"
+    return f"{protocol}_top1" if (m["config_key"], f"{protocol}_top1") in series else None
 
 
 def learning_curves(page: Page, con: duckdb.DuckDBPyConnection,
                     ranked: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    """Per ranking block: the loss of its top configurations, each divided by its first epoch's value (methods'
+    losses differ in scale: SimCLR ~6, VICReg ~50), and the top-1 per epoch under THIS block's protocol: the
+    per-epoch k-NN is the run's primary protocol, an add-on protocol (online_linear) logs its own."""
     chosen = {key: members[:TOP_CURVES] for key, members in ranked.items()}
     keys = sorted({m["config_key"] for members in chosen.values() for m in members})
-    series = {(c["config_key"], c["name"]): c for c in data.curves(con, keys)}
-    for (dataset, protocol), members in sorted(chosen.items()):
+    names = ("loss", "knn_top1", *sorted({f"{p}_top1" for _, p in chosen if not p.startswith(("knn:", "linear:"))}))
+    series = {(c["config_key"], c["name"]): c for c in data.curves(con, keys, names)}
+    for (dataset, protocol), members in chosen.items():  # in the rankings' order: primary protocol first
         plots = []
-        for metric, title in (("loss", "training loss"), ("knn_top1", "k-NN top-1 per epoch (%)")):
+        losses = [(m, series[(m["config_key"], "loss")]) for m in members if (m["config_key"], "loss") in series]
+        if losses:
             traces = [{"type": "scatter", "mode": "lines+markers", "name": plot_text(setting_label(m)),
-                       "x": series[(m["config_key"], metric)]["epochs"],
-                       "y": series[(m["config_key"], metric)]["values"],
-                       "hovertemplate": "epoch %{x}: %{y:.3f}<extra>" + plot_text(m["config_key"]) + "</extra>"}
-                      for m in members if (m["config_key"], metric) in series]
-            if traces:
-                plots.append(page.figure(traces, {"title": {"text": title}, "xaxis": {"title": {"text": "epoch"}},
-                                                  "showlegend": True, "legend": {"font": {"size": 10}}}))
+                       "x": c["epochs"], "y": [v / c["values"][0] if c["values"][0] else v for v in c["values"]],
+                       "text": [f"{v:.4g}" for v in c["values"]],
+                       "hovertemplate": "epoch %{x}: %{y:.3f} of the first (loss %{text})<extra>"
+                                        + plot_text(m["config_key"]) + "</extra>"} for m, c in losses]
+            plots.append(page.figure(traces, {"title": {"text": "training loss ÷ its first-epoch value"},
+                                              "xaxis": epoch_axis([c for _, c in losses]), "showlegend": True,
+                                              "legend": {"font": {"size": 10}}}))
+        tops = [(m, series[(m["config_key"], metric)]) for m in members
+                if (metric := metric_under(protocol, m, series)) and (m["config_key"], metric) in series]
+        if tops:
+            traces = [{"type": "scatter", "mode": "lines+markers", "name": plot_text(setting_label(m)),
+                       "x": c["epochs"], "y": c["values"],
+                       "hovertemplate": "epoch %{x}: %{y:.2f}<extra>" + plot_text(m["config_key"]) + "</extra>"}
+                      for m, c in tops]
+            plots.append(page.figure(traces, {"title": {"text": plot_text(f"{protocol} top-1 per epoch (%)")},
+                                              "xaxis": epoch_axis([c for _, c in tops]), "showlegend": True,
+                                              "legend": {"font": {"size": 10}}}))
+        note = "" if tops else ("<p>No per-epoch values under this protocol: during training only the primary "
+                                "k-NN protocol (and add-on protocols such as online_linear) are evaluated.</p>")
         if plots:
             page.sections.append(
                 f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
                 f"<h3>{esc(dataset)} — top {len(members)} of the {esc(protocol)} ranking: mean over seeds</h3>"
-                f'<div class="row">{"".join(plots)}</div></section>')
+                f'{note}<div class="row">{"".join(plots)}</div></section>')
 
 
 def across_commits(page: Page, con: duckdb.DuckDBPyConnection) -> None:
@@ -305,6 +514,59 @@ def throughput(page: Page, con: duckdb.DuckDBPyConnection) -> None:
                                               "showlegend": False, "height": 420}))
 
 
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both cost (lower) and accuracy (higher), cheapest first."""
+    frontier, best = [], -math.inf
+    for i in sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1])):
+        if points[i][1] > best:
+            frontier.append(i)
+            best = points[i][1]
+    return frontier
+
+
+def accuracy_vs_cost(page: Page, ranked: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    """Per ranking block: each setting's mean top-1 against its device-hours per seed, Pareto frontier drawn."""
+    drawn = False
+    for (dataset, protocol), members in ranked.items():
+        costed = [m for m in members if m.get("device_hours") is not None]
+        if not costed:
+            continue
+        points = [(m["device_hours"] / m["n"], m["mean"]) for m in costed]
+        front = pareto(points)
+        spread = [x for x, _ in points if x > 0]
+        log = len(spread) == len(points) and max(spread) > 100 * min(spread)
+        traces = [{"type": "scatter", "mode": "markers", "name": "setting (best configuration)",
+                   "x": [x for x, _ in points], "y": [y for _, y in points],
+                   "text": [plot_text(f"{setting_label(m)} · {m['devices']}") for m in costed],
+                   "hovertemplate": "%{x:.3g} device-h per seed: %{y:.2f}%<br>%{text}<extra></extra>"},
+                  {"type": "scatter", "mode": "lines", "name": "Pareto frontier", "line": {"shape": "hv"},
+                   "x": [points[i][0] for i in front], "y": [points[i][1] for i in front], "hoverinfo": "skip"}]
+        page.sections.append(
+            f'<section class="block f" data-dataset="{esc(dataset)}" data-protocol="{esc(protocol)}">'
+            f"<h3>{esc(dataset)} — {esc(protocol)}: accuracy against cost</h3>"
+            + page.figure(traces, {"xaxis": {"title": {"text": "device-hours per seed (wall-clock × devices)"},
+                                             "type": "log" if log else "linear"},
+                                   "yaxis": {"title": {"text": "test top-1 %"}}}) + "</section>")
+        drawn = True
+    if not drawn:
+        page.sections.append("<p>No run has both a start and an end time: no cost to plot.</p>")
+
+
+def artifacts(page: Page, found: list[dict[str, Any]]) -> None:
+    """The built-once artifacts (score networks, diffusion models, synthetic sets) with their build time and
+    how many completed runs share it: the rankings' cost column adds each run's even share."""
+    body = [row_html([("kind", m.get("kind")), ("hash", m.get("hash")), ("built", m.get("built_at")),
+                      ("hours", "–" if m.get("build_seconds") is None else f"{m['build_seconds'] / 3600:.3g}"),
+                      ("runs", m.get("runs", 0)), ("root", m.get("root")),
+                      ("config", json.dumps(m.get("config"), sort_keys=True)[:300])])
+            for m in found]
+    if body:
+        page.sections.append("<p>Artifacts: built once, shared by every run with the same recipe and training split "
+                             "(their build time is in no run's device-hours; the rankings add each run's share).</p>"
+                             + table(["kind", "hash", "built at", "build hours", "runs sharing it", "folder",
+                                      "config"], body, "artifacts"))
+
+
 def optuna_studies(page: Page, db: Path) -> None:
     folder = db.with_name(db.name + ".optuna")
     logs = sorted(folder.glob("*.log")) if folder.is_dir() else []
@@ -363,7 +625,17 @@ td.names,td.hparams,td.note{max-width:320px;overflow-wrap:anywhere}
 #filters{position:sticky;top:0;background:#fff;padding:6px 0;z-index:5;border-bottom:1px solid #eee}
 #filters label{margin-right:14px}.verdict.bad{color:#b00;font-weight:600}.verdict.good{color:#070}
 tr[data-verdict=REGRESSED] td{background:#fde8e8}
-summary{cursor:pointer;margin:6px 0}table.beside{font-size:11.5px;color:#444}
+summary{cursor:pointer;margin:6px 0}
+.scroll{overflow-x:auto;max-width:100%}.badge{font-size:11px;padding:1px 6px;border-radius:8px;background:#e6f0ff}
+.badge.primary{background:#dff3df;color:#064}p.folded{margin:2px 0;color:#555}
+tr[data-budget=differs] td.budget{background:#fff3cd}
+tr[data-floor=yes] td{background:#f4f4f4;font-style:italic}tr[data-below-floor=yes] td.floor{color:#b00;font-weight:600}
+tr[data-verdict=reproduced] td.verdict{color:#070;font-weight:600}
+tr[data-verdict=contradicted] td.verdict{color:#b00;font-weight:600}
+td.budget{white-space:nowrap}tr[data-budget=differs] td.budget{background:#fff3cd}
+tr[data-floor=yes] td{background:#f4f4f4;font-style:italic}tr[data-below-floor=yes] td.floor{color:#b00;font-weight:600}
+td.what,td.budgetnotes{max-width:260px;overflow-wrap:anywhere}
+table.beside td.method{max-width:200px;overflow-wrap:anywhere}table.beside{font-size:11.5px;color:#444}
 """
 
 SCRIPT = """
@@ -416,10 +688,13 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     datasets = sorted({c["dataset"] for c in configs})
     counts = con.execute("SELECT count(*), count(*) FILTER (WHERE status = 'completed') FROM runs").fetchone()
 
+    page.sections.append("<h2>Claims checked</h2>")
+    claims_section(page, con)
     page.sections.append("<h2>Rankings</h2><p>One row per setting: its best configuration by mean test top-1 "
                          "over seeds (newest run per seed); 95% interval is Student's t over seeds.</p>")
     refs = load_references(con)
-    ranked = rankings(page, configs, refs)
+    built, artifact_share = artifact_store.shares(con, Path(db))
+    ranked = rankings(page, configs, refs, artifact_share)
     if not ranked:
         page.sections.append("<p>No completed runs with test evaluations yet.</p>")
     page.sections.append("<h2>Add-on effects (paired over seeds)</h2>")
@@ -430,6 +705,9 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     learning_curves(page, con, ranked)
     page.sections.append("<h2>Each configuration across commits</h2>")
     across_commits(page, con)
+    page.sections.append("<h2>Cost</h2>")
+    accuracy_vs_cost(page, ranked)
+    artifacts(page, built)
     page.sections.append("<h2>Throughput per run</h2>")
     throughput(page, con)
     studies_at = len(page.sections)

@@ -132,10 +132,12 @@ def parse_dom(dom: str) -> DomTables:
 def add_run(store: Store, run_id: str, top1: float, *, seed: int = 0, commit: str = "aaaa1111", method: str = "simclr",
             weighting: str = "none", ratio: float = 0.0, lr: float = 0.05, epochs: int = 10, dataset: str = "cifar10",
             name: str | None = None, protocol: str = "knn:cosine:k=200:T=0.1", finished: str = "2025-01-01T00:00:00",
-            metric_epochs: int = 3, dirty: bool = False, fields: dict[str, Any] | None = None) -> None:
+            metric_epochs: int = 3, dirty: bool = False, fields: dict[str, Any] | None = None,
+            row: dict[str, Any] | None = None) -> None:
     """One completed run shaped like the harness's rows (config JSON with the same top-level groups).
 
-    `fields` sets more config values by dotted name ({"trainer.sync_bn": False}).
+    `fields` sets more config values by dotted name ({"trainer.sync_bn": False}); `row` more columns of
+    the runs row ({"weighting_variant": "scorecl_tiny"}).
     """
     positives = "clsp" if ratio > 0 else "none"
     config = {"method": {"name": method, "temperature": 0.2}, "dataset": {"name": dataset},
@@ -153,7 +155,8 @@ def add_run(store: Store, run_id: str, top1: float, *, seed: int = 0, commit: st
                           "positives": positives, "synthetic_ratio": ratio, "seed": seed, "epochs": epochs,
                           "batch_size": 128, "lr": lr, "config": json.dumps(config, sort_keys=True),
                           "git_commit": commit, "git_dirty": dirty, "device_name": "cpu", "world_size": 1,
-                          "started_at": finished, "finished_at": finished, "objective": top1, "epochs_done": epochs}])
+                          "started_at": finished, "finished_at": finished, "objective": top1, "epochs_done": epochs,
+                          **(row or {})}])
     store.write("evals", [{"run_id": run_id, "run_key": f"k-{run_id}", "protocol": protocol, "split": "test",
                            "top1": top1, "top5": 99.0, "epoch": epochs}])
     store.write("metrics", [{"run_id": run_id, "run_key": f"k-{run_id}", "epoch": e, "name": n, "value": v}

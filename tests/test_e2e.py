@@ -71,11 +71,11 @@ def test_a_job_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, cifar10
 
 
 def test_config_errors_name_the_field_the_value_and_what_is_allowed(tmp_path):
-    bad = run_harness("trainer.lr=-0.1", "trainer.batch_size=-4", "trainer.epochs=0", f"dataset.root={tmp_path}/nope",
+    bad = run_harness("trainer.lr=-0.1", "trainer.batch_size=-4", "trainer.epochs=-1", f"dataset.root={tmp_path}/nope",
                       "trainer.sync_bn=maybe", f"store.path={tmp_path}/r.duckdb", check=False)
     assert bad.returncode == 2
-    for text in ("trainer.lr = -0.1", "trainer.batch_size = -4", "trainer.epochs = 0", "dataset.root = ",
-                 "expected a number > 0", "expected an integer >= 1", "an existing directory",
+    for text in ("trainer.lr = -0.1", "trainer.batch_size = -4", "trainer.epochs = -1", "dataset.root = ",
+                 "expected a number > 0", "expected an integer >= 0", "an existing directory",
                  "trainer.sync_bn = 'maybe'", "expected true or false"):
         assert text in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -83,6 +83,18 @@ def test_config_errors_name_the_field_the_value_and_what_is_allowed(tmp_path):
     assert unknown.returncode != 0
     assert "method/nosuchmethod" in unknown.stderr and "simclr" in unknown.stderr
     assert not (tmp_path / "r.duckdb").exists()  # nothing was recorded
+
+
+def test_epochs_0_records_the_untrained_backbone_as_a_completed_run(tmp_path, cifar10_cached):
+    """The random-init floor: no training step, the same evaluations, a completed run with epochs 0."""
+    db = tmp_path / "r.duckdb"
+    run_harness(*TINY, "trainer.epochs=0", f"store.path={db}")
+    store = Store(db)
+    [run] = store.query("SELECT status, epochs, epochs_done FROM runs")
+    assert run == {"status": "completed", "epochs": 0, "epochs_done": 0}
+    protocols = [r["protocol"] for r in store.query("SELECT protocol FROM evals WHERE split = 'test' ORDER BY 1")]
+    assert protocols == ["knn:cosine:k=200:T=0.1", "knn:cosine:k=20:T=0.07"]
+    assert store.query("SELECT count(*) AS n FROM metrics WHERE name = 'loss'") == [{"n": 0}]  # nothing trained
 
 
 def test_torchrun_runs_the_same_job_as_two_processes(tmp_path, cifar10_cached):

@@ -79,6 +79,12 @@ def test_two_jobs_share_one_score_net_and_the_second_waits_for_the_first(tmp_pat
     assert len(built) == 1 and not list(folder.glob(".*.tmp"))
     runs = _store(store).query("select seed, status from runs order by seed")
     assert [(r["seed"], r["status"]) for r in runs] == [(0, "completed"), (1, "completed")]
+    # weighting=scorecl_tiny's YAML says `name: scorecl`: the row also keeps the option chosen, and `show` uses it.
+    variants = _store(store).query("select distinct weighting, weighting_variant, positives_variant from runs")
+    assert [tuple(r.values()) for r in variants] == [("scorecl", "scorecl_tiny", "none")]
+    from leaderboard.__main__ import show
+
+    assert "scorecl_tiny" in show(store, include_all=False)
 
 
 METHODS = ["simclr", "simsiam", "wmse", "vicreg"]  # the paper's four bases; add any method here
@@ -121,3 +127,4 @@ def test_joint_mode_trains_the_score_net_with_the_method(tmp_path):
     key = s.query("select run_key from runs")[0]["run_key"]
     state = torch.load(Path(str(store) + ".runs") / key / "checkpoint.pt", weights_only=True)
     assert any(k.startswith("0.net.unet.") for k in state["addons"])  # saved with the model, resumable
+

@@ -172,7 +172,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise one ConfigError listing every problem in `cfg`, or return if there is none."""
     errors: list[ConfigError | None] = [
         _number(cfg, "seed", low=0, high=MAX_SEED, integer=True),
-        _number(cfg, "trainer.epochs", low=1, integer=True),
+        _number(cfg, "trainer.epochs", low=0, integer=True),  # 0: evaluate the untrained backbone (the floor)
         _number(cfg, "trainer.batch_size", low=2, integer=True),
         _number(cfg, "trainer.base_batch", low=1, integer=True),
         _number(cfg, "trainer.lr", low=0, strict_low=True),

@@ -89,6 +89,8 @@ def run_row(cfg: DictConfig, key: str, run_id: str, info: distributed.DistInfo, 
     """The runs-table row of this run as it starts."""
     commit, dirty = git_state()
     positives = OmegaConf.select(cfg, "positives.name", default="none")
+    weighting = OmegaConf.select(cfg, "weighting.name", default="none")
+    choices = _hydra_choices()
     return {
         "run_id": run_id,
         "run_key": key,
@@ -97,8 +99,10 @@ def run_row(cfg: DictConfig, key: str, run_id: str, info: distributed.DistInfo, 
         "method": cfg.method.name,
         "dataset": cfg.dataset.name,
         "backbone": cfg.backbone.name,
-        "weighting": OmegaConf.select(cfg, "weighting.name", default="none"),
+        "weighting": weighting,
         "positives": positives,
+        "weighting_variant": choices.get("weighting") or weighting,
+        "positives_variant": choices.get("positives") or positives,
         "synthetic_ratio": float(OmegaConf.select(cfg, "positives.ratio", default=0.0) or 0.0)
         if positives != "none" else 0.0,
         "seed": int(cfg.seed),
@@ -118,6 +122,16 @@ def run_row(cfg: DictConfig, key: str, run_id: str, info: distributed.DistInfo, 
         "started_at": utcnow(),
         "epochs_done": 0,
     }
+
+
+def _hydra_choices() -> dict[str, str]:
+    """The config options Hydra chose per group ({"weighting": "scorecl_tiny"}); empty outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return {k: v for k, v in HydraConfig.get().runtime.choices.items() if isinstance(v, str)}
+    except (ImportError, ValueError):
+        return {}
 
 
 def _hydra_context() -> tuple[str | None, str | None]:

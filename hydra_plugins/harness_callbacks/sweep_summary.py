@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from harness.store import SWEEP_ENV, Store, StoreBusy
-from leaderboard.text import format_table
+from leaderboard.text import format_table, sweep_groups
 
 
 class SweepSummary(Callback):
@@ -29,8 +29,9 @@ class SweepSummary(Callback):
         sweep_id = os.environ.get(SWEEP_ENV)
         try:
             rows = store.query(
-                "SELECT overrides, run_key, status, objective, error, log_dir FROM sweep_points"
-                " WHERE sweep_id = ? ORDER BY finished_at",
+                "SELECT p.overrides, p.run_key, p.status, p.objective, p.error, p.log_dir, r.config"
+                " FROM sweep_points p LEFT JOIN runs r ON r.run_id = p.run_id"
+                " WHERE p.sweep_id = ? ORDER BY p.finished_at",
                 [sweep_id], timeout=0,  # never wait: whoever holds the database, the rows are safe in files
             ) if sweep_id else []
         except StoreBusy as e:
@@ -45,6 +46,9 @@ class SweepSummary(Callback):
         if rows:
             print(format_table(rows, ["overrides", "run_key", "status", "objective", "error", "log_dir"]),
                   file=sys.stderr)
+            groups = sweep_groups(rows)  # one line per configuration: mean ± std over its seeds
+            if groups:
+                print("\n" + groups, file=sys.stderr)
         print(results_hint(store.path), file=sys.stderr)
         if counts.get("failed"):
             # After the whole table: a script or CI running the sweep sees that a point failed.
