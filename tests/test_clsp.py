@@ -40,7 +40,7 @@ from methods.simclr import SimCLR
 
 # The tiny CLSP stages on 128 real CIFAR-10 training images: a DDPM trained for 2 steps (its samples
 # are noise; these tests are about the stages, not the images), shared through the artifact folder.
-CLSP_TINY = ("positives=clsp_tiny", "dataset.train_size=128", "dataset.test_size=100",
+CLSP_TINY = ("positives=clsp_tiny", "dataset.train_size=128", "dataset.test_size=100", "trainer.batch_size=32",
              "positives.diffusion.epochs=1")
 
 
