@@ -143,6 +143,29 @@ def test_slurm_ntasks_outside_an_srun_step_runs_one_process_and_says_why(monkeyp
     assert len(lines) == 1 and "not a task of an srun step" in lines[0] and "srun python -m harness" in lines[0]
 
 
+def _signal_when(overrides: tuple[str, ...], now) -> tuple[int, str]:
+    """Run `python -m harness` as a submitit job would, send the requeue signal (USR2) at the first
+    stderr line for which `now(line)` holds; return its exit status and stderr.
+
+    SUBMITIT_EXECUTOR: the harness installs its handler as in a submitit job; with no submitit
+    handler behind it, the hand-over is an exit.
+    """
+    job = subprocess.Popen([sys.executable, "-m", "harness", *overrides], cwd=REPO,
+                           env=harness_env(SUBMITIT_EXECUTOR="local"), stderr=subprocess.PIPE, text=True)
+    try:
+        err = ""
+        for line in job.stderr:
+            err += line
+            if now(line):
+                job.send_signal(signal.SIGUSR2)
+                break
+        err += job.stderr.read()
+        job.wait(timeout=120)
+    finally:
+        job.kill()
+    return job.returncode, err
+
+
 @pytest.mark.slow
 def test_a_signal_while_waiting_for_the_run_key_lock_stops_the_job_for_a_requeue(tmp_path):
     """Outside the training loop the requeue signal is not swallowed: the job stops at once."""
@@ -150,22 +173,8 @@ def test_a_signal_while_waiting_for_the_run_key_lock_stops_the_job_for_a_requeue
     folder = tmp_path / "r.duckdb.runs" / run_key(compose(list(overrides)))
     folder.mkdir(parents=True)
     with FileLock(str(folder / ".lock")):  # another job trains this run
-        # SUBMITIT_EXECUTOR: the harness installs its handler as in a submitit job; with no
-        # submitit handler behind it, the hand-over is an exit.
-        job = subprocess.Popen([sys.executable, "-m", "harness", *overrides], cwd=REPO,
-                               env=harness_env(SUBMITIT_EXECUTOR="local"), stderr=subprocess.PIPE, text=True)
-        try:
-            err = ""
-            for line in job.stderr:
-                err += line
-                if "is being trained by another job; waiting for it" in line:
-                    job.send_signal(signal.SIGUSR2)
-                    break
-            err += job.stderr.read()
-            job.wait(timeout=120)
-        finally:
-            job.kill()
-    assert job.returncode == 255, err[-3000:]  # SystemExit(-1), as submitit's handler exits
+        returncode, err = _signal_when(overrides, lambda line: "by another job; waiting for it" in line)
+    assert returncode == 255, err[-3000:]  # SystemExit(-1), as submitit's handler exits
     assert "stops for a requeue: the requeue signal arrived outside the training loop" in err
 
 
@@ -175,20 +184,9 @@ def test_a_signal_after_the_last_training_step_stops_the_job_and_the_requeue_com
     db = tmp_path / "r.duckdb"
     overrides = (*TINY, "dataset.train_size=256", "trainer.batch_size=64", "trainer.epochs=2", "trainer.log_every=0",
                  "eval.linear.enabled=true", "eval.linear.epochs=5", "eval.linear.copies=1", f"store.path={db}")
-    job = subprocess.Popen([sys.executable, "-m", "harness", *overrides], cwd=REPO,
-                           env=harness_env(SUBMITIT_EXECUTOR="local"), stderr=subprocess.PIPE, text=True)
-    try:
-        err = ""
-        for line in job.stderr:
-            err += line
-            if line.startswith("[train] epoch 2/2 step 4/4"):  # the last sync point; the final evaluation follows
-                job.send_signal(signal.SIGUSR2)
-                break
-        err += job.stderr.read()
-        job.wait(timeout=120)
-    finally:
-        job.kill()
-    assert job.returncode == 255, err[-3000:]  # SystemExit(-1), as submitit's handler exits
+    # The last sync point; the final evaluation follows.
+    returncode, err = _signal_when(overrides, lambda line: line.startswith("[train] epoch 2/2 step 4/4"))
+    assert returncode == 255, err[-3000:]  # SystemExit(-1), as submitit's handler exits
     # Read at the epoch's end ("before the final evaluation") or landing in it ("the requeue signal arrived").
     assert "stops for a requeue:" in err
     store = Store(db)
