@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from harness.atomic import atomic_file
@@ -273,19 +275,35 @@ def cache_dir(ds) -> Path:
     return Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser() / "datasets"
 
 
-def load_full(ds) -> ImageData:
-    """Load the whole dataset described by config `ds`, from the cache when it is there."""
+def ensure_cache(ds) -> Path:
+    """Decode the dataset of config `ds` into its cache file unless it is there; return the file.
+
+    The decode happens once: the first process takes ``<file>.lock`` and writes the file atomically;
+    any other process that needs the same file says it waits, waits, and then reads it. This is the
+    build function of the dataset's stage (run before training jobs start) and the fallback of a
+    job that finds no cache.
+    """
     kind, path = resolve_source(ds)
     cdir = cache_dir(ds)
     if kind == "download":
         path = _download(ds.name, cdir)
         kind = "torchvision"
     cache = _cache_file(ds, kind, path)
-    size = ds.get("image_size") if ds.name == "imagefolder" else None
     if cache.exists():
-        blob = torch.load(cache, weights_only=True)
-    else:
+        return cache
+    cdir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(cache) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"[data] another job is decoding {ds.name} into {cache}; waiting for it", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        if cache.exists():
+            return cache
+        size = ds.get("image_size") if ds.name == "imagefolder" else None
         what = f"decoding {ds.name} from {path}"
+        print(f"[data] {what} into {cache}", file=sys.stderr, flush=True)
         if kind == "torchvision":
             splits, classes = _load_torchvision_pickles(_torchvision_folder(path, ds.name), ds.name)
         elif kind == "archive":
@@ -300,10 +318,16 @@ def load_full(ds) -> ImageData:
             "classes": classes,
             "source": f"{kind}:{path}",
         }
-        cdir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(cache) as f:  # a concurrent job sees the whole file or none
+        with atomic_file(cache) as f:  # a reader sees the whole file or none
             torch.save(blob, f)
-    return ImageData(**blob)
+        return cache
+    finally:
+        lock.release()
+
+
+def load_full(ds) -> ImageData:
+    """Load the whole dataset described by config `ds` from its cache (decoding it first if needed)."""
+    return ImageData(**torch.load(ensure_cache(ds), weights_only=True))
 
 
 def class_quota(num_classes: int, size: int, gen: torch.Generator) -> list[int]:
