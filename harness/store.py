@@ -106,6 +106,9 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
             "top1": "DOUBLE",
             "top5": "DOUBLE",
             "epoch": "INTEGER",
+            # The dataset a transfer probe ran on (eval.transfer; split "transfer:<dataset>"); NULL for
+            # the run's own dataset.
+            "dataset": "VARCHAR",
         },
         ("run_id", "protocol", "split"),
     ),
@@ -162,6 +165,9 @@ NOT_IN_RUN_KEY = (
     "dataset.cache_dir",
     "eval.every",
     "optuna",  # which Optuna study/trial a tuned sweep's job reports to
+    # Probes on other datasets read the trained backbone and never change it: a run is the same run
+    # with or without them (a finished run gets more with `python -m harness.evaluate`).
+    "eval.transfer",
 )
 
 # Set in the environment of every job of one sweep (the sweep_summary callback, the launchers).

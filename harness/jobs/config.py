@@ -168,6 +168,15 @@ def _storage_errors(cfg: DictConfig) -> list[ConfigError | None]:
     return errors
 
 
+def _dataset_extras_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """dataset.mean/std (auto or 3 numbers) and eval.transfer's entries."""
+    from harness.core.data.normalization import mean_std_errors
+    from harness.jobs.transfer import transfer_errors
+
+    errors = list(mean_std_errors(cfg.dataset)) if cfg.get("dataset") is not None else []
+    return errors + transfer_errors(OmegaConf.select(cfg, "eval.transfer", default=None))
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise one ConfigError listing every problem in `cfg`, or return if there is none."""
     errors: list[ConfigError | None] = [
@@ -196,6 +205,7 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "trainer.classifier_weight_decay", low=0, optional=True),
     ]
     errors += _storage_errors(cfg)
+    errors += _dataset_extras_errors(cfg)
     if OmegaConf.select(cfg, "eval.linear.enabled", default=False):
         errors += [
             _number(cfg, "eval.linear.epochs", low=1, integer=True),

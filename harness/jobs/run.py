@@ -27,11 +27,13 @@ from harness.atomic import write_text_atomic
 from harness.core import distributed, preempt
 from harness.core.checkpoint import has_checkpoint, remove_checkpoints
 from harness.core.data.datasets import load_dataset
+from harness.core.data.normalization import resolve_normalization
 from harness.core.evaluate import knn_protocol
 from harness.core.optim import scaled_lr
 from harness.core.trainer import Diverged, fit, knn_settings
 from harness.jobs import tuning
 from harness.jobs.config import build_addons, experiment_config, instantiate, run_key, validate
+from harness.jobs.transfer import run_transfer
 from harness.store import DONE_MARKER, SWEEP_ENV, Store, StoreBusy, last_row, read_done, utcnow, write_done
 
 REPO = Path(__file__).resolve().parents[2]
@@ -319,6 +321,7 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
     try:
         record()  # inside: a full disk already here ends the run in one line too
         data = load_dataset(cfg.dataset)
+        resolve_normalization(cfg.dataset, verbose=info.is_main)  # dataset.mean/std: auto -> numbers
         model = instantiate(cfg.method, instantiate(cfg.backbone))
         result = fit(cfg, model, data, info, checkpoint, log_epoch, build_addons(cfg, model.backbone.feat_dim))
     except Diverged as e:
@@ -351,12 +354,15 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
         raise
     primary = knn_protocol(*knn_settings(cfg.eval)[0])
     objective = result.evals[result.objective_split][primary][0]
+    # Probes on other datasets (eval.transfer), on every rank: feature extraction is sharded.
+    transfer = run_transfer(cfg, model.backbone, verbose=info.is_main) if cfg.eval.get("transfer") else []
     if info.is_main:
         store.write("evals", [
             {"run_id": run_id, "run_key": key, "protocol": protocol, "split": split, "top1": t1, "top5": t5,
              "epoch": int(cfg.trainer.epochs)}
             for split, by_protocol in result.evals.items() for protocol, (t1, t5) in by_protocol.items()
-        ], keep_in=checkpoint.parent)
+        ] + [{"run_id": run_id, "run_key": key, "epoch": int(cfg.trainer.epochs), **row} for row in transfer],
+            keep_in=checkpoint.parent)
     record(status="completed", finished_at=utcnow(), objective=objective, epochs_done=int(cfg.trainer.epochs))
     if info.is_main:
         write_done(checkpoint.parent, run_id, objective)  # after its rows: "done" implies they are on disk

@@ -304,6 +304,10 @@ def ensure_cache(ds) -> Path:
         size = ds.get("image_size") if ds.name == "imagefolder" else None
         what = f"decoding {ds.name} from {path}"
         print(f"[data] {what} into {cache}", file=sys.stderr, flush=True)
+        if kind == "folder":  # say once what decoding changes (RGB conversion, resizing): folder_notes.py
+            from harness.core.data.folder_notes import announce_folder_changes
+
+            announce_folder_changes(path, size)
         if kind == "torchvision":
             splits, classes = _load_torchvision_pickles(_torchvision_folder(path, ds.name), ds.name)
         elif kind == "archive":
