@@ -353,6 +353,25 @@ def all_references(page: Page, refs: list[dict[str, Any]], datasets: list[str]) 
             f"{table(REF_HEADERS, reference_rows(by_dataset[dataset]), 'refs')}</details>")
 
 
+def transfer_section(page: Page, con: duckdb.DuckDBPyConnection) -> None:
+    """The frozen backbones' probes on other datasets (eval.transfer, python -m harness.evaluate)."""
+    found = data.transfer(con)
+    if not found:
+        page.sections.append("<p>No transfer evaluations yet: set <code>eval.transfer</code> or run "
+                             "<code>python -m harness.evaluate RUN dataset=NAME</code>.</p>")
+        return
+    body = [row_html([("transfer", r["transfer"]), ("protocol", r["protocol"]), ("trained", r["trained_on"]),
+                      ("setting", f"{r['method']} · {r['backbone']} · {r['epochs']}ep"),
+                      ("mean", num(r["mean"]) + ("" if r["std"] is None else f" ± {num(r['std'])}")), ("n", r["n"]),
+                      ("config", r["config_key"])],
+                     {"dataset": r["trained_on"], "protocol": r["protocol"], "transfer": r["transfer"]})
+            for r in found]
+    page.sections.append("<p>Frozen backbone, probed on another dataset: k-NN with the transfer set's train split "
+                         "as the bank, and a linear probe fitted on it; test top-1 % of the transfer set, mean ± std "
+                         "over seeds.</p>" + table(["transfer dataset", "protocol", "trained on", "setting",
+                                                    "test top-1 %", "n", "configuration"], body, "transfer"))
+
+
 def effects(page: Page, con: duckdb.DuckDBPyConnection) -> None:
     rows = data.effects(con)
     if not rows:
@@ -697,6 +716,8 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     ranked = rankings(page, configs, refs, artifact_share)
     if not ranked:
         page.sections.append("<p>No completed runs with test evaluations yet.</p>")
+    page.sections.append("<h2>Transfer</h2>")
+    transfer_section(page, con)
     page.sections.append("<h2>Add-on effects (paired over seeds)</h2>")
     effects(page, con)
     page.sections.append("<h2>Regressions</h2>")
