@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    resolve_normalization(cfg.dataset)  # the pretraining normalisation, if it was auto
+    cfg = resolve_normalization(cfg)  # the pretraining normalisation, if it was auto
     backbone = load_backbone(folder, cfg).to(device)
     rows = run_transfer(cfg, backbone)
     run_id = done["run_id"]

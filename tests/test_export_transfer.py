@@ -181,14 +181,25 @@ def test_resizing_is_said_once_with_the_sizes_found(tmp_path):
                      "[data] 8 of 8 images are resized to 64x64 px (dataset.image_size=64, bicubic) from 8 at 28x28"]
 
 
-@pytest.mark.parametrize("override, field", [("dataset.mean=[0.3]", "dataset.mean = [0.3]"),
-                                             ("dataset.std=[0.2,0.2,0.2,0.2]", "dataset.std = [0.2, 0.2, 0.2, 0.2]"),
-                                             ("eval.transfer=[svhn]", "eval.transfer.0 = 'svhn'")])
-def test_a_wrong_length_mean_or_a_bad_transfer_set_is_refused_in_one_line(tmp_path, override, field):
-    proc = subprocess.run([sys.executable, "-m", "harness", "backbone=convnet", override,
+def test_a_wrong_length_mean_is_refused_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "harness", "backbone=convnet", "dataset.mean=[0.3]",
                            f"store.path={tmp_path / 'results.duckdb'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
                           cwd=REPO, env=harness_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert proc.stderr.startswith(f"error: invalid config: {field} is not allowed: expected ")
+    assert proc.stderr.strip() == ("error: invalid config: dataset.mean = [0.3] is not allowed: expected auto or a "
+                                   "list of 3 numbers, one per RGB channel (grayscale images are converted to RGB)")
     assert not (tmp_path / "results.duckdb.runs").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("override, field", [("dataset.std=[0.2,0.2,0.2,0.2]", "dataset.std = [0.2, 0.2, 0.2, 0.2]"),
+                                             ("dataset.std=[0.2,0,0.2]", "dataset.std = [0.2, 0, 0.2]"),
+                                             ("eval.transfer=[svhn]", "eval.transfer.0 = 'svhn'"),
+                                             ("eval.transfer=[{name:imagefolder}]", "eval.transfer.0.root = None")])
+def test_a_bad_std_or_transfer_set_is_one_config_error(tmp_path, override, field):
+    from harness.errors import ConfigError
+    from harness.jobs.config import validate
+
+    with pytest.raises(ConfigError) as refused:
+        validate(compose(["backbone=convnet", override, f"store.path={tmp_path / 'results.duckdb'}"]))
+    assert str(refused.value).startswith(f"invalid config: {field} is not allowed: expected ")
+    assert "\n" not in str(refused.value)

@@ -321,7 +321,7 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
     try:
         record()  # inside: a full disk already here ends the run in one line too
         data = load_dataset(cfg.dataset)
-        resolve_normalization(cfg.dataset, verbose=info.is_main)  # dataset.mean/std: auto -> numbers
+        cfg = resolve_normalization(cfg, verbose=info.is_main)  # dataset.mean/std: auto -> numbers, key unchanged
         model = instantiate(cfg.method, instantiate(cfg.backbone))
         result = fit(cfg, model, data, info, checkpoint, log_epoch, build_addons(cfg, model.backbone.feat_dim))
     except Diverged as e:

@@ -11,6 +11,7 @@ Kept apart from datasets.py on purpose: that module decodes, this one only reads
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -94,14 +95,17 @@ def normalization(ds, verbose: bool = True) -> tuple[list[float], list[float]]:
     return [float(v) for v in mean], [float(v) for v in std]
 
 
-def resolve_normalization(ds, verbose: bool = True) -> None:
-    """Replace `auto` in dataset config `ds` by the numbers, in place, so every part of the job (views,
-    probes, add-ons) reads plain lists. Call after the run key is fixed: the key keeps `auto`."""
-    if not is_auto(ds):
-        return
-    mean, std = normalization(ds, verbose)
-    with read_write(ds):  # a composed config may be read-only
-        ds.mean, ds.std = mean, std
+def resolve_normalization(cfg, verbose: bool = True):
+    """Job config `cfg` with `auto` in dataset.mean/std replaced by the numbers (a copy; `cfg` itself is
+    returned when there is no `auto`), so every part of the job (views, probes, add-ons) reads plain
+    lists. The caller's config keeps `auto`, and with it its run key."""
+    if not is_auto(cfg.dataset):
+        return cfg
+    mean, std = normalization(cfg.dataset, verbose)
+    resolved = copy.deepcopy(cfg)
+    with read_write(resolved):  # a composed config may be read-only
+        resolved.dataset.mean, resolved.dataset.std = mean, std
+    return resolved
 
 
 def mean_std_errors(ds) -> list:
