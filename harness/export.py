@@ -88,6 +88,16 @@ def _normalisation(cfg: DictConfig) -> dict[str, Any]:
                 "source": f"auto, not resolvable here ({type(e).__name__}: {e})"}
 
 
+def _seconds(row: dict[str, Any]) -> float | None:
+    """The last attempt's wall time, from the run row's ISO timestamps."""
+    from datetime import datetime
+
+    try:
+        return (datetime.fromisoformat(row["finished_at"]) - datetime.fromisoformat(row["started_at"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def model_card(folder: Path, cfg: DictConfig, done: dict[str, Any], model: str | None, weights: dict[str, Any],
                digest: str) -> dict[str, Any]:
     """The card's content: what a reader needs to trust and reuse the weights."""
@@ -119,10 +129,11 @@ def model_card(folder: Path, cfg: DictConfig, done: dict[str, Any], model: str |
         "training": {"epochs": int(cfg.trainer.epochs), "batch_size": int(cfg.trainer.batch_size),
                      "optimizer": str(cfg.trainer.optimizer), "lr_used": row.get("lr"), "seed": int(cfg.seed)},
         "code": {"git_commit": row.get("git_commit"), "git_dirty": row.get("git_dirty")},
-        "results": [{k: r.get(k) for k in ("dataset", "split", "protocol", "top1", "top5", "epoch")}
-                    for r in eval_rows(folder, run_id)],
-        "cost": {k: row.get(k) for k in ("gpu_hours", "device_name", "world_size", "nodes", "started_at",
-                                         "finished_at", "epochs_done")},
+        # dataset: the transfer set, or (null in the store) the dataset trained on.
+        "results": [{**{k: r.get(k) for k in ("split", "protocol", "top1", "top5", "epoch")},
+                     "dataset": r.get("dataset") or str(ds.name)} for r in eval_rows(folder, run_id)],
+        "cost": {**{k: row.get(k) for k in ("gpu_hours", "device_name", "world_size", "nodes", "started_at",
+                                            "finished_at", "epochs_done")}, "wall_seconds": _seconds(row)},
         "weights": {"file": "backbone.pt", "sha256": digest, "tensors": len(weights)},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -139,8 +150,8 @@ def card_markdown(card: dict[str, Any], example: str) -> str:
     cost = card["cost"]
     return f"""# Model card: {card['method']} · {b['name']} · {card['data']['name']}
 
-Run `{card['run_key']}` (run id `{card['run_id']}`), code commit `{card['code']['git_commit']}`
-{'(uncommitted changes)' if card['code']['git_dirty'] else ''}.
+Run `{card['run_key']}` (run id `{card['run_id']}`), code commit `{card['code']['git_commit']}`\
+{' (with uncommitted changes)' if card['code']['git_dirty'] else ''}.
 
 ## Backbone
 - Model: {b['torchvision_model'] or 'harness.core.backbones.ConvNet (not a torchvision model)'}
@@ -168,8 +179,9 @@ Run `{card['run_key']}` (run id `{card['run_id']}`), code commit `{card['code'][
 {results}
 
 ## Cost
-GPU hours: {cost.get('gpu_hours')}; device: {cost.get('device_name')}; processes: {cost.get('world_size')};
-started {cost.get('started_at')}, finished {cost.get('finished_at')}.
+GPU hours: {_pct(cost.get('gpu_hours'))} (none on CPU); wall time: {_pct(cost.get('wall_seconds'))} s;
+device: {cost.get('device_name')}; processes: {cost.get('world_size')};
+started {cost.get('started_at')}, finished {cost.get('finished_at')} (UTC).
 
 The full config is in `model_card.json` (`config`); the weights' SHA-256 is `{card['weights']['sha256']}`.
 """
