@@ -173,10 +173,11 @@ def gray_overrides(folder: Path, store: Path, cache: Path) -> list[str]:
 
 
 def test_resizing_is_said_once_with_the_sizes_found(tmp_path):
+    from harness.core.data.datasets import IMAGE_SUFFIXES
     from harness.core.data.folder_notes import announce_folder_changes
 
     folder = image_folder(tmp_path / "digits", size=28, mode="L", classes=2, train=3, test=1)
-    lines = announce_folder_changes(folder, 64)
+    lines = announce_folder_changes(folder, 64, IMAGE_SUFFIXES)
     assert lines == ["[data] 8 of 8 images are converted to RGB (8 in mode L; e.g. grayscale L: its value in "
                      "all 3 channels)",
                      "[data] 8 of 8 images are resized to 64x64 px (dataset.image_size=64, bicubic) from 8 at 28x28"]

@@ -307,7 +307,7 @@ def ensure_cache(ds) -> Path:
         if kind == "folder":  # say once what decoding changes (RGB conversion, resizing): folder_notes.py
             from harness.core.data.folder_notes import announce_folder_changes
 
-            announce_folder_changes(path, size)
+            announce_folder_changes(path, size, IMAGE_SUFFIXES)
         if kind == "torchvision":
             splits, classes = _load_torchvision_pickles(_torchvision_folder(path, ds.name), ds.name)
         elif kind == "archive":

@@ -13,18 +13,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from harness.core.data.datasets import IMAGE_SUFFIXES
 
-
-def folder_changes(root: Path, size: int | None) -> tuple[Counter, Counter, int]:
-    """(images per mode that is not RGB, images per (w, h) that is not size×size, images seen)."""
+def folder_changes(root: Path, size: int | None, suffixes: tuple[str, ...]) -> tuple[Counter, Counter, int]:
+    """(images per mode that is not RGB, images per (w, h) that is not size×size, images seen), over the
+    files with `suffixes` (the decoder's IMAGE_SUFFIXES, passed in: this module does not import the decoder)."""
     modes: Counter = Counter()
     sizes: Counter = Counter()
     seen = 0
     for split in ("train", "test"):
         for cls_dir in sorted(p for p in (Path(root) / split).iterdir() if p.is_dir()):
             for f in sorted(cls_dir.iterdir()):
-                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                if f.suffix.lower() not in suffixes:
                     continue
                 try:
                     with Image.open(f) as img:
@@ -45,9 +44,9 @@ def _listing(counts: Counter, show) -> str:
     return text + (f" and {sum(counts.values()) - sum(n for _, n in common)} more" if len(counts) > 3 else "")
 
 
-def announce_folder_changes(root: Path, size: int | None) -> list[str]:
+def announce_folder_changes(root: Path, size: int | None, suffixes: tuple[str, ...]) -> list[str]:
     """Print (once, on stderr) and return the lines saying which images decoding converts or resizes."""
-    modes, sizes, seen = folder_changes(root, size)
+    modes, sizes, seen = folder_changes(root, size, suffixes)
     lines = []
     if modes:
         lines.append(f"[data] {sum(modes.values())} of {seen} images are converted to RGB "
