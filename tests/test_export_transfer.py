@@ -205,3 +205,39 @@ def test_a_bad_std_or_transfer_set_is_one_config_error(tmp_path, override, field
         validate(compose(["backbone=convnet", override, f"store.path={tmp_path / 'results.duckdb'}"]))
     assert str(refused.value).startswith(f"invalid config: {field} is not allowed: expected ")
     assert "\n" not in str(refused.value)
+
+
+def test_the_transfer_table_averages_seeds_and_keeps_transfer_rows_out_of_the_rankings(tmp_path):
+    from harness.store import Store
+    from leaderboard.__main__ import main as leaderboard_main
+    from tests.leaderboard_util import add_run
+
+    store = Store(tmp_path / "results.duckdb")
+    for seed, own, moved in ((0, 80.0, 40.0), (1, 82.0, 44.0)):
+        add_run(store, f"r{seed}", own, seed=seed)
+        store.write("evals", [{"run_id": f"r{seed}", "run_key": f"k-r{seed}", "protocol": "knn:cosine:k=200:T=0.1",
+                               "split": "transfer:cifar100", "dataset": "cifar100", "top1": moved, "top5": 70.0,
+                               "epoch": 10}])
+    page = tmp_path / "page.html"
+    assert leaderboard_main(["build", "--db", str(store.path), "--out", str(page), "--cdn"]) == 0
+    html = page.read_text()
+    section = html[html.index("<h2>Transfer</h2>"):html.index("<h2>Add-on effects")]
+    assert section.count('data-transfer="cifar100"') == 1  # one configuration, two seeds
+    assert "42.00 ± 2.83" in section and ">2<" in section
+    rankings = html[html.index("<h2>Rankings</h2>"):html.index("<h2>Transfer</h2>")]
+    assert "81.00" in rankings and "42.00" not in rankings
+
+
+def test_a_store_from_before_the_dataset_column_is_migrated_and_takes_transfer_rows(tmp_path):
+    import duckdb
+
+    from harness.store import Store
+
+    store = Store(tmp_path / "results.duckdb")
+    store.ingest()
+    with duckdb.connect(str(store.path)) as con:  # as an older harness left it
+        con.execute("ALTER TABLE evals DROP COLUMN dataset")
+        con.execute("UPDATE _schema SET version = 'older'")
+    store.write("evals", [{"run_id": "r", "run_key": "k", "protocol": "knn:cosine:k=200:T=0.1",
+                           "split": "transfer:pets", "dataset": "pets", "top1": 50.0, "top5": 90.0, "epoch": 1}])
+    assert store.query("SELECT dataset, split FROM evals") == [{"dataset": "pets", "split": "transfer:pets"}]
