@@ -287,7 +287,7 @@ def _run(cfg: DictConfig, key: str, info: distributed.DistInfo, outcome: dict) -
                       file=sys.stderr)
                 if cfg.eval.get("transfer"):  # not in the run key: a finished run is probed by the evaluate command
                     print(f"[harness] eval.transfer does not re-run a finished run; probe it with: python -m "
-                          f"harness.evaluate {key} dataset=NAME [dataset.root=PATH]", file=sys.stderr)
+                          f"harness.evaluate {key} --db {store.path} dataset=NAME [dataset.root=PATH]", file=sys.stderr)
             return objective
         return _train_and_record(cfg, key, run_id, info, store, checkpoint, outcome)
     finally:
