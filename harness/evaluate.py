@@ -92,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                           else "cpu")
     cfg = resolve_normalization(cfg)  # the pretraining normalisation, if it was auto
     backbone = load_backbone(folder, cfg).to(device)
-    rows = run_transfer(cfg, backbone)
+    rows, failures = run_transfer(cfg, backbone)
     run_id = done["run_id"]
-    store.write("evals", [{"run_id": run_id, "run_key": folder.name, "epoch": int(cfg.trainer.epochs), **row}
-                          for row in rows], keep_in=folder)
+    if rows:
+        store.write("evals", [{"run_id": run_id, "run_key": folder.name, "epoch": int(cfg.trainer.epochs), **row}
+                              for row in rows], keep_in=folder)
     try:
         store.ingest(timeout=0)
     except Exception as e:  # noqa: BLE001 - the rows are safe in the spool and the run folder
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['dataset']}\t{row['protocol']}\ttop-1 {row['top1']:.2f}\ttop-5 {row['top5']:.2f}")
     print(f"stored {len(rows)} evals rows of run {folder.name} (run {run_id}) in {store.path}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -358,7 +358,7 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
     primary = knn_protocol(*knn_settings(cfg.eval)[0])
     objective = result.evals[result.objective_split][primary][0]
     # Probes on other datasets (eval.transfer), on every rank: feature extraction is sharded.
-    transfer = run_transfer(cfg, model.backbone, verbose=info.is_main) if cfg.eval.get("transfer") else []
+    transfer, _ = run_transfer(cfg, model.backbone, verbose=info.is_main) if cfg.eval.get("transfer") else ([], [])
     if info.is_main:
         store.write("evals", [
             {"run_id": run_id, "run_key": key, "protocol": protocol, "split": split, "top1": t1, "top5": t5,

@@ -121,11 +121,13 @@ def _source_errors(entry: dict[str, Any], where: str) -> list[ConfigError]:
     return [ConfigError(f.replace("dataset.", f"{where}.", 1), v, a) for e in found for f, v, a in e.problems]
 
 
-def run_transfer(cfg: DictConfig, backbone, verbose: bool = True) -> list[dict[str, Any]]:
+def run_transfer(cfg: DictConfig, backbone, verbose: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
     """k-NN and linear probes of the frozen `backbone` on every eval.transfer set of `cfg`.
 
     `cfg.dataset.mean/std` must already be numbers (harness.core.data.normalization). Returns evals
-    rows without run_id/run_key/epoch: {"dataset", "split", "protocol", "top1", "top5"}.
+    rows without run_id/run_key/epoch ({"dataset", "split", "protocol", "top1", "top5"}) and one line
+    per set that failed (e.g. a download without the internet): a set that fails after training is
+    reported and skipped, never a reason to lose the trained run.
     """
     from harness.core.data.augment import ViewMaker
     from harness.core.data.datasets import load_dataset
@@ -135,23 +137,30 @@ def run_transfer(cfg: DictConfig, backbone, verbose: bool = True) -> list[dict[s
     device = next(backbone.parameters()).device
     linear_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR.parent / "eval" / "knn.yaml").linear,
                                  OmegaConf.select(cfg, "eval.linear", default={}) or {})
-    rows = []
+    rows, failures = [], []
     for entry in entries(OmegaConf.select(cfg, "eval.transfer", default=None)):
         name = label(entry)
         ds = dataset_config(entry, cfg)
         if verbose:
             print(f"[transfer] {name}: k-NN and {int(linear_cfg.epochs)}-epoch linear probe on the frozen backbone",
                   file=sys.stderr, flush=True)
-        data = load_dataset(ds)
-        views = ViewMaker(cfg.augment, ds.mean, ds.std, device, seed=int(cfg.seed))
-        queries = {"test": (data.test_x, data.test_y)}
-        results = knn_evaluate(backbone, data.train_x, data.train_y, queries, views.plain, knn_settings(cfg.eval),
-                               data.num_classes)["test"]
-        results.update(linear_probe(backbone, data.train_x, data.train_y, queries, views.normalize, linear_cfg,
-                                    data.num_classes, seed=int(cfg.seed), verbose=verbose)["test"])
+        try:
+            data = load_dataset(ds)
+            views = ViewMaker(cfg.augment, ds.mean, ds.std, device, seed=int(cfg.seed))
+            queries = {"test": (data.test_x, data.test_y)}
+            results = knn_evaluate(backbone, data.train_x, data.train_y, queries, views.plain, knn_settings(cfg.eval),
+                                   data.num_classes)["test"]
+            results.update(linear_probe(backbone, data.train_x, data.train_y, queries, views.normalize, linear_cfg,
+                                        data.num_classes, seed=int(cfg.seed), verbose=verbose)["test"])
+        except Exception as e:  # noqa: BLE001 - one line per failed set; the others and the run go on
+            first = (str(e).strip().splitlines() or [""])[0]
+            failures.append(f"[transfer] {name} failed ({type(e).__name__}: {first}); nothing stored for it")
+            if verbose:
+                print(failures[-1], file=sys.stderr, flush=True)
+            continue
         for protocol, (top1, top5) in results.items():
             rows.append({"dataset": name, "split": SPLIT_PREFIX + name, "protocol": protocol, "top1": top1,
                          "top5": top5})
             if verbose:
                 print(f"[transfer] {name}: {protocol} top-1 {top1:.2f}%", file=sys.stderr, flush=True)
-    return rows
+    return rows, failures
