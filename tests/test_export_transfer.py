@@ -91,7 +91,8 @@ def test_exported_resnet18_loads_into_torchvision_with_the_cifar_stem_and_gives_
 
 
 @requires_cifar
-def test_transfer_from_a_cifar10_subset_to_an_image_folder_is_stored_shown_and_exported(tmp_path, cifar10_cached):
+def test_transfer_from_a_cifar10_subset_to_an_image_folder_is_stored_shown_and_exported(tmp_path, cifar10_cached,
+                                                                                         capfd):
     from harness.core.backbones import ConvNet
     from harness.evaluate import main as evaluate_main
     from harness.export import main as export_main
@@ -100,13 +101,20 @@ def test_transfer_from_a_cifar10_subset_to_an_image_folder_is_stored_shown_and_e
     from leaderboard.__main__ import main as leaderboard_main
 
     folder = image_folder(tmp_path / "pets")
+    # A second set with a cut-short image: it fails only when decoded, after training.
+    broken = image_folder(tmp_path / "broken", classes=2, train=2, test=1)
+    image = broken / "train" / "class0" / "0.png"
+    image.write_bytes(image.read_bytes()[:40])
     store = tmp_path / "results.duckdb"
     cfg = compose(["backbone=convnet", "dataset.train_size=256", "dataset.test_size=100", "trainer.batch_size=128",
                    "eval.linear.epochs=2", "eval.linear.augment=none",
-                   f"eval.transfer=[{{name:imagefolder,root:{folder}}}]", "trainer.epochs=1",
+                   f"eval.transfer=[{{name:imagefolder,root:{folder}}},{{name:imagefolder,root:{broken}}}]",
+                   "trainer.epochs=1",
                    "trainer.warmup_epochs=0", "trainer.num_threads=2", "eval.every=0", f"store.path={store}"])
     run(cfg)
     key = run_key(cfg)
+    assert "[transfer] imagefolder:broken failed (" in capfd.readouterr().err
+    assert Store(store).completed(key) is not None  # the failed set cost nothing but its own rows
     rows = Store(store).query("SELECT * FROM evals WHERE split LIKE 'transfer:%' ORDER BY protocol")
     assert {(r["dataset"], r["split"]) for r in rows} == {("imagefolder:pets", "transfer:imagefolder:pets")}
     assert {r["protocol"] for r in rows} == {"knn:cosine:k=200:T=0.1", "knn:cosine:k=20:T=0.07",
