@@ -309,7 +309,8 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if info.is_main:
-            store.write("metrics", [{"run_id": run_id, "run_key": key, "epoch": epoch, "name": k, "value": v}
+            # The store counts epochs from 1 (the trainer's `epoch` from 0): row N = after N epochs.
+            store.write("metrics", [{"run_id": run_id, "run_key": key, "epoch": epoch + 1, "name": k, "value": v}
                                     for k, v in metrics.items()], keep_in=checkpoint.parent)
             record(epochs_done=epoch + 1)
         if "knn_top1" in metrics and _broadcast(tuning.should_prune(trial, epoch, metrics["knn_top1"]), info):
