@@ -165,6 +165,7 @@ NOT_IN_RUN_KEY = (
     "dataset.cache_dir",
     "eval.every",
     "optuna",  # which Optuna study/trial a tuned sweep's job reports to
+    "logging",  # TensorBoard / W&B views of the metrics
 )
 
 # Set in the environment of every job of one sweep (the sweep_summary callback, the launchers).

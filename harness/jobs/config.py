@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import ConfigError
+from harness.jobs import loggers
 from harness.store import NOT_IN_RUN_KEY
 
 
@@ -196,6 +197,7 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "trainer.classifier_weight_decay", low=0, optional=True),
     ]
     errors += _storage_errors(cfg)
+    errors += loggers.config_errors(cfg)  # optional TensorBoard / W&B views of the metrics
     if OmegaConf.select(cfg, "eval.linear.enabled", default=False):
         errors += [
             _number(cfg, "eval.linear.epochs", low=1, integer=True),
