@@ -12,7 +12,6 @@ import pytest
 from harness.store import Store
 from tests.conftest import TINY, requires_cifar, run_harness
 
-pytestmark = [requires_cifar, pytest.mark.slow]
 
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 WANDB = importlib.util.find_spec("wandb") is not None
@@ -46,6 +45,8 @@ def wandb_history(path: Path) -> list[dict]:
     return rows
 
 
+@requires_cifar
+@pytest.mark.slow
 @pytest.mark.skipif(not (TENSORBOARD and WANDB), reason=WHY)
 def test_tensorboard_and_wandb_offline_hold_every_per_epoch_metric(tmp_path, cifar10_cached):
     db = tmp_path / "r.duckdb"
