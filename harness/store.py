@@ -148,6 +148,7 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
 # run key, so moving a run to another machine or store does not make it a new run.
 NOT_IN_RUN_KEY = (
     "force",
+    "dry_run",
     "name",
     "tags",
     "sweep",
