@@ -79,7 +79,7 @@ def test_show_aggregates_configurations_with_mean_std_n_and_filters(store, capsy
     assert "no completed runs match the filters" in capsys.readouterr().out
     main(["show", "--db", str(store.path), "--runs", "--method", "simclr", "--dataset", "cifar10"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("simclr")]
-    assert len(rows) == 3 and all(line.rstrip().endswith(" aaaa1111bb") for line in rows)  # one row per run, short commit
+    assert len(rows) == 3 and all(line.rstrip().endswith(" aaaa1111bb") for line in rows)  # per run, short commit
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
@@ -104,3 +104,18 @@ def test_export_writes_runs_metrics_and_evals_that_read_back(store, tmp_path, fm
             assert len({r["config_key"] for r in rows if r["run_id"].startswith("s")}) == 1  # seeds grouped
         if table == "metrics":
             assert min(int(r["epoch"]) for r in rows) == 1  # epochs count from 1, as in evals
+
+
+def test_a_sweeps_end_message_names_a_page_build_command_that_works(store, tmp_path):
+    import os
+    import shlex
+
+    from hydra_plugins.harness_callbacks.sweep_summary import results_hint
+
+    [build] = [line.split(":", 1)[1].split("(then")[0] for line in results_hint(store.path).splitlines()
+               if "leaderboard build" in line]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(shlex.split(build.replace("python", sys.executable, 1)), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "outputs" / "leaderboard.html").stat().st_size > 100_000

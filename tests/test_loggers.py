@@ -12,7 +12,6 @@ import pytest
 from harness.store import Store
 from tests.conftest import TINY, requires_cifar, run_harness
 
-
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 WANDB = importlib.util.find_spec("wandb") is not None
 WHY = "the optional extra is not installed (CI installs it: pip install -e '.[dev]')"
