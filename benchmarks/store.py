@@ -81,7 +81,7 @@ def synthetic_store(path: Path, runs: int, epochs: int) -> None:
                    90 + random(), ?
             FROM g, (SELECT unnest(?::VARCHAR[]) AS protocol, unnest([0, 1]) AS k) p""", [epochs, list(PROTOCOLS)])
         con.execute("""
-            INSERT INTO metrics SELECT 'run' || i, 'key' || c || '-' || seed, e, n.name,
+            INSERT INTO metrics SELECT 'run' || i, 'key' || c || '-' || seed, e + 1, n.name,
                    CASE n.name WHEN 'loss' THEN 6 * exp(-e / 40.0) + random() * 0.1
                                WHEN 'knn_top1' THEN 60 * (1 - exp(-e / 30.0)) + random()
                                WHEN 'images_per_s' THEN 20000 + random() * 500 ELSE random() END

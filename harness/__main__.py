@@ -1,15 +1,29 @@
-"""``python -m harness [overrides]`` runs one job; ``-m`` runs a sweep (see README)."""
+"""``python -m harness [overrides]`` runs one job; ``-m`` runs a sweep (see README). ``dry_run=true`` checks
+the job (or every point of the sweep) and prints what would run, running nothing."""
 
 from __future__ import annotations
 
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from harness.jobs.sweeps import register_sweeps
+from harness.jobs.sweeps import register_sweeps, unknown_options
 
 register_sweeps()
+
+PREVIEWED = ("method.name", "dataset.name", "backbone.name", "seed", "trainer.epochs")  # what a dry run names
+
+
+def refuse_unknown_options(argv: list[str]) -> None:
+    """An unknown option of a config group (method=nosuch): one line per problem and exit 2, like every
+    other bad value, before Hydra composes anything."""
+    from harness.errors import ConfigError
+
+    found = [ConfigError(*problem) for problem in unknown_options([a for a in argv if not a.startswith("-")])]
+    if found:
+        print(f"error: {ConfigError(*found[0].problems[0], more=found[1:])}", file=sys.stderr)
+        sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -18,6 +32,8 @@ def main(cfg: DictConfig) -> float | None:
     from harness.jobs.run import RunFailed, run
 
     try:
+        if cfg.get("dry_run"):
+            return preview(cfg)
         return run(cfg)
     except ConfigError as e:
         # Refuse bad input with one clear message, not a traceback; nothing was trained.
@@ -28,5 +44,19 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(1)
 
 
+def preview(cfg: DictConfig) -> None:
+    """dry_run=true for one job: the checks a run makes first, then its run key and what a run would do."""
+    from harness.jobs.config import run_key, validate
+    from harness.store import Store, read_done
+
+    validate(cfg)
+    key = run_key(cfg)
+    done = read_done(Store(cfg.store.path, cfg.store.get("runs_dir")).runs / key) and not cfg.force
+    print(f"dry run: the config is valid; run key {key} would {'be skipped (already completed)' if done else 'run'}"
+          f" ({' '.join(f'{k}={OmegaConf.select(cfg, k)}' for k in PREVIEWED)}); nothing was run."
+          " Drop dry_run=true to run it.")
+
+
 if __name__ == "__main__":
+    refuse_unknown_options(sys.argv[1:])
     main()

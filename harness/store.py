@@ -93,6 +93,9 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
         },
         ("run_id",),
     ),
+    # Epochs count from 1 in every table: metrics.epoch = N holds the values after the N-th epoch of
+    # training, like evals.epoch and runs.epochs_done (stores and rows from before counted metrics from 0:
+    # see ROW_FORMAT and MIGRATIONS).
     "metrics": (
         {"run_id": "VARCHAR", "run_key": "VARCHAR", "epoch": "INTEGER", "name": "VARCHAR", "value": "DOUBLE"},
         ("run_id", "epoch", "name"),
@@ -148,6 +151,7 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
 # run key, so moving a run to another machine or store does not make it a new run.
 NOT_IN_RUN_KEY = (
     "force",
+    "dry_run",
     "name",
     "tags",
     "sweep",
@@ -168,15 +172,29 @@ NOT_IN_RUN_KEY = (
     # Probes on other datasets read the trained backbone and never change it: a run is the same run
     # with or without them (a finished run gets more with `python -m harness.evaluate`).
     "eval.transfer",
+    "logging",  # TensorBoard / W&B views of the metrics
 )
 
 # Set in the environment of every job of one sweep (the sweep_summary callback, the launchers).
 SWEEP_ENV = "HARNESS_SWEEP_ID"
 
 
-# Changes whenever TABLES does, so a store is migrated (the ALTERs run) only on the first open
-# by code with a different schema, not by every ingest.
-SCHEMA_VERSION = hashlib.sha1(json.dumps(TABLES, sort_keys=True).encode()).hexdigest()[:16]
+# Every row file written by `Store.write` carries `_format`. Files without it (format 1) come from code
+# whose metrics.epoch counted from 0: loading them shifts those epochs by one, so re-reading an old run
+# folder (rebuild, re-ingest) agrees with the migrated database.
+ROW_FORMAT = 2
+LEGACY_ROWS = {"metrics": {"epoch": "epoch + 1"}}  # table -> column -> its value from a format-1 row
+
+# Data migrations, each applied once to a database that predates it (recorded in _migrations).
+# name -> (table it rewrites, SQL)
+MIGRATIONS = {
+    "metrics_epoch_from_1": ("metrics", "UPDATE metrics SET epoch = epoch + 1"),
+}
+
+# Changes whenever TABLES or MIGRATIONS do, so a store is migrated (the ALTERs run) only on the first
+# open by code with a different schema, not by every ingest.
+SCHEMA_VERSION = hashlib.sha1(json.dumps([TABLES, sorted(MIGRATIONS), ROW_FORMAT], sort_keys=True)
+                              .encode()).hexdigest()[:16]
 
 DONE_MARKER = "done.json"
 ROWS_DIR = "rows"
@@ -265,7 +283,8 @@ class Store:
         unknown = set().union(*rows) - set(columns)
         if unknown:
             raise ValueError(f"store.write({table!r}): unknown columns {sorted(unknown)}")
-        text = "".join(json.dumps({**{k: _jsonable(v) for k, v in row.items()}, "_order": order}) + "\n"
+        text = "".join(json.dumps({**{k: _jsonable(v) for k, v in row.items()}, "_order": order,
+                                   "_format": ROW_FORMAT}) + "\n"
                        for order, row in enumerate(rows))
         # The name orders files by time, so that a later status of the same run wins.
         name = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
@@ -333,6 +352,14 @@ class Store:
             return False
         con.execute("BEGIN TRANSACTION")
         try:
+            existing = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            con.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY)")
+            applied = {r[0] for r in con.execute("SELECT name FROM _migrations").fetchall()}
+            for name, (table, sql) in MIGRATIONS.items():
+                if name not in applied:
+                    if table in existing:  # a new store's rows are written in the current form already
+                        con.execute(sql)
+                    con.execute("INSERT INTO _migrations VALUES (?)", [name])
             for table, (columns, key) in TABLES.items():
                 cols = ", ".join(f'"{c}" {t}' for c, t in columns.items())
                 con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" ({cols}, PRIMARY KEY ({", ".join(key)}))')
@@ -391,9 +418,12 @@ class Store:
         try:
             for table, files in batches.items():
                 columns, key = TABLES[table]
-                spec = {**columns, "_order": "INTEGER"}
+                spec = {**columns, "_order": "INTEGER", "_format": "INTEGER"}
                 spec_sql = "{" + ", ".join(f"'{c}': '{t}'" for c, t in spec.items()) + "}"
                 names = ", ".join(f'"{c}"' for c in columns)
+                legacy = LEGACY_ROWS.get(table, {})
+                values = ", ".join(f'CASE WHEN _format IS NULL THEN {legacy[c]} ELSE "{c}" END AS "{c}"'
+                                   if c in legacy else f'"{c}"' for c in columns)
                 # Within one load the newest row per key wins: file names (not their folders) sort by time.
                 con.execute(
                     f"""INSERT OR REPLACE INTO "{table}" ({names})
@@ -401,7 +431,8 @@ class Store:
                         SELECT *, row_number() OVER (
                             PARTITION BY {", ".join(f'"{k}"' for k in key)}
                             ORDER BY regexp_extract(filename, '[^/]*$') DESC, _order DESC) AS _rank
-                        FROM read_json(?, format='newline_delimited', columns={spec_sql}, filename=true)
+                        FROM (SELECT {values}, _order, filename
+                              FROM read_json(?, format='newline_delimited', columns={spec_sql}, filename=true))
                     ) WHERE _rank = 1""",
                     [files],
                 )

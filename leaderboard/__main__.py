@@ -1,10 +1,13 @@
-"""`python -m leaderboard show|build|regress`: the store's results as a text table, a page, or a verdict.
+"""`python -m leaderboard show|export|build|claims|regress`: the store's results as a text table, files, a page,
+or a verdict.
 
-  show     every run with its evaluations, as a text table
+  show     one row per configuration (test top-1 mean ± std over seeds, n); --runs: every run
+  export   the runs, metrics and evals tables as CSV or Parquet files
   build    the leaderboard page: one self-contained HTML file (plotly.js inlined unless --cdn)
   claims   each paper's claim (leaderboard/claims.csv) against the store: measured effect, verdict, budget
   regress  compare each configuration between a baseline (commit or pinned file) and a candidate
-           commit; exit status 1 when anything regressed (a CI step)
+           commit; exit status 0 = no regression, 1 = regression, 2 = nothing could be compared
+           or bad input (a CI step)
 """
 
 from __future__ import annotations
@@ -14,45 +17,26 @@ import sys
 import time
 from pathlib import Path
 
-from harness.store import Store
-from leaderboard import claims, page, regress
-from leaderboard.text import format_table
-
-SHOW_SQL = """
-SELECT r.method, r.dataset, r.backbone, coalesce(r.weighting_variant, r.weighting) AS weighting,
-       coalesce(r.positives_variant, r.positives) AS positives, r.seed, r.epochs, r.status,
-       e.protocol, e.top1, e.top5, r.run_key, r.git_commit
-FROM runs r LEFT JOIN evals e ON e.run_id = r.run_id AND e.split = 'test'
-WHERE (? OR r.status = 'completed')
-ORDER BY r.dataset, e.protocol, e.top1 DESC NULLS LAST, r.method
-"""
-
-
-def show(db: Path, include_all: bool) -> str:
-    if not db.exists() and not Store(db).pending():
-        raise SystemExit(f"error: --db = {db}: no such store (run a job first, or pass the store.path it used)")
-    store = Store(db)
-    rows = store.query(SHOW_SQL, [include_all])
-    if not rows:
-        text = "no completed runs yet" + ("" if include_all else " (--all lists running and failed ones)")
-    else:
-        text = format_table(rows, ["method", "dataset", "backbone", "weighting", "positives", "seed", "epochs",
-                                   "status", "protocol", "top1", "top5", "run_key", "git_commit"])
-    return text + rejected_note(store)
-
-
-def rejected_note(store: Store) -> str:
-    """A line on the spool files the store refused, or nothing when there are none."""
-    n = store.rejected()
-    return f"\n{n} spool file(s) rejected (not ingested): see {store.rejected_dir}, each with a .why line" if n else ""
+from leaderboard import claims, export, page, regress, show
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m leaderboard", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    show_cmd = commands.add_parser("show", help="print every completed run with its evaluations")
+    show_cmd = commands.add_parser("show", help="print each configuration's test top-1 (mean ± std, n), or every run",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, description=show.__doc__)
     show_cmd.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
-    show_cmd.add_argument("--all", action="store_true", help="include running, failed and diverged runs")
+    show_cmd.add_argument("--runs", action="store_true", help="one row per run and protocol, not per configuration")
+    show_cmd.add_argument("--all", action="store_true", help="with --runs: include running, failed and diverged runs")
+    show_cmd.add_argument("--dataset", help="only this dataset (e.g. cifar10)")
+    show_cmd.add_argument("--method", help="only this method (e.g. simclr)")
+    show_cmd.add_argument("--protocol", help="only protocols starting with this (e.g. knn, linear)")
+    show_cmd.add_argument("--commit", help="only runs at commits starting with this")
+    export_cmd = commands.add_parser("export", help="write the runs, metrics and evals tables as CSV or Parquet",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, description=export.__doc__)
+    export_cmd.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
+    export_cmd.add_argument("--format", choices=sorted(export.FORMATS), default="csv")
+    export_cmd.add_argument("--out", type=Path, default=Path("outputs/export"), help="folder (default outputs/export)")
     build_cmd = commands.add_parser("build", help="write the leaderboard page")
     build_cmd.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
     build_cmd.add_argument("--out", type=Path, default=Path("leaderboard.html"))
@@ -65,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     claims_cmd.add_argument("--claims", type=Path, default=claims.CLAIMS,
                             help="a claims CSV (default: the shipped one)")
     claims_cmd.add_argument("--json", action="store_true", help="print the results as JSON")
-    reg = commands.add_parser("regress", help="did any configuration get worse? (exit 1 if so)",
+    reg = commands.add_parser("regress", help="did any configuration get worse? (exit 0 no, 1 yes, 2 cannot compare)",
                               formatter_class=argparse.RawDescriptionHelpFormatter, description=regress.__doc__)
     reg.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
     reg.add_argument("--baseline", required=True, help="a git commit (prefix ok) or a baseline file")
@@ -80,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="pin the --baseline commit's values (with --tolerance) into FILE and exit")
     args = parser.parse_args(argv)
     if args.command == "show":
-        print(show(args.db, args.all))
+        print(show.show(args.db, args.runs, args.all, args.dataset, args.method, args.protocol, args.commit))
+    elif args.command == "export":
+        for path, n in export.export(args.db, args.out, args.format):
+            print(f"wrote {path} ({n} rows)")
     elif args.command == "build":
         started = time.perf_counter()
         size = page.build(args.db, args.out, args.cdn)
@@ -88,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "claims":
         print(claims.run(args.db, args.claims, args.json))
     elif args.command == "regress":
-        return regress.run(args.db, args.baseline, args.candidate, args.json, args.alpha, args.min_effect,
-                           args.tolerance, args.write_baseline)
+        try:
+            return regress.run(args.db, args.baseline, args.candidate, args.json, args.alpha, args.min_effect,
+                               args.tolerance, args.write_baseline)
+        except regress.CannotCompare as e:
+            print(f"error: {e}", file=sys.stderr)
+            return regress.CANNOT_COMPARE
     return 0
 
 

@@ -283,12 +283,12 @@ def curves(con: duckdb.DuckDBPyConnection, config_keys: list[str], names: tuple[
     return rows(con, """
         WITH m AS (
             SELECT i.config_key, m.name, m.epoch, m.value,
-                   greatest(1, ceil((max(m.epoch) OVER (PARTITION BY i.config_key) + 1) / ?))::INTEGER AS step
+                   greatest(1, ceil(max(m.epoch) OVER (PARTITION BY i.config_key) / ?))::INTEGER AS step
             FROM metrics m JOIN run_ident i ON i.run_id = m.run_id
             WHERE i.config_key IN (SELECT unnest(?::VARCHAR[])) AND m.name IN (SELECT unnest(?::VARCHAR[]))
               AND m.value IS NOT NULL)
         SELECT config_key, name, list(epoch ORDER BY epoch) AS epochs, list(value ORDER BY epoch) AS values
-        FROM (SELECT config_key, name, (epoch // step) * step + 1 AS epoch, avg(value) AS value
+        FROM (SELECT config_key, name, ((epoch - 1) // step) * step + 1 AS epoch, avg(value) AS value
               FROM m GROUP BY ALL)
         GROUP BY ALL""", [max_points, config_keys, list(names)])
 

@@ -13,6 +13,11 @@ The rule, per configuration:
 - fewer seeds on either side: no spread to test against, so it regressed when the candidate's mean
   is more than `tolerance` points below the baseline's (the file's per-entry tolerance if it has
   one, else --tolerance).
+Exit status (a CI step reads it): 0 = compared, nothing regressed; 1 = at least one configuration
+regressed; 2 = nothing could be compared (no configuration has runs on both sides, an unknown or
+ambiguous commit, no other commit to compare with, a missing store or a bad baseline file) or bad
+arguments. A misconfigured CI job therefore never reads as a regression, nor as a pass.
+
 "Improved" is the mirror image; "missing" (baseline only) and "new" (candidate only) are reported
 but never fail. Config fields that one side's runs all have and the other's lack (a field added by
 the candidate's code) are left out of the match; see `align`.
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,14 @@ from leaderboard.stats import mean_std, welch
 from leaderboard.text import format_table
 
 BASELINE_VERSION = 1
+# Exit statuses of `python -m leaderboard regress`.
+NO_REGRESSION, REGRESSED, CANNOT_COMPARE = 0, 1, 2
+
+
+class CannotCompare(Exception):
+    """Bad input or nothing to compare: `regress` exits CANNOT_COMPARE (2) with this one line."""
+
+
 TABLE_COLUMNS = ["verdict", "dataset", "protocol", "label", "n_base", "base", "n_cand", "cand", "diff", "bound",
                  "p", "rule"]
 
@@ -48,9 +60,9 @@ def resolve_commit(con: duckdb.DuckDBPyConnection, ref: str) -> str:
         return found[0]
     if not found:
         known = ", ".join(data.short_commit(c) for c in commits[-10:]) or "none"
-        raise SystemExit(f"error: no completed runs at commit {ref!r} in the store (newest commits: {known}); "
+        raise CannotCompare(f"no completed runs at commit {ref!r} in the store (newest commits: {known}); "
                          "a baseline file path must exist")
-    raise SystemExit(f"error: commit prefix {ref!r} is ambiguous: {', '.join(found)}")
+    raise CannotCompare(f"commit prefix {ref!r} is ambiguous: {', '.join(found)}")
 
 
 def label(entry: dict[str, Any]) -> str:
@@ -110,9 +122,13 @@ def align(base: dict[tuple, dict[str, Any]], cand: dict[tuple, dict[str, Any]]
 
 
 def read_baseline_file(path: Path) -> tuple[str, dict[tuple, dict[str, Any]]]:
-    blob = json.loads(path.read_text())
-    if blob.get("version") != BASELINE_VERSION or not isinstance(blob.get("entries"), list):
-        raise SystemExit(f"error: {path} is not a baseline file (version {BASELINE_VERSION} with 'entries')")
+    try:
+        blob = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CannotCompare(f"--baseline = {path}: not a readable baseline file ({e})") from None
+    entries_ok = isinstance(blob, dict) and isinstance(blob.get("entries"), list)
+    if not entries_ok or blob.get("version") != BASELINE_VERSION:
+        raise CannotCompare(f"{path} is not a baseline file (version {BASELINE_VERSION} with 'entries')")
     entries = {}
     for e in blob["entries"]:
         if "values" not in e:  # a hand-written entry may give only the expected mean
@@ -183,16 +199,17 @@ def _clean(value: Any) -> Any:
 
 def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, alpha: float, min_effect: float,
         tolerance: float, write_baseline: Path | None = None) -> int:
-    """The `regress` command: prints the table, writes JSON, returns the exit status (1 = regressed)."""
+    """The `regress` command: prints the table, writes JSON, returns the exit status (0 or 1; see the module's
+    doc). Raises CannotCompare when nothing could be compared."""
     from harness.store import Store
 
     if not db.exists() and not Store(db).pending():
-        raise SystemExit(f"error: --db = {db}: no such store")
+        raise CannotCompare(f"--db = {db}: no such store")
     with Store(db).connect() as con:
         data.prepare(con)
         if Path(baseline).is_file():
             if write_baseline:
-                raise SystemExit("error: --write-baseline needs --baseline to be a commit, not a file")
+                raise CannotCompare("--write-baseline needs --baseline to be a commit, not a file")
             base_label, base = read_baseline_file(Path(baseline))
             base_commit = None
         else:
@@ -201,11 +218,11 @@ def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, a
             if write_baseline:
                 n = write_baseline_file(write_baseline, base_commit, base, tolerance)
                 print(f"wrote {n} configurations at commit {data.short_commit(base_commit)} to {write_baseline}")
-                return 0
+                return NO_REGRESSION
         if candidate is None:
             later = [c for c in data.commits_in_order(con) if c != base_commit]
             if not later:
-                raise SystemExit("error: no candidate: the store holds no other commit than the baseline")
+                raise CannotCompare("no candidate: the store holds no other commit than the baseline")
             candidate = later[-1]
         cand_commit = resolve_commit(con, candidate)
         cand = side_from_commit(con, cand_commit)
@@ -215,8 +232,7 @@ def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, a
     print(f"baseline: {base_label}   candidate: commit {data.short_commit(cand_commit)}")
     for note in notes:
         print(f"note: {note}")
-    if base and cand and not any(r["verdict"] not in ("missing", "new") for r in results):
-        print("warning: no configuration has runs on both sides, so nothing was compared", file=sys.stderr)
+    compared = any(r["verdict"] not in ("missing", "new") for r in results)
     shown = [{**r, "p": None if r["p"] is None else f"{r['p']:.3g}"} for r in results]
     print(format_table(shown, TABLE_COLUMNS) if results else "nothing to compare")
     print(f"{regressed} regressed, {sum(r['verdict'] == 'improved' for r in results)} improved, "
@@ -226,4 +242,7 @@ def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, a
             "baseline": base_label, "candidate": cand_commit, "alpha": alpha, "min_effect": min_effect,
             "tolerance": tolerance, "regressed": regressed, "notes": notes,
             "results": [{k: _clean(v) for k, v in r.items()} for r in results]}, indent=1) + "\n")
-    return 1 if regressed else 0
+    if not compared:
+        raise CannotCompare(f"no configuration has runs on both sides ({base_label} and commit "
+                            f"{data.short_commit(cand_commit)}), so nothing was compared")
+    return REGRESSED if regressed else NO_REGRESSION

@@ -159,7 +159,7 @@ def add_run(store: Store, run_id: str, top1: float, *, seed: int = 0, commit: st
                           **(row or {})}])
     store.write("evals", [{"run_id": run_id, "run_key": f"k-{run_id}", "protocol": protocol, "split": "test",
                            "top1": top1, "top5": 99.0, "epoch": epochs}])
-    store.write("metrics", [{"run_id": run_id, "run_key": f"k-{run_id}", "epoch": e, "name": n, "value": v}
+    store.write("metrics", [{"run_id": run_id, "run_key": f"k-{run_id}", "epoch": e + 1, "name": n, "value": v}
                             for e in range(metric_epochs)
                             for n, v in (("loss", 5.0 - e), ("knn_top1", top1 - metric_epochs + e + 1),
                                          ("images_per_s", 1000.0 + seed))])

@@ -345,7 +345,7 @@ def test_training_with_synthetic_positives_end_to_end(clsp_stages):
     run = store.query("SELECT * FROM runs")[0]
     assert run["status"] == "completed" and run["positives"] == "clsp" and run["synthetic_ratio"] == 0.5
     share = store.query("SELECT epoch, value FROM metrics WHERE name = 'synthetic_share' ORDER BY epoch")
-    assert [r["epoch"] for r in share] == [0, 1] and all(abs(r["value"] - 0.5) < 0.02 for r in share)
+    assert [r["epoch"] for r in share] == [1, 2] and all(abs(r["value"] - 0.5) < 0.02 for r in share)
     losses = store.query("SELECT value FROM metrics WHERE name IN ('loss', 'loss_synthetic')")
     assert losses and all(np.isfinite(r["value"]) for r in losses)
     assert store.query("SELECT count(*) AS n FROM evals WHERE top1 > 0")[0]["n"] >= 1

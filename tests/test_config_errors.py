@@ -138,6 +138,9 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path, read_only_dir):
         ((f"store.path={read_only_dir}/r.duckdb",),
          f"error: invalid config: store.path = '{read_only_dir}/r.duckdb' is not allowed: expected a path on a "
          f"writable file system: {read_only_dir} is on a read-only one"),
+        ((f"store.path={tmp_path}/r.duckdb", "method=nosuch"),  # an unknown option of a config group, too
+         "error: invalid config: method = 'nosuch' is not allowed: expected one of all4one, byol, mocov2, nnclr, "
+         "sce, simclr, simsiam, vicreg, wmse"),
         ((f"store.path={tmp_path}/r.duckdb", *CIFAR10, "trainer.batch_size=60000"),
          "error: invalid config: trainer.batch_size = 60000 is not allowed: expected at most 50000, the training "
          "images (cifar10's known counts)"),

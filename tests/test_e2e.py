@@ -67,7 +67,7 @@ def test_a_job_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, cifar10
     runs = store.query("SELECT run_id, status FROM runs")
     assert [r["status"] for r in runs] == ["completed"]  # the same run continued, not a new one
     losses = store.query("SELECT epoch FROM metrics WHERE name = 'loss' ORDER BY epoch")
-    assert [r["epoch"] for r in losses] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in losses] == [1, 2, 3, 4]  # epochs count from 1 in every table
 
 
 def test_config_errors_name_the_field_the_value_and_what_is_allowed(tmp_path):

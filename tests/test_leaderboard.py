@@ -98,13 +98,13 @@ def test_pinned_baseline_file(tmp_path):
     assert main(["regress", "--db", str(store.path), "--baseline", str(pinned), "--candidate", "bbbb"]) == 0
 
 
-def test_unknown_or_ambiguous_commit_is_an_error(tmp_path):
+def test_unknown_or_ambiguous_commit_is_an_error_not_a_regression(tmp_path, capsys):
     store = store_with(tmp_path, BASE)
     add_run(store, "x", 50.0, commit="aaaa9999")
-    with pytest.raises(SystemExit, match="no completed runs at commit 'cccc'"):
-        main(["regress", "--db", str(store.path), "--baseline", "cccc"])
-    with pytest.raises(SystemExit, match="ambiguous"):
-        main(["regress", "--db", str(store.path), "--baseline", "aaaa"])
+    assert main(["regress", "--db", str(store.path), "--baseline", "cccc"]) == 2
+    assert "error: no completed runs at commit 'cccc'" in capsys.readouterr().err
+    assert main(["regress", "--db", str(store.path), "--baseline", "aaaa"]) == 2
+    assert "ambiguous" in capsys.readouterr().err
 
 
 def test_runs_from_a_dirty_tree_are_a_commit_of_their_own(tmp_path, capsys):
@@ -154,7 +154,7 @@ def test_a_config_field_added_since_the_baseline_does_not_hide_a_regression(tmp_
 def test_a_new_field_that_tells_candidate_configurations_apart_is_not_left_out(tmp_path, capsys):
     # Both values of the new field ran at the candidate: leaving it out would merge two configurations.
     store = store_across_a_new_field(tmp_path, [{"trainer.sync_bn": False}, {"trainer.sync_bn": True}])
-    assert main(["regress", "--db", str(store.path), "--baseline", "aaaa"]) == 0
+    assert main(["regress", "--db", str(store.path), "--baseline", "aaaa"]) == 2  # not a pass: nothing compared
     captured = capsys.readouterr()
     assert "would merge configurations" in captured.out
     assert "nothing was compared" in captured.err

@@ -67,6 +67,7 @@ def test_curves_per_protocol_normalised_losses_integer_epochs(page):
     assert "No per-epoch values under this protocol" in text
     losses = [f for f in figures.values() if f["layout"].get("title", {}).get("text", "").startswith("training loss")]
     assert losses and all(t["y"][0] == 1.0 for f in losses for t in f["data"])
+    assert all(t["x"][0] == 1 for f in losses for t in f["data"])  # epochs count from 1, as the store does
     assert all(f["layout"]["xaxis"]["dtick"] == 1 and f["layout"]["xaxis"]["tickformat"] == "d" for f in losses)
 
 

@@ -44,7 +44,7 @@ def test_a_run_that_builds_an_artifact_trains_as_one_that_reuses_it(tmp_path, ca
     assert len(runs) == 2 and runs[0]["run_key"] == runs[1]["run_key"] == run_key(cfg)
 
     def first_epoch(run_id: str) -> dict[str, float]:
-        rows = Store(str(store)).query("SELECT name, value FROM metrics WHERE run_id = ? AND epoch = 0", [run_id])
+        rows = Store(str(store)).query("SELECT name, value FROM metrics WHERE run_id = ? AND epoch = 1", [run_id])
         return {r["name"]: r["value"] for r in rows if r["name"] in TRAIN_NAMES}
 
     built, reused = first_epoch(runs[0]["run_id"]), first_epoch(runs[1]["run_id"])

@@ -82,7 +82,7 @@ def test_two_jobs_share_one_score_net_and_the_second_waits_for_the_first(tmp_pat
     # weighting=scorecl_tiny's YAML says `name: scorecl`: the row also keeps the option chosen, and `show` uses it.
     variants = _store(store).query("select distinct weighting, weighting_variant, positives_variant from runs")
     assert [tuple(r.values()) for r in variants] == [("scorecl", "scorecl_tiny", "none")]
-    from leaderboard.__main__ import show
+    from leaderboard.show import show
 
     assert "scorecl_tiny" in show(store, include_all=False)
 

@@ -77,3 +77,27 @@ def test_an_outside_reader_holding_the_file_delays_but_loses_nothing(tmp_path):
     finally:
         blocker.close()
     assert store.query("SELECT value FROM metrics")[0]["value"] == 2.0
+
+
+def test_a_store_from_before_epochs_counted_from_1_is_migrated_once(tmp_path):
+    # Old code wrote metrics.epoch from 0 (evals.epoch from 1), in the database and in the run folders'
+    # row files (which carry no `_format`). Both read back counting from 1, and re-reading agrees.
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE _schema (version VARCHAR)")
+    con.execute("INSERT INTO _schema VALUES ('from-before')")
+    con.execute("CREATE TABLE metrics (run_id VARCHAR, run_key VARCHAR, epoch INTEGER, name VARCHAR, value DOUBLE,"
+                " PRIMARY KEY (run_id, epoch, name))")
+    con.execute("INSERT INTO metrics VALUES ('a', 'ka', 0, 'loss', 3.0), ('a', 'ka', 1, 'loss', 2.0)")
+    con.close()
+    old_rows = tmp_path / "old.duckdb.runs" / "kb" / "rows" / "metrics"
+    old_rows.mkdir(parents=True)
+    (old_rows / "00000000000000000001-h-1-x.jsonl").write_text(
+        "".join(f'{{"run_id": "b", "run_key": "kb", "epoch": {e}, "name": "loss", "value": {5.0 - e}, "_order": {e}}}\n'
+                for e in range(2)))
+    store = Store(db)
+    store.write("metrics", [{"run_id": "c", "run_key": "kc", "epoch": 1, "name": "loss", "value": 1.0}])  # new code
+    assert store.rebuild() == 1
+    for _ in range(2):  # opening again migrates nothing twice
+        rows = store.query("SELECT run_id, list(epoch ORDER BY epoch) AS epochs FROM metrics GROUP BY ALL ORDER BY 1")
+        assert [(r["run_id"], r["epochs"]) for r in rows] == [("a", [1, 2]), ("b", [1, 2]), ("c", [1])]

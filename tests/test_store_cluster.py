@@ -17,7 +17,7 @@ import duckdb
 import pytest
 
 from harness.store import Store, utcnow
-from leaderboard.__main__ import show
+from leaderboard.show import show
 from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
 
 ONE_EPOCH = (*TINY, "dataset.train_size=512", "dataset.test_size=128", "trainer.batch_size=64", "trainer.epochs=1")

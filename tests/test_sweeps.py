@@ -63,8 +63,10 @@ def test_a_bad_sweep_is_refused_before_any_point_runs(tmp_path):
     for text in ("trainer.lr = -1", "positives.ratio = 1.5", "dataset.root = ", "point #1 (", "trainer.lr=-1"):
         assert text in bad.stderr
     assert "[train]" not in bad.stderr and not (tmp_path / "r.duckdb.runs").exists()
-    unknown = sweep(tmp_path, "b", "method=simclr,nope")  # Hydra itself refuses a grid it cannot compose
-    assert unknown.returncode != 0 and "Could not find 'method/nope'" in unknown.stderr
+    unknown = sweep(tmp_path, "b", "method=simclr,nope")  # an option the group lacks: one line, as any bad value
+    assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
+        "error: invalid config: method = 'nope' is not allowed: expected one of all4one, byol, mocov2, nnclr, sce, "
+        "simclr, simsiam, vicreg, wmse"]
     tuned = sweep(tmp_path, "c", "hydra/sweeper=harness_optuna", "trainer.lr=interval(-1.0,0.5)")
     assert tuned.returncode == 2 and "trainer.lr = -1.0 is not allowed" in tuned.stderr
     assert not (tmp_path / "r.duckdb.runs").exists()
@@ -112,3 +114,33 @@ def test_tpe_study_resumes_from_its_journal_and_prunes(tmp_path, cifar10_cached)
     assert all(t.intermediate_values for t in trials)  # every trial reported its per-epoch k-NN
     runs = Store(tmp_path / "r.duckdb").query("SELECT status, epochs_done FROM runs WHERE status = 'pruned'")
     assert len(runs) == len(pruned) and all(r["epochs_done"] < 2 for r in runs)
+
+
+def test_a_dry_run_previews_every_point_of_scorecl_all_and_runs_nothing(tmp_path):
+    from harness.jobs.config import compose, run_key
+    from harness.store import write_done
+
+    db = tmp_path / "r.duckdb"
+    # One point already completed: the preview says it would be skipped.
+    done = compose(["sweep=scorecl_all", "method=vicreg", "weighting=scorecl", "dataset=cifar100", "seed=2",
+                    f"store.path={db}"])
+    (Store(db).runs / run_key(done)).mkdir(parents=True)
+    write_done(Store(db).runs / run_key(done), "r1", 50.0)
+    proc = run_harness("sweep=scorecl_all", "dry_run=true", f"store.path={db}", f"hydra.sweep.dir={tmp_path}/s",
+                       "-m", check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "Sweep preview (dry_run=true): 48 point(s), all valid; nothing was run or submitted."
+    header = lines[2].split()
+    assert header == ["#", "method", "weighting", "dataset", "seed", "run_key", "would"]  # only what differs
+    points = [line.split() for line in lines[4:4 + 48]]
+    assert [p[0] for p in points] == [str(i) for i in range(48)]
+    assert {(p[1], p[2], p[3], p[4]) for p in points} == {
+        (m, w, d, s) for m in ("simclr", "simsiam", "wmse", "vicreg") for w in ("none", "scorecl")
+        for d in ("cifar10", "cifar100") for s in "012"}
+    skipped = [p for p in points if p[-1] != "run"]
+    assert [(p[1:5], p[5]) for p in skipped] == [(["vicreg", "scorecl", "cifar100", "2"], run_key(done))]
+    assert "47 would run, 1 already completed" in proc.stdout
+    # Nothing ran: no database, no run folder but the planted one, no summary of a finished sweep.
+    assert not db.exists() and [p.name for p in Store(db).runs.iterdir()] == [run_key(done)]
+    assert "Sweep finished" not in proc.stderr and "[train]" not in proc.stderr

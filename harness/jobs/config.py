@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import ConfigError
+from harness.jobs import loggers
 from harness.store import NOT_IN_RUN_KEY
 
 
@@ -206,6 +207,7 @@ def validate(cfg: DictConfig) -> None:
     ]
     errors += _storage_errors(cfg)
     errors += _dataset_extras_errors(cfg)
+    errors += loggers.config_errors(cfg)  # optional TensorBoard / W&B views of the metrics
     if OmegaConf.select(cfg, "eval.linear.enabled", default=False):
         errors += [
             _number(cfg, "eval.linear.epochs", low=1, integer=True),

@@ -33,6 +33,7 @@ from harness.core.optim import scaled_lr
 from harness.core.trainer import Diverged, fit, knn_settings
 from harness.jobs import tuning
 from harness.jobs.config import build_addons, experiment_config, instantiate, run_key, validate
+from harness.jobs.loggers import RunLoggers
 from harness.jobs.transfer import run_transfer
 from harness.store import DONE_MARKER, SWEEP_ENV, Store, StoreBusy, last_row, read_done, utcnow, write_done
 
@@ -311,11 +312,15 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
             store.write("runs", [row], keep_in=checkpoint.parent)
 
     trial = tuning.open_trial(cfg) if info.is_main else None  # an Optuna trial to report to, in tuned sweeps
+    views: RunLoggers | None = None  # TensorBoard / W&B, fed the rows the store gets (main process)
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if info.is_main:
-            store.write("metrics", [{"run_id": run_id, "run_key": key, "epoch": epoch, "name": k, "value": v}
+            # The store counts epochs from 1 (the trainer's `epoch` from 0): row N = after N epochs.
+            store.write("metrics", [{"run_id": run_id, "run_key": key, "epoch": epoch + 1, "name": k, "value": v}
                                     for k, v in metrics.items()], keep_in=checkpoint.parent)
+            if views is not None:
+                views.log(epoch + 1, metrics)
             record(epochs_done=epoch + 1)
         if "knn_top1" in metrics and _broadcast(tuning.should_prune(trial, epoch, metrics["knn_top1"]), info):
             raise tuning.Pruned(f"pruned by Optuna after epoch {epoch + 1}: knn_top1 {metrics['knn_top1']:.2f}",
@@ -323,6 +328,8 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
 
     try:
         record()  # inside: a full disk already here ends the run in one line too
+        if info.is_main:
+            views = RunLoggers(cfg, checkpoint.parent, key, run_id)
         data = load_dataset(cfg.dataset)
         cfg = resolve_normalization(cfg, verbose=info.is_main)  # dataset.mean/std: auto -> numbers, key unchanged
         model = instantiate(cfg.method, instantiate(cfg.backbone))
@@ -355,6 +362,9 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
         first = traceback.format_exception_only(type(e), e)[-1].strip()
         record(status="failed", error=first, finished_at=utcnow())
         raise
+    finally:
+        if views is not None:
+            views.close()
     primary = knn_protocol(*knn_settings(cfg.eval)[0])
     objective = result.evals[result.objective_split][primary][0]
     # Probes on other datasets (eval.transfer), on every rank: feature extraction is sharded.

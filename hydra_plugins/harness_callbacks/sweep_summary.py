@@ -24,6 +24,8 @@ class SweepSummary(Callback):
         os.environ[SWEEP_ENV] = str(Path(config.hydra.sweep.dir).absolute())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("dry_run"):
+            return  # a preview: the launcher printed the plan, nothing ran
         # The driver is the sweep's ingester: its jobs only wrote files (spool and run folders).
         store = Store(config.store.path, config.store.get("runs_dir"))
         sweep_id = os.environ.get(SWEEP_ENV)
@@ -61,6 +63,8 @@ def results_hint(store_path: Path) -> str:
     return (
         f"\nResults: {store_path}\n"
         f"  summary table:    python -m leaderboard show --db {store_path}\n"
+        f"  the page:         python -m leaderboard build --db {store_path} --out outputs/leaderboard.html"
+        f"   (then open outputs/leaderboard.html in a browser)\n"
         f"  query it:         python -c \"import duckdb; print(duckdb.connect('{store_path}', read_only=True)"
         f".sql('select * from evals'))\""
     )

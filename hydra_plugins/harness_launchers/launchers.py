@@ -9,6 +9,10 @@ Both do two things Hydra's own launchers do not:
   the store's `sweep_points` (with the first line of the error and the log path) when the job
   could not record it itself, and the sweep goes on; the summary at the end lists it.
 
+With `dry_run=true` both stop after the checks and print the plan instead (`preview`): every point
+with the overrides that tell it apart, its run key and whether it would run or be skipped as
+already completed. Nothing runs, nothing is submitted, and the store is not opened.
+
 Slurm resources are per point (the `launcher` node of each point's config): points with the
 same resources form one job array, so a sweep may mix a 1-GPU and a 2-node point.
 """
@@ -49,6 +53,16 @@ def job_config(cfg: DictConfig) -> DictConfig:
 
 
 def compose_points(launcher: Launcher, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
+    from harness.errors import ConfigError
+    from harness.jobs.sweeps import unknown_options
+
+    # An unknown group option in the sweep's grid (hydra.sweeper.params): one line each, exit 2, as for
+    # any bad value; Hydra would stop at the first with a multi-line message.
+    found = list(dict.fromkeys(p for overrides in job_overrides for p in unknown_options(list(overrides))))
+    if found:
+        print(f"error: sweep refused, nothing was run or submitted: "
+              f"{ConfigError(*found[0], more=[ConfigError(*p) for p in found[1:]])}", file=sys.stderr)
+        sys.exit(2)
     loader = launcher.hydra_context.config_loader  # type: ignore[attr-defined]
     return [job_config(loader.load_sweep_config(launcher.config, list(o))) for o in job_overrides]
 
@@ -75,6 +89,37 @@ def refuse_bad_points(points: list[DictConfig], job_overrides: Sequence[Sequence
         print(f"error: sweep refused, nothing was run or submitted ({len(problems)} of {len(points)} points "
               "invalid):\n" + "\n".join(problems), file=sys.stderr)
         sys.exit(2)
+
+
+def split_override(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def preview(points: list[DictConfig], job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
+    """Print the sweep's points (already checked) as a table of what differs between them; run nothing."""
+    from harness.jobs.config import run_key
+    from harness.store import Store, read_done
+    from leaderboard.text import format_table
+
+    per_point = [dict(split_override(o) for o in filter_overrides(overrides)) for overrides in job_overrides]
+    keys = list(dict.fromkeys(k for p in per_point for k in p))
+    varying = [k for k in keys if len({p.get(k) for p in per_point}) > 1]
+    shared = [f"{k}={per_point[0][k]}" for k in keys if k not in varying]
+    rows, to_run = [], 0
+    for i, (cfg, values) in enumerate(zip(points, per_point)):
+        key = run_key(cfg)
+        done = read_done(Store(cfg.store.path, cfg.store.get("runs_dir")).runs / key) and not cfg.get("force")
+        to_run += not done
+        rows.append({"#": i, **{k: values.get(k, "") for k in varying}, "run_key": key,
+                     "would": "skip (already completed)" if done else "run"})
+    print(f"Sweep preview (dry_run=true): {len(points)} point(s), all valid; nothing was run or submitted.")
+    if shared:
+        print(f"Shared by every point: {' '.join(shared)}")
+    print(format_table(rows, ["#", *varying, "run_key", "would"]))
+    print(f"{to_run} would run, {len(points) - to_run} already completed. Run them: the same command without "
+          "dry_run=true.")
+    return [_returned(overrides, None) for overrides in job_overrides]
 
 
 def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_path: str | None,
@@ -150,6 +195,8 @@ class LocalLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         points = compose_points(self, job_overrides)
         refuse_bad_points(points, job_overrides)
+        if any(p.get("dry_run") for p in points):
+            return preview(points, job_overrides)
         results = list(self._basic.launch(job_overrides, initial_job_idx))
         for i, (ret, cfg) in enumerate(zip(results, points)):
             if ret.status != JobStatus.COMPLETED:
@@ -300,6 +347,8 @@ class SlurmLauncher(_SubmititSlurmLauncher):
             sys.exit(2)
         cluster = _sinfo()
         refuse_bad_points(points, job_overrides, extra_check=lambda cfg: check_slurm(cfg, cluster))
+        if any(p.get("dry_run") for p in points):
+            return preview(points, job_overrides)
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -170,6 +170,12 @@ class OptunaSweeper(Sweeper):
         fixed, space, grid = self._space(arguments)
         self._check(grid, space)
         self._refuse_bad_values(fixed, space)
+        if self.config is not None and self.config.get("dry_run"):
+            # Optuna picks each trial's values from the ones before it: there is no list of points to show.
+            print(f"Tuned sweep preview (dry_run=true): the search space ({', '.join(space) or 'none'}) and the fixed "
+                  "values are valid; Optuna chooses the points as the sweep runs, so none are listed. Nothing was "
+                  "run and no study was written.")
+            return []
         study = self._study(grid)
         n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values())) if self.sampler == "grid" \
             else self.n_trials
