@@ -90,6 +90,9 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
             "objective": "DOUBLE",
             "gpu_hours": "DOUBLE",
             "epochs_done": "INTEGER",
+            "residency": "VARCHAR",  # where the training images lived: device | host (dataset.residency)
+            "peak_host_rss_mb": "DOUBLE",  # the main rank's peak resident set (mapped cache pages included)
+            "peak_device_mb": "DOUBLE",  # the main rank's peak allocated device memory (None on CPU)
         },
         ("run_id",),
     ),
