@@ -163,6 +163,10 @@ NOT_IN_RUN_KEY = (
     "dataset.archive",
     "dataset.download",
     "dataset.cache_dir",
+    # Where the images live and how many processes decode them: the same images, batches and views.
+    "dataset.residency",
+    "dataset.device_memory_fraction",
+    "dataset.decode_workers",
     "eval.every",
     "optuna",  # which Optuna study/trial a tuned sweep's job reports to
 )
