@@ -52,11 +52,11 @@ def free_device_memory(device: torch.device) -> int | None:
 
 def choose(wanted: str, device: torch.device, set_bytes: int, fraction: float) -> tuple[str, str]:
     """(residency, why) for a training set of `set_bytes` (with the add-ons' copies) on `device`."""
+    if wanted != "auto":
+        return wanted, f"dataset.residency={wanted}"
     if device.type != "cuda":
         return "device", "training on the CPU: the host copy is the one the steps read"
     free = free_device_memory(device)
-    if wanted != "auto":
-        return wanted, f"dataset.residency={wanted}"
     if set_bytes <= fraction * free:
         return "device", (f"the set ({gb(set_bytes)}) fits within dataset.device_memory_fraction={fraction:g} of "
                           f"the {gb(free)} free on {device}")
