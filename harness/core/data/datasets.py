@@ -204,7 +204,8 @@ def _split_and_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
 
 
 def decode_workers(ds) -> int:
-    """Processes that decode: dataset.decode_workers, else every core this process may use."""
+    """Processes that decode: dataset.decode_workers, else every core this process may use (then at
+    most one per IMAGES_PER_PROCESS images)."""
     configured = ds.get("decode_workers")
     if configured:
         return int(configured)
@@ -274,8 +275,7 @@ def _collect(items: list[tuple[str, str, bytes | str]], size: int | None, what: 
     # Chunks small enough to balance the workers and show progress, large enough to keep overheads low.
     per_chunk = max(16, min(512, total // (workers * 8) or 16))
     chunks = [(outputs, jobs[i:i + per_chunk], size) for i in range(0, total, per_chunk)]
-    # A process costs seconds to start (it imports torch): one per IMAGES_PER_PROCESS images at most.
-    workers = max(1, min(workers, len(chunks), total // IMAGES_PER_PROCESS))
+    workers = max(1, min(workers, len(chunks)))
     progress = Progress(f"[data] {what}:", total, every=3.0)
     print(f"[data] {what}: {total} images in {workers} process{'es' if workers > 1 else ''}", file=sys.stderr,
           flush=True)
@@ -434,7 +434,10 @@ def ensure_cache(ds) -> Path:
                 splits, classes = _load_torchvision_pickles(_torchvision_folder(path, ds.name), ds.name)
             else:
                 items = _archive_items(path) if kind == "archive" else _folder_items(path)
-                splits, classes = _collect(items, size, what, decode_workers(ds), scratch)
+                workers = decode_workers(ds)
+                if not ds.get("decode_workers"):  # a process costs seconds to start (it imports torch)
+                    workers = min(workers, max(1, len(items) // IMAGES_PER_PROCESS))
+                splits, classes = _collect(items, size, what, workers, scratch)
             blob = {
                 "train_x": splits["train"][0],
                 "train_y": splits["train"][1],
