@@ -21,6 +21,7 @@ import pickle
 import shutil
 import sys
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -281,13 +282,18 @@ def _collect(items: list[tuple[str, str, bytes | str]], size: int | None, what: 
           flush=True)
     mismatched: list[str] = []
     done = 0
+    pool = None
     if workers == 1:
         results = map(_decode_chunk, chunks)
-        finish = None
     else:
-        # spawn: a fork of a process that may hold CUDA or many threads is not safe.
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-        results, finish = pool.imap_unordered(_decode_chunk, chunks), pool
+        # Not fork: a fork of a process that may hold CUDA or many threads is not safe. A fork server
+        # imports this module once and forks each worker from that clean process (spawn would import
+        # torch again in every worker: seconds each). A worker that dies (killed, out of memory)
+        # fails the decode with BrokenProcessPool instead of hanging it.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        pool = ProcessPoolExecutor(workers, mp_context=context)
+        results = pool.map(_decode_chunk, chunks)
     try:
         for chunk, bad in zip(chunks, results):
             done += len(chunk[1])
@@ -295,9 +301,8 @@ def _collect(items: list[tuple[str, str, bytes | str]], size: int | None, what: 
             progress.update(done, f"{done}/{total} images", final=done == total)
     finally:
         _OPEN_OUTPUTS.clear()
-        if finish is not None:
-            finish.terminate()
-            finish.join()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     if mismatched:
         raise ValueError(f"{what}: images of different sizes with dataset.image_size=null: the first is "
                          f"{width}x{height}, but {', '.join(mismatched[:3])}"
