@@ -160,10 +160,11 @@ def memory_needs(cfg, counts, image: int, addon_classes: list[type], device: tor
         private += n_test * image
     train_bytes = int(n_train * image * (1 + addon_copies(cfg, addon_classes)))
     wanted = ds.get("residency", "auto")
-    fraction = float(ds.get("device_memory_fraction", DEFAULT_DEVICE_FRACTION))
     residency = "device" if device.type != "cuda" else wanted
     if residency == "auto":
-        residency = "device" if train_bytes <= fraction * free_device_memory(device) else "host"
+        # Not resolved here: that would start CUDA in the checking process (a sweep's launcher). Counted
+        # as host (its pinned buffers); the job resolves it on its GPU and never refuses auto.
+        residency = "host"
     on_device = train_bytes if residency == "device" and device.type == "cuda" else 0
     if residency == "host" and device.type == "cuda":
         private += 2 * int(cfg.trainer.batch_size) * image  # the two pinned batch buffers
