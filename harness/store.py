@@ -90,6 +90,9 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
             "objective": "DOUBLE",
             "gpu_hours": "DOUBLE",
             "epochs_done": "INTEGER",
+            "residency": "VARCHAR",  # where the training images lived: device | host (dataset.residency)
+            "peak_host_rss_mb": "DOUBLE",  # the main rank's peak resident set (mapped cache pages included)
+            "peak_device_mb": "DOUBLE",  # the main rank's peak allocated device memory (None on CPU)
         },
         ("run_id",),
     ),
@@ -167,6 +170,10 @@ NOT_IN_RUN_KEY = (
     "dataset.archive",
     "dataset.download",
     "dataset.cache_dir",
+    # Where the images live and how many processes decode them: the same images, batches and views.
+    "dataset.residency",
+    "dataset.device_memory_fraction",
+    "dataset.decode_workers",
     "eval.every",
     "optuna",  # which Optuna study/trial a tuned sweep's job reports to
     # Probes on other datasets read the trained backbone and never change it: a run is the same run

@@ -22,6 +22,7 @@ from torch import nn
 from harness.core import distributed, preempt
 from harness.core.addons import Batch, combine
 from harness.core.checkpoint import load_checkpoint, save_checkpoint
+from harness.core.data import residency
 from harness.core.data.augment import ViewMaker
 from harness.core.data.datasets import ImageData
 from harness.core.evaluate import knn_evaluate, knn_protocol, linear_probe
@@ -38,6 +39,7 @@ class Diverged(RuntimeError):
 class TrainResult:
     evals: dict[str, dict[str, tuple[float, float]]]  # split -> protocol -> (top1 %, top5 %)
     objective_split: str  # val when a validation split is held out, else test
+    residency: str = "device"  # where the training images lived (harness/core/data/residency.py)
 
 
 def _stop_for_requeue(method: nn.Module, trained_addons: nn.Module, optimizer, epoch: int, step: int,
@@ -94,7 +96,7 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     preempt.defer(False, where="after training")  # when no epoch was left (the loop ends it before)
     if set(run.evals) != set(run.final_queries):  # resumed after the last epoch's checkpoint: evaluate again
         run.evals = run.evaluate(list(run.final_queries), final=True)
-    return TrainResult(evals=run.evals, objective_split=run.objective_split)
+    return TrainResult(evals=run.evals, objective_split=run.objective_split, residency=run.batches.residency)
 
 
 class Training:
@@ -112,6 +114,8 @@ class Training:
         the optimizer, the data on the device and the evaluation's splits."""
         cfg, info, tc = self.cfg, self.info, self.cfg.trainer
         device = self.device = info.device
+        # Decided before the add-ons set up, so their own image sets (CLSP's candidates) follow it.
+        self.data.residency = residency.resolve(cfg, self.data.train_x, device, self.addons, info.is_main)
         self.setup_addons()
         self.place_model(model)
 
@@ -132,7 +136,7 @@ class Training:
                    for g in owner.optim_groups()]
         self.optimizer = build_optimizer(nn.ModuleList([self.method, self.trained_addons]), tc, self.peak_lr, special)
 
-        self.train_x = self.data.train_x.to(device)  # the whole uint8 dataset lives on the training device
+        self.batches = residency.batch_source(self.data.residency, self.data.train_x, device, self.local_batch)
         self.train_index = self.data.train_index.to(device)  # positions in the full training split
         self.views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
                                seed=int(cfg.seed) * 1000 + info.rank, channels_last=device.type == "cuda")
@@ -196,6 +200,10 @@ class Training:
                                  every=float(self.cfg.trainer.log_every), scale=self.global_batch,
                                  enabled=self.info.is_main)
 
+    def batch_start(self, step: int) -> int:
+        """Where this rank's slice of step `step` starts in the epoch's permutation."""
+        return step * self.global_batch + self.info.rank * self.local_batch
+
     def train_epoch(self, epoch: int) -> tuple[dict[str, torch.Tensor], int, float, float]:
         """One epoch's steps; returns (metric sums, the step it started at, the last lr, its seconds)."""
         cfg, info, tc, device = self.cfg, self.info, self.cfg.trainer, self.device
@@ -204,7 +212,6 @@ class Training:
         self.views.generator.manual_seed((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank)
         # The same permutation on every rank (seeded by run seed and epoch); each takes its slice.
         order = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(int(cfg.seed) * 100003 + epoch))
-        order = order.to(device)
         sums: dict[str, torch.Tensor] = {}
         first_step = 0
         if epoch == self.start_epoch and self.start_step:
@@ -213,17 +220,17 @@ class Training:
             self.views.generator.manual_seed(((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank) * 7 + first_step)
         t0 = time.monotonic()
         steps = self.steps_per_epoch
-        for step in range(first_step, steps):
+        batches = self.batches.epoch(order, range(first_step, steps), self.batch_start, self.local_batch)
+        for step, idx, x in batches:
             global_step = epoch * steps + step
             lr = lr_at(global_step, self.total_steps, self.warmup_steps, self.peak_lr, float(tc.warmup_start_lr),
                        float(tc.min_lr))
             for group in self.optimizer.param_groups:
                 group["lr"] = (self.peak_lr if group.get("static_lr") else lr) * group.get("lr_scale", 1.0)
-            idx = order[step * self.global_batch + info.rank * self.local_batch:][:self.local_batch]
-            batch_views = self.views(self.train_x[idx])
+            batch_views = self.views(x)
             with self.autocast:
                 parts = self.model(batch_views)
-                batch = Batch(self.train_x[idx], self.train_index[idx], batch_views, parts, self.method, epoch,
+                batch = Batch(x, self.train_index[idx], batch_views, parts, self.method, epoch,
                               global_step / self.total_steps)
                 weights, extra, addon_logs = combine(batch, self.addons)
             loss = parts.total(weights) if extra is None else parts.total(weights) + extra

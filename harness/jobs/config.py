@@ -200,6 +200,8 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "dataset.test_size", low=1, integer=True, optional=True),
         _number(cfg, "dataset.val_size", low=0, integer=True, optional=True),
         _number(cfg, "dataset.subset_seed", low=0, integer=True, optional=True),
+        _number(cfg, "dataset.device_memory_fraction", low=0, high=1, strict_low=True, optional=True),
+        _number(cfg, "dataset.decode_workers", low=1, integer=True, optional=True),
         _number(cfg, "eval.every", low=0, integer=True),
         _number(cfg, "positives.ratio", low=0, high=1, optional=True),
         _number(cfg, "trainer.classifier_lr", low=0, strict_low=True, optional=True),
@@ -245,6 +247,10 @@ def validate(cfg: DictConfig) -> None:
         else:  # a class checks its own settings against the rest of the job (W-MSE's sub-batch size, an
                # add-on's fields): the core knows no method's or paper's fields
             errors.extend(getattr(found_class, "check_config", lambda _: [])(cfg))
+    if OmegaConf.select(cfg, "dataset.residency", default=None) is not None:
+        from harness.core.data.residency import RESIDENCIES
+
+        errors.append(_choice(cfg, "dataset.residency", RESIDENCIES))
     if cfg.trainer.device == "cuda":
         import torch
 
@@ -259,6 +265,11 @@ def validate(cfg: DictConfig) -> None:
             # Sizes against the images there are (known, cached or listed counts), once each size is sane.
             if not any(f in SIZE_FIELDS for e in found for f, _, _ in e.problems):
                 found += size_errors(cfg.dataset, int(cfg.trainer.batch_size))
+                if not found:  # the memory budget of a config that is otherwise sound, before anything loads
+                    from harness.core.data.datasets import split_counts
+                    from harness.core.data.residency import memory_errors
+
+                    found += memory_errors(cfg, split_counts(cfg.dataset), addon_classes(cfg))
         except ConfigError as e:
             found.append(e)
     if found:

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -125,6 +126,13 @@ def run_row(cfg: DictConfig, key: str, run_id: str, info: distributed.DistInfo, 
         "started_at": utcnow(),
         "epochs_done": 0,
     }
+
+
+def peak_memory(device: torch.device) -> dict[str, float | None]:
+    """This process's peak host RSS and, on a GPU, its peak allocated device memory, in MB."""
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    on_device = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_host_rss_mb": peak_kb / 1024, "peak_device_mb": on_device}
 
 
 def _hydra_choices() -> dict[str, str]:
@@ -308,6 +316,7 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
         row.update(changes)
         hours = (time.monotonic() - started) / 3600
         row["gpu_hours"] = hours * info.world_size if info.device.type == "cuda" else None
+        row.update(peak_memory(info.device))
         if info.is_main:
             store.write("runs", [row], keep_in=checkpoint.parent)
 
@@ -376,7 +385,8 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
             for split, by_protocol in result.evals.items() for protocol, (t1, t5) in by_protocol.items()
         ] + [{"run_id": run_id, "run_key": key, "epoch": int(cfg.trainer.epochs), **row} for row in transfer],
             keep_in=checkpoint.parent)
-    record(status="completed", finished_at=utcnow(), objective=objective, epochs_done=int(cfg.trainer.epochs))
+    record(status="completed", finished_at=utcnow(), objective=objective, epochs_done=int(cfg.trainer.epochs),
+           residency=result.residency)
     if info.is_main:
         write_done(checkpoint.parent, run_id, objective)  # after its rows: "done" implies they are on disk
     outcome.update(status="completed", objective=objective)

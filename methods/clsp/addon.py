@@ -67,6 +67,13 @@ class SyntheticPositives:
             return None
         return synthetic_path(cfg), lambda executor_for: submit_stages(cfg, executor_for)
 
+    @staticmethod
+    def dataset_copies(cfg) -> float:
+        """The memory budget's hook (harness/core/data/residency.py): the candidate set is K more
+        copies of the training images, held where the training set is (dataset.residency)."""
+        positives = cfg.get("positives") or {}
+        return float(positives.get("candidates", 0) or 0) if float(positives.get("ratio", 0) or 0) > 0 else 0.0
+
     def __init__(self, cfg, ratio: float = 0.5, weight: float = 1.0, mode: str = "similarity", view: int = 0,
                  candidates: int = 8, diffusion=None, sampler=None, generate=None):
         if mode not in MODES:
@@ -92,7 +99,10 @@ class SyntheticPositives:
         index = np.load(folder / "index.npy")
         if not np.array_equal(index, data.train_index.numpy()):
             raise RuntimeError(f"synthetic set {folder} was made for other training images than this job's")
-        self.candidates = torch.from_numpy(np.load(folder / "candidates.npy")).to(info.device)
+        if data.residency == "host":  # memory-mapped (shared by the node's ranks); each step gathers its rows
+            self.candidates = torch.from_numpy(np.load(folder / "candidates.npy", mmap_mode="c"))
+        else:
+            self.candidates = torch.from_numpy(np.load(folder / "candidates.npy")).to(info.device)
         # Add-on batches carry full-training-split positions; the set's rows follow data.train_index.
         row_of = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
         row_of[torch.from_numpy(index)] = torch.arange(len(index))
@@ -115,7 +125,10 @@ class SyntheticPositives:
         rows = self.row_of[image_ids]
         pick = torch.randint(self.candidates.shape[1], (len(rows),), generator=self.generator,
                              device=rows.device)
-        images = self.candidates[rows, pick].permute(0, 3, 1, 2)
+        if self.candidates.device != rows.device:  # host residency: gather on the host, then copy
+            images = self.candidates[rows.cpu(), pick.cpu()].to(rows.device, non_blocking=True).permute(0, 3, 1, 2)
+        else:
+            images = self.candidates[rows, pick].permute(0, 3, 1, 2)
         with torch.autocast(rows.device.type, enabled=False):
             return (augment(images, self.pipeline, self.generator) - self.mean) / self.std
 

@@ -1,21 +1,27 @@
 """Datasets as whole uint8 tensors, decoded once and cached.
 
 SSL on CIFAR-sized images is bound by data movement, so a dataset here is four tensors
-(train/test images as N×3×H×W uint8, labels as int64) that fit in memory and go to the training
-device in one copy. Decoding is slow (60,000 JPEGs take about 10 s), so the decoded tensors are
-cached in one file keyed by where the images came from, and later jobs start in well under a
-second.
+(train/test images as N×3×H×W uint8, labels as int64). Decoding is slow (60,000 JPEGs take about
+10 s on one core; ImageNet-100 far longer), so it runs once, in parallel processes, into one
+cache file keyed by where the images came from; jobs map that file (torch.load(mmap=True)), so
+a job starts in well under a second and the processes of a node share one copy in the page
+cache. Image folders are decoded as the ImageNet pipelines do: the shorter side resized to
+dataset.image_size, then the centre crop (aspect kept). Whether the training set then goes to
+the device whole or stays in host memory is harness/core/data/residency.py's choice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
+import multiprocessing
 import os
 import pickle
+import shutil
 import sys
 import tarfile
-from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -50,6 +56,9 @@ class ImageData:
     # Position of each training image in the full training split: the stable image id that
     # per-image artifacts (synthetic positives) are indexed by.
     train_index: torch.Tensor | None = None
+    # Where the training images live while training (harness/core/data/residency.py): the trainer
+    # sets it before add-ons are set up, so an add-on's own image sets (CLSP's candidates) follow it.
+    residency: str = "device"
 
     @property
     def num_classes(self) -> int:
@@ -155,10 +164,35 @@ def folder_manifest(root: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------- decoding
-def _decode(data: bytes, size: int | None) -> np.ndarray:
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    if size and img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
+# Part of an image folder's cache key: a change to how images are decoded must not reuse old caches.
+DECODE_VERSION = "short-side-resize-center-crop-1"
+
+
+def _fit(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` (bicubic, antialiased when shrinking), then take the centred
+    size x size crop, as the standard ImageNet pipelines do (Resize + CenterCrop): aspect is kept."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.BICUBIC)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def _decode(source: bytes | str, size: int | None) -> np.ndarray:
+    """One image file (its bytes or its path) as H x W x 3 uint8; at `size` x `size` when `size` is set."""
+    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    if size and img.format == "JPEG":
+        # libjpeg decodes straight at a 1/2, 1/4 or 1/8 scale no smaller than what the resize needs:
+        # a 500 px JPEG for 224 px storage is decoded at 250 px, several times faster.
+        w, h = img.size
+        img.draft("RGB", (math.ceil(w * size / min(w, h)), math.ceil(h * size / min(w, h))))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # a palette's transparent entry goes through RGBA, as PIL asks
+    img = img.convert("RGB")  # grayscale, palette, CMYK and alpha images all become 3 channels
+    if size:
+        img = _fit(img, size)
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -170,46 +204,139 @@ def _split_and_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
     return None
 
 
-def _collect(items: Iterable[tuple[str, str, bytes]], size: int | None, what: str, total: int | None):
-    """Decode (split, class, bytes) triples into per-split arrays with alphabetical class ids."""
-    images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
-    names: dict[str, list[str]] = {"train": [], "test": []}
-    progress = Progress(f"[data] {what}:", total, every=3.0)
-    for n, (split, cls, data) in enumerate(items, 1):
-        images[split].append(_decode(data, size))
-        names[split].append(cls)
-        progress.update(n, f"{n}/{total} images" if total else f"{n} images")
-    classes = sorted(set(names["train"]) | set(names["test"]))
+def decode_workers(ds) -> int:
+    """Processes that decode: dataset.decode_workers, else every core this process may use (then at
+    most one per IMAGES_PER_PROCESS images)."""
+    configured = ds.get("decode_workers")
+    if configured:
+        return int(configured)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+IMAGES_PER_PROCESS = 1000
+_OPEN_OUTPUTS: dict[str, np.ndarray] = {}  # per worker process: the output arrays it has opened
+
+
+def _decode_chunk(task: tuple[dict[str, str], list[tuple[str, int, bytes | str]], int | None]) -> list[str]:
+    """Decode a chunk of (split, row, source) into row `row` of the split's preallocated .npy array
+    (opened memory-mapped, so each worker writes its rows in place). Returns the images whose size
+    differs from the split's array (only possible when the images keep their native size)."""
+    outputs, chunk, size = task
+    mismatched = []
+    for split, row, source in chunk:
+        out = _OPEN_OUTPUTS.get(outputs[split])
+        if out is None:
+            out = _OPEN_OUTPUTS[outputs[split]] = np.load(outputs[split], mmap_mode="r+")
+        img = _decode(source, size)
+        if img.shape[:2] != out.shape[2:]:
+            name = source if isinstance(source, str) else f"{split} image {row}"
+            mismatched.append(f"{name} is {img.shape[1]}x{img.shape[0]}")
+            continue
+        out[row] = img.transpose(2, 0, 1)
+    for out in _OPEN_OUTPUTS.values():
+        out.flush()
+    return mismatched
+
+
+def _native_size(source: bytes | str) -> tuple[int, int]:
+    """(height, width) of an image, from its header."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        return img.size[1], img.size[0]
+
+
+def _collect(items: list[tuple[str, str, bytes | str]], size: int | None, what: str, workers: int,
+             scratch: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """Decode (split, class, bytes or path) items into per-split N x 3 x H x W uint8 arrays with
+    alphabetical class ids, in `workers` processes that write straight into preallocated arrays
+    (memory-mapped .npy files under `scratch`, removed by the caller).
+
+    `size` None keeps the images' native size, which all of them must share.
+    """
+    classes = sorted({cls for _, cls, _ in items})
     index = {c: i for i, c in enumerate(classes)}
+    rows: dict[str, list[tuple[int, bytes | str]]] = {"train": [], "test": []}
+    labels: dict[str, list[int]] = {"train": [], "test": []}
+    for split, cls, source in items:
+        rows[split].append((len(rows[split]), source))
+        labels[split].append(index[cls])
+    for split in ("train", "test"):
+        if not rows[split]:
+            raise ValueError(f"{what}: no {split} images found")
+    height, width = (size, size) if size else _native_size(rows["train"][0][1])
+    if not size and "imagefolder" in what:
+        print(f"[data] dataset.image_size=null: keeping the images' native size {width}x{height} "
+              "(all must share it)", file=sys.stderr, flush=True)
+    outputs = {}
+    for split in ("train", "test"):
+        outputs[split] = str(scratch / f"{split}.npy")
+        np.lib.format.open_memmap(outputs[split], mode="w+", dtype=np.uint8,
+                                  shape=(len(rows[split]), 3, height, width)).flush()
+    jobs = [(split, row, source) for split in ("train", "test") for row, source in rows[split]]
+    total = len(jobs)
+    # Chunks small enough to balance the workers and show progress, large enough to keep overheads low.
+    per_chunk = max(16, min(512, total // (workers * 8) or 16))
+    chunks = [(outputs, jobs[i:i + per_chunk], size) for i in range(0, total, per_chunk)]
+    workers = max(1, min(workers, len(chunks)))
+    progress = Progress(f"[data] {what}:", total, every=3.0)
+    print(f"[data] {what}: {total} images in {workers} process{'es' if workers > 1 else ''}", file=sys.stderr,
+          flush=True)
+    mismatched: list[str] = []
+    done = 0
+    pool = None
+    if workers == 1:
+        results = map(_decode_chunk, chunks)
+    else:
+        # Not fork: a fork of a process that may hold CUDA or many threads is not safe. A fork server
+        # imports this module once and forks each worker from that clean process (spawn would import
+        # torch again in every worker: seconds each). A worker that dies (killed, out of memory)
+        # fails the decode with BrokenProcessPool instead of hanging it.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        pool = ProcessPoolExecutor(workers, mp_context=context)
+        results = pool.map(_decode_chunk, chunks)
+    try:
+        for chunk, bad in zip(chunks, results):
+            done += len(chunk[1])
+            mismatched += bad
+            progress.update(done, f"{done}/{total} images", final=done == total)
+    finally:
+        _OPEN_OUTPUTS.clear()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    if mismatched:
+        raise ValueError(f"{what}: images of different sizes with dataset.image_size=null: the first is "
+                         f"{width}x{height}, but {', '.join(mismatched[:3])}"
+                         f"{f' and {len(mismatched) - 3} more' if len(mismatched) > 3 else ''}; set "
+                         "dataset.image_size (each image's shorter side is resized to it, then centre-cropped)")
     out = {}
     for split in ("train", "test"):
-        if not images[split]:
-            raise ValueError(f"{what}: no {split} images found")
-        shapes = {a.shape for a in images[split]}
-        if len(shapes) != 1:
-            raise ValueError(f"{what}: images of different sizes {sorted(shapes)[:3]}; set dataset.image_size")
-        x = torch.from_numpy(np.stack(images[split])).permute(0, 3, 1, 2).contiguous()
-        y = torch.tensor([index[c] for c in names[split]], dtype=torch.int64)
-        out[split] = (x, y)
+        x = torch.from_numpy(np.load(outputs[split], mmap_mode="r+"))
+        out[split] = (x, torch.tensor(labels[split], dtype=torch.int64))
     return out, classes
 
 
-def _iter_archive(path: Path) -> Iterator[tuple[str, str, bytes]]:
+def _archive_items(path: Path) -> list[tuple[str, str, bytes]]:
+    """(split, class, bytes) of every image in a tar archive (the compressed files: small)."""
+    items = []
     with tarfile.open(path, "r:*") as tar:
         for member in tar:
             if not member.isfile() or not member.name.lower().endswith(IMAGE_SUFFIXES):
                 continue
             where = _split_and_class(Path(member.name).parts)
             if where:
-                yield (*where, tar.extractfile(member).read())
+                items.append((*where, tar.extractfile(member).read()))
+    return items
 
 
-def _iter_folder(root: Path) -> Iterator[tuple[str, str, bytes]]:
+def _folder_items(root: Path) -> list[tuple[str, str, str]]:
+    """(split, class, path) of every image in a train/<class>/*, test/<class>/* tree, in sorted order."""
+    items = []
     for split in ("train", "test"):
         for cls_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
             for f in sorted(cls_dir.iterdir()):
                 if f.suffix.lower() in IMAGE_SUFFIXES:
-                    yield split, cls_dir.name, f.read_bytes()
+                    items.append((split, cls_dir.name, str(f)))
+    return items
 
 
 def _load_torchvision_pickles(folder: Path, name: str):
@@ -257,7 +384,7 @@ def _cache_key(kind: str, path: Path | None, name: str, size: int | None) -> str
         st = path.stat()
         ident += [str(path.resolve()), str(st.st_size), str(int(st.st_mtime))]
     if kind == "folder":  # a folder's own mtime does not change when a file in train/<class>/ does
-        ident.append(folder_manifest(path))
+        ident += [folder_manifest(path), DECODE_VERSION]
     return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
 
 
@@ -308,30 +435,42 @@ def ensure_cache(ds) -> Path:
             from harness.core.data.folder_notes import announce_folder_changes
 
             announce_folder_changes(path, size, IMAGE_SUFFIXES)
-        if kind == "torchvision":
-            splits, classes = _load_torchvision_pickles(_torchvision_folder(path, ds.name), ds.name)
-        elif kind == "archive":
-            splits, classes = _collect(_iter_archive(path), size, what, None)
-        else:
-            splits, classes = _collect(_iter_folder(path), size, what, None)
-        blob = {
-            "train_x": splits["train"][0],
-            "train_y": splits["train"][1],
-            "test_x": splits["test"][0],
-            "test_y": splits["test"][1],
-            "classes": classes,
-            "source": f"{kind}:{path}",
-        }
-        with atomic_file(cache) as f:  # a reader sees the whole file or none
-            torch.save(blob, f)
-        return cache
+        scratch = Path(str(cache) + ".decoding")  # the preallocated arrays the workers write into
+        shutil.rmtree(scratch, ignore_errors=True)  # left by a job killed while decoding
+        scratch.mkdir()
+        try:
+            if kind == "torchvision":
+                splits, classes = _load_torchvision_pickles(_torchvision_folder(path, ds.name), ds.name)
+            else:
+                items = _archive_items(path) if kind == "archive" else _folder_items(path)
+                workers = decode_workers(ds)
+                if not ds.get("decode_workers"):  # a process costs seconds to start (it imports torch)
+                    workers = min(workers, max(1, len(items) // IMAGES_PER_PROCESS))
+                splits, classes = _collect(items, size, what, workers, scratch)
+            blob = {
+                "train_x": splits["train"][0],
+                "train_y": splits["train"][1],
+                "test_x": splits["test"][0],
+                "test_y": splits["test"][1],
+                "classes": classes,
+                "source": f"{kind}:{path}",
+            }
+            # torch's zip format stores each tensor uncompressed and aligned: load_full maps it
+            # (torch.load(mmap=True)), so the images are read as they are used and shared by every
+            # process on the node through the page cache.
+            with atomic_file(cache) as f:  # a reader sees the whole file or none
+                torch.save(blob, f)
+            return cache
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     finally:
         lock.release()
 
 
 def load_full(ds) -> ImageData:
-    """Load the whole dataset described by config `ds` from its cache (decoding it first if needed)."""
-    return ImageData(**torch.load(ensure_cache(ds), weights_only=True))
+    """The whole dataset described by config `ds`, memory-mapped from its cache (decoded first if
+    needed): nothing is read until it is used, and every process on a node shares the pages."""
+    return ImageData(**torch.load(ensure_cache(ds), weights_only=True, mmap=True))
 
 
 def class_quota(num_classes: int, size: int, gen: torch.Generator) -> list[int]:
@@ -377,7 +516,9 @@ def load_dataset(ds) -> ImageData:
     if ds.get("train_size"):
         sub = balanced_subset(data.train_y[train_idx], int(ds.train_size), seed)
         train_idx = train_idx[sub]
-    data.train_x, data.train_y, data.train_index = data.train_x[train_idx], data.train_y[train_idx], train_idx
+    if len(train_idx) < len(data.train_y):  # a subset is copied into this process's memory
+        data.train_x, data.train_y = data.train_x[train_idx], data.train_y[train_idx]
+    data.train_index = train_idx  # the whole split stays memory-mapped (shared by the node's processes)
     if ds.get("test_size"):
         test_idx = balanced_subset(data.test_y, int(ds.test_size), seed)
         data.test_x, data.test_y = data.test_x[test_idx], data.test_y[test_idx]
