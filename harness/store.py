@@ -148,6 +148,7 @@ NOT_IN_RUN_KEY = (
     "name",
     "tags",
     "sweep",
+    "sweep_floor",  # whether a sweep adds floor points; a floor run has trainer.epochs=0 in its key
     "store",
     "artifacts",
     "launcher",

@@ -124,6 +124,14 @@ def stored_outcome(cfg: DictConfig, world_size: int | None = None) -> dict | Non
     return rows[0] if rows and rows[0]["status"] in FINAL else None
 
 
+def with_floor_points(config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The sweep's points, then its random-init floor points when the preset asks (harness/jobs/sweeps.py).
+    The launchers return results for the sweep's own points only: a sweeper zips them with what it asked."""
+    from harness.jobs.sweeps import floor_points
+
+    return [list(o) for o in job_overrides] + floor_points(config, job_overrides)
+
+
 def _returned(overrides: Sequence[str], value: Any) -> JobReturn:
     # COMPLETED with None (not FAILED): Hydra's sweepers stop a sweep at the first FAILED return,
     # which would hide every later point; the failure is in the store and the summary instead.
@@ -148,6 +156,8 @@ class LocalLauncher(Launcher):
         self._basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        asked = len(job_overrides)
+        job_overrides = with_floor_points(self.config, job_overrides)
         points = compose_points(self, job_overrides)
         refuse_bad_points(points, job_overrides)
         results = list(self._basic.launch(job_overrides, initial_job_idx))
@@ -157,7 +167,7 @@ class LocalLauncher(Launcher):
                 log.error(f"point #{initial_job_idx + i} failed: {error}")
                 record_missing(cfg, ret.overrides or [], error, ret.working_dir)
                 results[i] = _returned(ret.overrides or [], None)
-        return results
+        return results[:asked]
 
 
 # ---------------------------------------------------------------------------------------- Slurm
@@ -293,6 +303,8 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         import submitit
 
         assert self.config is not None
+        asked = len(job_overrides)
+        job_overrides = with_floor_points(self.config, job_overrides)
         points = compose_points(self, job_overrides)
         if shutil.which("sbatch") is None:
             print("error: launcher=slurm needs Slurm's sbatch on PATH (run on a login node); nothing was submitted",
@@ -322,7 +334,8 @@ class SlurmLauncher(_SubmititSlurmLauncher):
                 jobs[i] = job
         log.info(f"Submitted {len(jobs)} job(s) in {len(groups)} array(s); submitit folder "
                  f"{self.params['submitit_folder']}")
-        return [self._collect(i, jobs[i], points[i], job_overrides[i], initial_job_idx) for i in range(len(points))]
+        results = [self._collect(i, jobs[i], points[i], job_overrides[i], initial_job_idx) for i in range(len(points))]
+        return results[:asked]
 
     def _submit_shared_stages(self, points: list[DictConfig]) -> list[list[str]]:
         """Queue the stages that points share before their training jobs, so no training job holds GPUs
