@@ -90,6 +90,9 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
             "objective": "DOUBLE",
             "gpu_hours": "DOUBLE",
             "epochs_done": "INTEGER",
+            # Wall-clock of all the run's attempts together (started_at/finished_at are the last one's).
+            "wall_seconds": "DOUBLE",
+            "attempts": "INTEGER",
         },
         ("run_id",),
     ),
