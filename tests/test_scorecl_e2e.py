@@ -100,7 +100,7 @@ def scorecl_sweep(tmp_path_factory):
     store = folder / "results.duckdb"
     run_harness(*SMALL, f"method={','.join(present)}", f"store.path={store}", f"hydra.sweep.dir={folder}/sweep",
                 "dataset.train_size=512", "dataset.test_size=100", "trainer.batch_size=256", "trainer.epochs=3",
-                "-m", check=False)  # each test reads its own method's outcome
+                "-m", check=False, timeout=3600)  # each test reads its own outcome; 4 methods: 4 × the usual limit
     return _store(store)
 
 
