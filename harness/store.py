@@ -93,6 +93,9 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
             "residency": "VARCHAR",  # where the training images lived: device | host (dataset.residency)
             "peak_host_rss_mb": "DOUBLE",  # the main rank's peak resident set (mapped cache pages included)
             "peak_device_mb": "DOUBLE",  # the main rank's peak allocated device memory (None on CPU)
+            # Wall-clock of all the run's attempts together (started_at/finished_at are the last one's).
+            "wall_seconds": "DOUBLE",
+            "attempts": "INTEGER",
         },
         ("run_id",),
     ),
@@ -158,6 +161,7 @@ NOT_IN_RUN_KEY = (
     "name",
     "tags",
     "sweep",
+    "sweep_floor",  # whether a sweep adds floor points; a floor run has trainer.epochs=0 in its key
     "store",
     "artifacts",
     "launcher",

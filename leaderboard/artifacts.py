@@ -45,6 +45,17 @@ def _within(part: Any, whole: Any) -> bool:
     return part == whole
 
 
+def model_view(diffusion: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The diffusion model a run's synthetic set was generated with, as methods/clsp/diffusion.py's
+    model_identity names it: a given model by its path (absolute, as the job resolved it) or hub id,
+    else the training recipe and data."""
+    if diffusion.get("path"):
+        return {"path": str(Path(str(diffusion["path"])).expanduser().absolute())}
+    if diffusion.get("hub_id"):
+        return {"hub_id": str(diffusion["hub_id"])}
+    return {"train": diffusion, "data": data}
+
+
 def run_view(kind: str, tree: dict[str, Any]) -> dict[str, Any] | None:
     """A run's config in the shape of the manifest config of an artifact of `kind` it might use."""
     data = tree.get("dataset") or {}
@@ -54,7 +65,7 @@ def run_view(kind: str, tree: dict[str, Any]) -> dict[str, Any] | None:
     if kind == "diffusion" and positives.get("diffusion"):
         return {"train": positives["diffusion"], "data": data}
     if kind == "synthetic" and positives.get("diffusion"):
-        return {"model": {"train": positives["diffusion"], "data": data}, "data": data,
+        return {"model": model_view(positives["diffusion"], data), "data": data,
                 "candidates": positives.get("candidates"), "sampler": positives.get("sampler"),
                 "seed": (positives.get("generate") or {}).get("seed")}
     return None

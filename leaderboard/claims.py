@@ -17,7 +17,11 @@ Verdicts, from the 95% t-interval [lo, hi] of the measured value (the statistics
   consistent but not significant  otherwise, or one seed (no interval)
   not measured                    no run matches
 The budget is reported beside the verdict, never folded into it: a result at a budget that differs
-from the claim's reads "not run at the claim's budget", whatever the numbers say.
+from the claim's reads "not run at the claim's budget", whatever the numbers say; where the source
+does not state the budget it reads "budget unknown", not a mismatch. ScoreCL is that case: neither
+../shared/docs/references.md nor methods.md (5.2 lists the training budget and the score network
+as unconfirmed) states epochs, backbone, training images or the score network's size, so every
+budget field of its claims is `?`.
 """
 
 from __future__ import annotations
@@ -183,7 +187,7 @@ def check(con: duckdb.DuckDBPyConnection, claims: list[dict[str, str]]) -> list[
             budget, notes = compare_budget(claim, ours)
             reading = v if budget == "matches" else (
                 f"not run at the claim's budget (at ours: {v})" if budget == "differs"
-                else f"{v} (the claim's budget is not fully stated)")
+                else f"{v} (budget unknown: the source does not state it)")
             results.append({**base, "method": r["method"], "protocol": r["protocol"], "treatment": r["label"],
                             "epochs": r["epochs"], "backbone": r["backbone"],
                             "mean": r["mean"], "std": r["std"], "n": r["n"],
@@ -215,12 +219,18 @@ def claimed_text(r: dict[str, Any]) -> str:
     return f"{r['claimed']:+.2f}" + (" (gain > 0)" if r["claimed_min"] == 0 else f" (> {r['claimed_min']:+.2f})")
 
 
+# How a budget comparison reads. "unknown" (the source states the field, ours or the claim's, not at all) is
+# never a mismatch: ScoreCL's sources state no budget (methods.md 5.2), so its claim can only read this way.
+BUDGET_WORDS = {"matches": "budget matches", "differs": "budget differs", "unknown": "budget unknown",
+                "not run": "not run"}
+
+
 def text_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The results as the text table's cells."""
     return [{"claim": r["claim"], "method": r["method"], "protocol": r["protocol"], "claimed": claimed_text(r),
              "measured": value_text(r["mean"], r["kind"] == "effect"),
              "95% interval": interval_text(r, r["kind"] == "effect"), "n": r["n"], "verdict": r["verdict"],
-             "budget": r["budget"] + (": " + "; ".join(r["budget_notes"]) if r["budget_notes"] else "")}
+             "budget": BUDGET_WORDS[r["budget"]] + (": " + "; ".join(r["budget_notes"]) if r["budget_notes"] else "")}
             for r in results]
 
 

@@ -124,9 +124,11 @@ def prepare(con: duckdb.DuckDBPyConnection) -> None:
         SELECT r.dataset, e.protocol, i.config_key, i.weight_key, i.pos_key, r.seed, e.top1, e.top5,
                r.run_id, r.name, {", ".join(SETTING_SQL.get(c, "r." + c) for c in SETTING)},
                r.batch_size, r.lr, r.gpu_hours,
-               -- Cost of the run's last attempt (started_at is set when an attempt starts), CPU runs included.
-               epoch(r.finished_at - r.started_at) / 3600.0 AS wall_hours,
-               epoch(r.finished_at - r.started_at) / 3600.0 * coalesce(r.world_size, 1) AS device_hours,
+               -- Cost of all the run's attempts, CPU runs included (a store from before wall_seconds was
+               -- recorded: the last attempt's, from when it started).
+               coalesce(r.wall_seconds, epoch(r.finished_at - r.started_at)) / 3600.0 AS wall_hours,
+               coalesce(r.wall_seconds, epoch(r.finished_at - r.started_at)) / 3600.0
+                   * coalesce(r.world_size, 1) AS device_hours,
                coalesce(r.device_name, 'unknown') AS device_name,
                coalesce(r.git_commit, 'unknown') || CASE WHEN r.git_dirty THEN '{DIRTY}' ELSE '' END AS git_commit,
                r.git_dirty, r.finished_at

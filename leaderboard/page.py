@@ -117,7 +117,7 @@ def claims_section(page: Page, con: duckdb.DuckDBPyConnection) -> None:
                 ("dataset", r["dataset"]), ("protocol", r["protocol"]), ("claimed", cells["claimed"])],
                 {"dataset": r["dataset"], "verdict": r["verdict"]}))
             continue
-        badge = {"matches": "budget matches", "differs": "budget differs", "unknown": "budget not stated"}[r["budget"]]
+        badge = {"matches": "budget matches", "differs": "budget differs", "unknown": "budget unknown"}[r["budget"]]
         body.append(row_html([
             ("claim", r["claim"]), ("paper", r["paper"]), ("what", r["claim_text"]), ("method", r["method"]),
             ("protocol", r["protocol"]), ("claimed", cells["claimed"]), ("measured", cells["measured"]),

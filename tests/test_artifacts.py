@@ -96,3 +96,76 @@ def test_a_build_neither_moves_nor_depends_on_the_callers_rng(tmp_path):
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(torch.load(path / "draw.pt", weights_only=True),
                        torch.rand(4, generator=torch.Generator().manual_seed(7)))
+
+
+def test_an_image_folder_artifacts_build_time_goes_to_the_runs_on_those_files(tmp_path):
+    """The score net's manifest keys its data by the folder's files (dataset_identity), and a run's stored config
+    carries the same manifest (experiment_config): runs on the folder or a copy of it share the build time, a
+    run on another folder with the same settings does not."""
+    import json
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from harness.core.data.datasets import folder_manifest
+    from harness.jobs.config import compose, experiment_config
+    from harness.store import Store
+    from leaderboard import artifacts, data
+    from tests.leaderboard_util import add_run
+
+    def tree(root, seed):
+        rng = np.random.default_rng(seed)
+        for split in ("train", "test"):
+            for c in range(2):
+                (root / split / f"c{c}").mkdir(parents=True)
+                for i in range(3):
+                    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                        root / split / f"c{c}" / f"{i}.png")
+
+    tree(tmp_path / "a", 0)
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    tree(tmp_path / "b", 1)
+    folder_manifest.cache_clear()
+    store = Store(tmp_path / "r.duckdb")
+    configs = {name: compose(["backbone=convnet", "weighting=scorecl_tiny", "dataset=imagefolder",
+                              f"dataset.root={tmp_path / name}", f"store.path={store.path}"])
+               for name in ("a", "copy", "b")}
+    for name, cfg in configs.items():
+        add_run(store, name, 50.0, dataset="imagefolder", weighting="scorecl",
+                row={"config": json.dumps(experiment_config(cfg), sort_keys=True, default=str)})
+    # The manifest exactly as the ScoreCL add-on has build_once write it (methods/scorecl/addon.py).
+    cfg = configs["a"]
+    key = {"score_net": cfg.weighting.score_net, "data": dataset_identity(cfg.dataset)}
+    built = build_once(artifact_path(cfg, "score_net", key), lambda folder: (folder / "model.pt").write_bytes(b"x"),
+                       config=key, what="score network")
+    manifest = json.loads((built / MANIFEST).read_text())
+    manifest["build_seconds"] = 3600.0  # an hour, so each user's share is exact
+    (built / MANIFEST).write_text(json.dumps(manifest))
+    with store.connect() as con:
+        data.prepare(con)
+        found, per_config = artifacts.shares(con, store.path)
+        key_of = dict(con.execute("SELECT run_id, config_key FROM run_ident").fetchall())
+    assert [m["runs"] for m in found] == [2]
+    # The folder and its copy are one configuration (where files are read from is not part of it): an hour
+    # over its two runs, half an hour per run. The other folder's configuration gets nothing.
+    assert key_of["a"] == key_of["copy"] != key_of["b"]
+    assert per_config == {key_of["a"]: 0.5}
+
+
+def test_a_synthetic_set_from_a_given_diffusion_model_is_matched_to_its_runs():
+    """A synthetic set generated with a hub model (or a local path) is keyed by that model
+    (methods/clsp/generate.synthetic_identity), not by a training recipe: its runs still share its time."""
+    import json
+
+    from harness.jobs.config import compose, experiment_config
+    from leaderboard.artifacts import _within, run_view
+    from methods.clsp.generate import synthetic_identity
+
+    for given in ("positives.diffusion.hub_id=google/ddpm-cifar10-32", "positives.diffusion.path=/data/ddpm"):
+        cfg = compose(["backbone=convnet", "positives=clsp", given])
+        key = json.loads(json.dumps(synthetic_identity(cfg), default=str))
+        tree = json.loads(json.dumps(experiment_config(cfg), default=str))
+        assert _within(key, run_view("synthetic", tree))
+        other = compose(["backbone=convnet", "positives=clsp", given + "-other"])
+        assert not _within(key, run_view("synthetic", json.loads(json.dumps(experiment_config(other), default=str))))

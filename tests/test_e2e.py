@@ -60,7 +60,9 @@ def test_a_job_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, cifar10
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     store = Store(db)
-    assert store.query("SELECT status FROM runs")[0]["status"] == "running"  # what a killed job leaves
+    [first] = store.query("SELECT status, wall_seconds, attempts FROM runs")
+    assert first["status"] == "running"  # what a killed job leaves
+    assert first["wall_seconds"] > 0 and first["attempts"] == 1  # the first attempt's time up to its last row
     resumed = run_harness(*TINY, "dataset.train_size=2000", "trainer.epochs=4", f"store.path={db}")
     assert "resumed from" in resumed.stderr
     assert "epoch 1/4" not in resumed.stderr
@@ -68,6 +70,12 @@ def test_a_job_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, cifar10
     assert [r["status"] for r in runs] == ["completed"]  # the same run continued, not a new one
     losses = store.query("SELECT epoch FROM metrics WHERE name = 'loss' ORDER BY epoch")
     assert [r["epoch"] for r in losses] == [1, 2, 3, 4]  # epochs count from 1 in every table
+    # Its cost is both attempts' time: the first one's recorded seconds plus the second's (from its start
+    # to its end), not only the last attempt's.
+    [end] = store.query("SELECT wall_seconds, attempts, started_at, finished_at FROM runs")
+    second = (end["finished_at"] - end["started_at"]).total_seconds()
+    assert end["attempts"] == 2 and second > 0
+    assert end["wall_seconds"] >= first["wall_seconds"] + second - 1e-6
 
 
 def test_config_errors_name_the_field_the_value_and_what_is_allowed(tmp_path):

@@ -78,6 +78,10 @@ def test_a_claim_at_another_budget_is_never_read_as_a_failed_reproduction(plante
     assert "epochs 10 vs 1000" in vicreg["budget_notes"] and "backbone convnet vs resnet18" in vicreg["budget_notes"]
     [unstated] = [r for r in results if r["method"] == "simclr" and r["claim"] == "unstated"]
     assert unstated["budget"] == "unknown" and unstated["verdict"] == "reproduced"
+    assert unstated["reading"] == "reproduced (budget unknown: the source does not state it)"
+    assert main(["claims", "--db", str(planted.path), "--claims", str(claims_file)]) == 0
+    text = capsys.readouterr().out
+    assert "budget unknown: not stated: epochs" in text and "budget differs: epochs 10 vs 1000" in text
 
 
 def test_the_shipped_claims_load_and_a_bad_kind_is_one_line(tmp_path):
@@ -99,7 +103,9 @@ def test_the_page_opens_with_the_claims_and_their_verdicts(planted, tmp_path):
     assert {m: r["_attrs"]["data-verdict"] for m, r in scorecl.items()} == {
         "simclr": "reproduced", "simsiam": "consistent but not significant", "vicreg": "contradicted"}
     # The shipped ScoreCL claim states no budget: that is said, beside our own budget.
-    assert scorecl["simclr"]["budget"] == "budget not stated"
+    # ScoreCL's budget is stated nowhere (references.md, methods.md 5.2): "budget unknown", never a mismatch.
+    assert {r["budget"] for r in scorecl.values()} == {"budget unknown"}
+    assert "unknown" in scorecl["simclr"]["verdict"] and "budget" not in scorecl["simclr"]["_attrs"]["data-verdict"]
     assert "ours: 10 ep, convnet, 50000 train images" in scorecl["simclr"]["budgetnotes"]
     assert float(scorecl["simclr"]["measured"]) == pytest.approx(sum(PLANTED["simclr"]) / 4, abs=0.006)
     # Claims without runs are listed once, folded, not as rows of verdicts.

@@ -91,20 +91,28 @@ METHODS = ["simclr", "simsiam", "wmse", "vicreg"]  # the paper's four bases; add
 
 
 @pytest.fixture(scope="module")
-def shared_artifacts(tmp_path_factory):
-    return tmp_path_factory.mktemp("scorecl_artifacts")  # one score net for every method below
+def scorecl_sweep(tmp_path_factory):
+    """One sweep over the methods (one process, one score net built once and shared) into one store; each
+    test below checks its own method's run. What they check (finite losses, the weights' statistics per
+    epoch) does not need learning, so the runs are small: 512 images, 2 steps an epoch, 3 epochs."""
+    folder = tmp_path_factory.mktemp("scorecl_sweep")
+    present = [m for m in METHODS if (REPO / "harness" / "conf" / "method" / f"{m}.yaml").exists()]
+    store = folder / "results.duckdb"
+    run_harness(*SMALL, f"method={','.join(present)}", f"store.path={store}", f"hydra.sweep.dir={folder}/sweep",
+                "dataset.train_size=512", "dataset.test_size=100", "trainer.batch_size=256", "trainer.epochs=3",
+                "-m", check=False, timeout=3600)  # each test reads its own outcome; 4 methods: 4 × the usual limit
+    return _store(store)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_trains_with_scorecl_weights(method, tmp_path, shared_artifacts):
+def test_method_trains_with_scorecl_weights(method, scorecl_sweep):
     if not (REPO / "harness" / "conf" / "method" / f"{method}.yaml").exists():
         pytest.skip(f"method {method} is not in this checkout yet")
-    store = tmp_path / "results.duckdb"
-    run_harness(*SMALL, f"method={method}", f"store.path={store}", f"artifacts.dir={shared_artifacts}",
-                "dataset.train_size=2000", "dataset.test_size=500", "trainer.batch_size=256", "trainer.epochs=3")
-    s = _store(store)
-    assert [r["status"] for r in s.query("select status from runs")] == ["completed"]
-    rows = s.query("select epoch, name, value from metrics order by epoch")
+    s = scorecl_sweep
+    runs = s.query("select run_id, status from runs where method = ?", [method])
+    assert [r["status"] for r in runs] == ["completed"]
+    run_id = runs[0]["run_id"]
+    rows = s.query("select epoch, name, value from metrics where run_id = ? order by epoch", [run_id])
     metrics = {(r["epoch"], r["name"]): r["value"] for r in rows}
     for epoch in range(3):
         assert math.isfinite(metrics[(epoch, "loss")])
@@ -112,7 +120,7 @@ def test_method_trains_with_scorecl_weights(method, tmp_path, shared_artifacts):
         assert metrics[(epoch, "weight_mean")] == pytest.approx(2.0, abs=1e-4)
         assert metrics[(epoch, "weight_min")] < 2.0 < metrics[(epoch, "weight_max")]
         assert metrics[(epoch, "weight_std")] > 0 and metrics[(epoch, "score_diff_mean")] > 0
-    top1 = [r["top1"] for r in s.query("select top1 from evals")]
+    top1 = [r["top1"] for r in s.query("select top1 from evals where run_id = ?", [run_id])]
     assert top1 and all(math.isfinite(t) for t in top1)
 
 

@@ -140,7 +140,50 @@ def test_a_dry_run_previews_every_point_of_scorecl_all_and_runs_nothing(tmp_path
         for d in ("cifar10", "cifar100") for s in "012"}
     skipped = [p for p in points if p[-1] != "run"]
     assert [(p[1:5], p[5]) for p in skipped] == [(["vicreg", "scorecl", "cifar100", "2"], run_key(done))]
-    assert "47 would run, 1 already completed" in proc.stdout
+    assert "53 would run, 1 already completed" in proc.stdout  # 47 points and the 6 floor points
+    assert "Random-init floor (sweep_floor: true): 6 more point(s)" in proc.stdout
     # Nothing ran: no database, no run folder but the planted one, no summary of a finished sweep.
     assert not db.exists() and [p.name for p in Store(db).runs.iterdir()] == [run_key(done)]
     assert "Sweep finished" not in proc.stderr and "[train]" not in proc.stderr
+
+
+def test_a_preset_with_sweep_floor_gains_one_shared_floor_point_per_dataset_and_seed():
+    """scorecl_all's 48 points (4 methods × 2 weightings × 2 datasets × 3 seeds) gain 6 floor points: the
+    untrained backbone does not depend on the method or the add-on, so all of them share one per dataset × seed."""
+    import itertools
+
+    from harness.jobs.config import compose, run_key
+    from harness.jobs.sweeps import floor_points
+
+    preset = compose(["sweep=scorecl_all"])
+    grid = [[f"method={m}", f"weighting={w}", f"dataset={d}", f"seed={s}", "trainer.lr=0.3"]
+            for m, w, d, s in itertools.product(("simclr", "simsiam", "wmse", "vicreg"), ("none", "scorecl"),
+                                                ("cifar10", "cifar100"), (0, 1, 2))]
+    floors = floor_points(preset, grid)
+    assert len(floors) == 6
+    assert {(f[0], f[1]) for f in floors} == {(f"dataset={d}", f"seed={s}") for d in ("cifar10", "cifar100")
+                                              for s in (0, 1, 2)}
+    for point in floors:
+        cfg = compose(["sweep=scorecl_all", *point])
+        assert cfg.trainer.epochs == 0 and cfg.weighting.name == "none" and cfg.method.name == "simclr"
+    # Its run key is the ordinary one: asked for from another method's point, the same floor run.
+    via_vicreg = floor_points(preset, [["method=vicreg", "weighting=scorecl", "dataset=cifar10", "seed=0"]])[0]
+    assert run_key(compose(["sweep=scorecl_all", *via_vicreg])) == run_key(compose(["sweep=scorecl_all", *floors[0]]))
+    # Without the flag (quickstart, smoke, the tuned presets) no point is added.
+    assert floor_points(compose(["sweep=smoke"]), grid) == []
+
+
+def test_sweep_floor_runs_the_floor_beside_the_sweep_and_the_page_ranks_against_it(tmp_path):
+    from leaderboard.data import configurations, prepare
+
+    out = sweep(tmp_path, "a", "sweep_floor=true", "method=byol")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Sweep finished: 2 point(s): 2 completed." in out.stderr
+    store = Store(tmp_path / "r.duckdb")
+    runs = store.query("SELECT method, weighting, epochs, status FROM runs ORDER BY epochs")
+    assert runs == [{"method": "simclr", "weighting": "none", "epochs": 0, "status": "completed"},
+                    {"method": "byol", "weighting": "none", "epochs": 1, "status": "completed"}]
+    with store.connect() as con:
+        prepare(con)
+        # The floor row beside the trained one in the ranking (one protocol, the smoke preset's k=20).
+        assert sorted(c["epochs"] for c in configurations(con)) == [0, 1]

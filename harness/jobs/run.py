@@ -14,9 +14,9 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 import traceback
 import uuid
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
@@ -304,17 +304,31 @@ def _run(cfg: DictConfig, key: str, info: distributed.DistInfo, outcome: dict) -
             lock.release()
 
 
+def earlier_attempts(folder: Path, run_id: str) -> tuple[float, int]:
+    """(seconds, count) of this run's earlier attempts (a requeue, or a kill after a checkpoint), from the
+    run folder's copy of its last runs row. Time after that row (a SIGKILL mid-epoch) is not known."""
+    row = last_row(folder, "runs")
+    if row is None or row.get("run_id") != run_id:
+        return 0.0, 0
+    return float(row.get("wall_seconds") or 0.0), int(row.get("attempts") or 1)
+
+
 def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, outcome: dict) -> float | None:
     torch.manual_seed(int(cfg.seed) * 7919 + info.rank)
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
     hosts = distributed.all_hosts(info.host)
     row = run_row(cfg, key, run_id, info, hosts)
-    started = time.monotonic()
+    earlier = earlier_attempts(checkpoint.parent, run_id) if info.is_main else (0.0, 0)
+    row["attempts"] = earlier[1] + 1
 
     def record(**changes) -> None:
         row.update(changes)
-        hours = (time.monotonic() - started) / 3600
+        # Every attempt's time, not only this one's: cost is what all of them took. This attempt's
+        # share is measured on the same clock as started_at/finished_at, so the columns agree.
+        now = datetime.fromisoformat(row.get("finished_at") or utcnow())
+        row["wall_seconds"] = earlier[0] + max((now - datetime.fromisoformat(row["started_at"])).total_seconds(), 0.0)
+        hours = row["wall_seconds"] / 3600
         row["gpu_hours"] = hours * info.world_size if info.device.type == "cuda" else None
         row.update(peak_memory(info.device))
         if info.is_main:

@@ -65,3 +65,41 @@ def unknown_options(overrides: list[str]) -> list[tuple[str, str, str]]:
             if option not in groups[key] and option not in ("null", ""):
                 found.append((key, option, "one of " + ", ".join(groups[key])))
     return found
+
+
+# --- the random-init floor as points of a sweep ------------------------------------------------
+# A preset with `sweep_floor: true` gains one untrained-backbone run (trainer.epochs=0) per distinct
+# point once the training-only overrides are taken off: typically one per dataset × backbone ×
+# evaluation protocol × seed. Added as points of their own, not as a grid axis, which would repeat
+# every point at epochs 0.
+#
+# The floor's identity: an untrained backbone's features depend on the backbone, its seed, the data
+# and the evaluation, never on the method, its add-ons or its optimisation. So a floor point takes
+# the preset's default method with weighting=none and positives=none, and its run key is computed
+# by the ordinary rules: every method of the sweep shares one floor run, and running the preset again
+# (with other methods, say) finds it done and skips it.
+TRAINING_ONLY_GROUPS = ("method", "weighting", "positives", "augment")
+TRAINING_ONLY_TRAINER = ("epochs", "lr", "optimizer", "weight_decay", "momentum", "warmup_epochs",
+                         "warmup_start_lr", "min_lr", "base_batch", "lr_scaling", "classifier_lr",
+                         "classifier_weight_decay")
+FLOOR_OVERRIDES = ("weighting=none", "positives=none", "trainer.epochs=0")
+
+
+def _training_only(override: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    head = key.split(".", 1)[0].split("/", 1)[0]
+    return head in TRAINING_ONLY_GROUPS or (head == "trainer" and key.split(".", 1)[-1] in TRAINING_ONLY_TRAINER)
+
+
+def floor_points(config, job_overrides) -> list[list[str]]:
+    """The floor points to add to a sweep's `job_overrides` (none unless `sweep_floor` is true)."""
+    if not OmegaConf.select(config, "sweep_floor", default=False):
+        return []
+    points: list[list[str]] = []
+    seen: set[tuple[str, ...]] = set()
+    for overrides in job_overrides:
+        point = [o for o in overrides if not _training_only(o)] + list(FLOOR_OVERRIDES)
+        if tuple(sorted(point)) not in seen:
+            seen.add(tuple(sorted(point)))
+            points.append(point)
+    return points

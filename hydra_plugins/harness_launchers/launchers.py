@@ -96,8 +96,9 @@ def split_override(override: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
-def preview(points: list[DictConfig], job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
-    """Print the sweep's points (already checked) as a table of what differs between them; run nothing."""
+def _plan_table(points: list[DictConfig], job_overrides: Sequence[Sequence[str]], first: int = 0
+                ) -> tuple[list[str], str, int]:
+    """(overrides every point shares, a table of what differs and each point's run key, how many would run)."""
     from harness.jobs.config import run_key
     from harness.store import Store, read_done
     from leaderboard.text import format_table
@@ -107,19 +108,37 @@ def preview(points: list[DictConfig], job_overrides: Sequence[Sequence[str]]) ->
     varying = [k for k in keys if len({p.get(k) for p in per_point}) > 1]
     shared = [f"{k}={per_point[0][k]}" for k in keys if k not in varying]
     rows, to_run = [], 0
-    for i, (cfg, values) in enumerate(zip(points, per_point)):
+    for i, (cfg, values) in enumerate(zip(points, per_point), first):
         key = run_key(cfg)
         done = read_done(Store(cfg.store.path, cfg.store.get("runs_dir")).runs / key) and not cfg.get("force")
         to_run += not done
         rows.append({"#": i, **{k: values.get(k, "") for k in varying}, "run_key": key,
                      "would": "skip (already completed)" if done else "run"})
-    print(f"Sweep preview (dry_run=true): {len(points)} point(s), all valid; nothing was run or submitted.")
+    return shared, format_table(rows, ["#", *varying, "run_key", "would"]), to_run
+
+
+def preview(points: list[DictConfig], job_overrides: Sequence[Sequence[str]], asked: int | None = None
+            ) -> list[JobReturn]:
+    """Print the sweep's points (already checked) as a table of what differs between them; run nothing.
+
+    The first `asked` points are the sweep's own; the rest are its random-init floor points
+    (`sweep_floor`), listed in a table of their own.
+    """
+    asked = len(points) if asked is None else asked
+    shared, table, to_run = _plan_table(points[:asked], job_overrides[:asked])
+    print(f"Sweep preview (dry_run=true): {asked} point(s), all valid; nothing was run or submitted.")
     if shared:
         print(f"Shared by every point: {' '.join(shared)}")
-    print(format_table(rows, ["#", *varying, "run_key", "would"]))
+    print(table)
+    if len(points) > asked:
+        floor_shared, floor_table, floor_run = _plan_table(points[asked:], job_overrides[asked:], asked)
+        print(f"\nRandom-init floor (sweep_floor: true): {len(points) - asked} more point(s), untrained "
+              f"backbones the rankings compare against; shared: {' '.join(floor_shared)}")
+        print(floor_table)
+        to_run += floor_run
     print(f"{to_run} would run, {len(points) - to_run} already completed. Run them: the same command without "
           "dry_run=true.")
-    return [_returned(overrides, None) for overrides in job_overrides]
+    return [_returned(overrides, None) for overrides in job_overrides[:asked]]
 
 
 def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_path: str | None,
@@ -169,6 +188,14 @@ def stored_outcome(cfg: DictConfig, world_size: int | None = None) -> dict | Non
     return rows[0] if rows and rows[0]["status"] in FINAL else None
 
 
+def with_floor_points(config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The sweep's points, then its random-init floor points when the preset asks (harness/jobs/sweeps.py).
+    The launchers return results for the sweep's own points only: a sweeper zips them with what it asked."""
+    from harness.jobs.sweeps import floor_points
+
+    return [list(o) for o in job_overrides] + floor_points(config, job_overrides)
+
+
 def _returned(overrides: Sequence[str], value: Any) -> JobReturn:
     # COMPLETED with None (not FAILED): Hydra's sweepers stop a sweep at the first FAILED return,
     # which would hide every later point; the failure is in the store and the summary instead.
@@ -193,10 +220,12 @@ class LocalLauncher(Launcher):
         self._basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        asked = len(job_overrides)
+        job_overrides = with_floor_points(self.config, job_overrides)
         points = compose_points(self, job_overrides)
         refuse_bad_points(points, job_overrides)
         if any(p.get("dry_run") for p in points):
-            return preview(points, job_overrides)
+            return preview(points, job_overrides, asked)
         results = list(self._basic.launch(job_overrides, initial_job_idx))
         for i, (ret, cfg) in enumerate(zip(results, points)):
             if ret.status != JobStatus.COMPLETED:
@@ -204,7 +233,7 @@ class LocalLauncher(Launcher):
                 log.error(f"point #{initial_job_idx + i} failed: {error}")
                 record_missing(cfg, ret.overrides or [], error, ret.working_dir)
                 results[i] = _returned(ret.overrides or [], None)
-        return results
+        return results[:asked]
 
 
 # ---------------------------------------------------------------------------------------- Slurm
@@ -340,6 +369,8 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         import submitit
 
         assert self.config is not None
+        asked = len(job_overrides)
+        job_overrides = with_floor_points(self.config, job_overrides)
         points = compose_points(self, job_overrides)
         if shutil.which("sbatch") is None:
             print("error: launcher=slurm needs Slurm's sbatch on PATH (run on a login node); nothing was submitted",
@@ -348,7 +379,7 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         cluster = _sinfo()
         refuse_bad_points(points, job_overrides, extra_check=lambda cfg: check_slurm(cfg, cluster))
         if any(p.get("dry_run") for p in points):
-            return preview(points, job_overrides)
+            return preview(points, job_overrides, asked)
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -371,7 +402,8 @@ class SlurmLauncher(_SubmititSlurmLauncher):
                 jobs[i] = job
         log.info(f"Submitted {len(jobs)} job(s) in {len(groups)} array(s); submitit folder "
                  f"{self.params['submitit_folder']}")
-        return [self._collect(i, jobs[i], points[i], job_overrides[i], initial_job_idx) for i in range(len(points))]
+        results = [self._collect(i, jobs[i], points[i], job_overrides[i], initial_job_idx) for i in range(len(points))]
+        return results[:asked]
 
     def _submit_shared_stages(self, points: list[DictConfig]) -> list[list[str]]:
         """Queue the stages that points share before their training jobs, so no training job holds GPUs
