@@ -82,6 +82,7 @@ class WMSE(nn.Module):
         # Steps taken: seeds the permutations, so every rank draws the same ones and a resumed run
         # repeats them. A Python int (no device sync per step), checkpointed as the module's extra state.
         self.steps = 0
+        self._generator: torch.Generator | None = None  # on the projections' device, made at the first step
 
     def get_extra_state(self) -> dict:
         return {"steps": self.steps}
@@ -106,11 +107,16 @@ class WMSE(nn.Module):
         feats = [self.backbone(v) for v in views]
         zs = [self.projector(f) for f in feats]
         m = zs[0].shape[0] * distributed.world_size()
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps)
-        perms = torch.stack([torch.randperm(m, generator=generator) for _ in range(self.whitening_iters)])
+        device = zs[0].device
+        if self._generator is None or self._generator.device != device:  # made once: not a per-step object
+            self._generator = torch.Generator(device=device)
+        # Drawn on the device (no host-to-device copy per step), reseeded from the step count each step.
+        self._generator.manual_seed(self.seed * 1_000_003 + self.steps)
+        perms = torch.stack([torch.randperm(m, generator=self._generator, device=device)
+                             for _ in range(self.whitening_iters)])
         if self.training:
             self.steps += 1
-        with torch.autocast(zs[0].device.type, enabled=False):  # Cholesky and products in float32
-            pair = wmse_pairs([z.float() for z in zs], perms.to(zs[0].device), self.whitening_size,
-                              self.whitening_eps, self.stop_gradient)
+        with torch.autocast(device.type, enabled=False):  # Cholesky and products in float32
+            pair = wmse_pairs([z.float() for z in zs], perms, self.whitening_size, self.whitening_eps,
+                              self.stop_gradient)
         return LossParts(pair=pair, batch=pair.new_zeros(()), feats=torch.cat(feats).detach())
