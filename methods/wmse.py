@@ -82,7 +82,8 @@ class WMSE(nn.Module):
         # Steps taken: seeds the permutations, so every rank draws the same ones and a resumed run
         # repeats them. A Python int (no device sync per step), checkpointed as the module's extra state.
         self.steps = 0
-        self._generator: torch.Generator | None = None  # on the projections' device, made at the first step
+        # The permutations' generator, on the projections' device (moved there at the first step).
+        self._generator = torch.Generator()
 
     def get_extra_state(self) -> dict:
         return {"steps": self.steps}
@@ -108,7 +109,7 @@ class WMSE(nn.Module):
         zs = [self.projector(f) for f in feats]
         m = zs[0].shape[0] * distributed.world_size()
         device = zs[0].device
-        if self._generator is None or self._generator.device != device:  # made once: not a per-step object
+        if self._generator.device != device:  # made once, not per step
             self._generator = torch.Generator(device=device)
         # Drawn on the device (no host-to-device copy per step), reseeded from the step count each step.
         self._generator.manual_seed(self.seed * 1_000_003 + self.steps)
