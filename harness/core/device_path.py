@@ -18,6 +18,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # through. The method's own loss code (Python counters, generators, gathers with custom autograd)
 # and the DDP wrapper stay eager.
 COMPILED_PARTS = ("backbone", "projector", "predictor")
+# torch.compile's backend; the CPU test sets aot_eager (dynamo's graphs without inductor's C++ build,
+# which takes minutes on a shared 2-core CI machine).
+COMPILE_BACKEND = "inductor"
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -63,6 +66,6 @@ def compile_parts(method: nn.Module) -> list[str]:
     for name in COMPILED_PARTS:
         part = getattr(method, name, None)
         if isinstance(part, nn.Module) and any(True for _ in part.parameters()):
-            part.compile()
+            part.compile(backend=COMPILE_BACKEND)
             names.append(name)
     return names
