@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch._dynamo  # noqa: F401  imported before any patching: a dispatch mode imports it lazily otherwise
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.core.data.datasets import ImageData
