@@ -12,7 +12,8 @@ from tests.tiny_training import METHODS, HostSyncCounter, flat_grad, tiny_traini
 
 
 def test_precision_is_checked_before_anything_runs():
-    with pytest.raises(ConfigError, match=r"trainer.precision = 'fp16' is not allowed: expected one of auto, fp32, bf16"):
+    expected = r"trainer.precision = 'fp16' is not allowed: expected one of auto, fp32, bf16"
+    with pytest.raises(ConfigError, match=expected):
         validate(compose(["trainer.precision=fp16"]))
 
 
@@ -85,7 +86,7 @@ def test_compiled_backbone_and_heads_match_eager_and_compile_once(tmp_path, monk
         graphs_after_step = []
         step = run.optimizer.step
 
-        def counting_step(*args, **kwargs):
+        def counting_step(*args, graphs_after_step=graphs_after_step, step=step, **kwargs):
             graphs_after_step.append(sum(counters["stats"].values()) + sum(counters["recompiles"].values()))
             return step(*args, **kwargs)
 

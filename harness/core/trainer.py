@@ -1,9 +1,9 @@
 """The one training loop every method runs through.
 
 Per step: take a slice of the epoch's permutation, make the views on the device, compute the
-method's loss parts (under trainer.precision's autocast, harness/core/device_path.py), weight the per-pair part, step the optimizer,
-call the method's after-step hook. Per epoch: log metrics, evaluate k-NN when due, write a
-checkpoint atomically. A run that starts with a checkpoint of its own continues from it.
+method's loss parts (under trainer.precision's autocast, harness/core/device_path.py), weight the
+per-pair part, step the optimizer, call the method's after-step hook. Per epoch: log metrics,
+evaluate k-NN when due, write a checkpoint atomically. A run that starts with a checkpoint of its own continues from it.
 """
 
 from __future__ import annotations
