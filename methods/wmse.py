@@ -33,7 +33,11 @@ def whiten(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     centred = x - x.mean(dim=1, keepdim=True)
     cov = centred.transpose(1, 2) @ centred / (x.shape[1] - 1)
     eye = torch.eye(x.shape[2], device=x.device, dtype=x.dtype)
-    chol = torch.linalg.cholesky((1 - eps) * cov + eps * eye)
+    # cholesky_ex: linalg.cholesky reads its status back to the host to raise (a sync on a GPU every step).
+    # A covariance that is not positive definite gives NaN here instead, which the trainer's check of a
+    # finite loss at its next logging point raises as Diverged.
+    chol, status = torch.linalg.cholesky_ex((1 - eps) * cov + eps * eye)
+    chol = torch.where((status == 0).view(-1, 1, 1), chol, torch.nan)
     inverse = torch.linalg.solve_triangular(chol, eye.expand_as(cov), upper=False)  # L⁻¹
     return centred @ inverse.transpose(1, 2)
 
