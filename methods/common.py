@@ -111,7 +111,9 @@ class Queue(nn.Module):
     @torch.no_grad()
     def neighbours(self, z: torch.Tensor, k: int = 1) -> torch.Tensor:
         """The `k` queue entries with the largest dot product with each row of `z`: (n, k, d), nearest first."""
-        index = (z.to(self.keys.dtype) @ self.keys.T).topk(k, dim=1).indices
+        # In float32 with autocast off: in bf16 near-ties among the queue's keys pick other neighbours.
+        with torch.autocast(z.device.type, enabled=False):
+            index = (z.to(self.keys.dtype) @ self.keys.T).topk(k, dim=1).indices
         return self.keys[index]
 
 

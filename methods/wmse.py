@@ -33,7 +33,11 @@ def whiten(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     centred = x - x.mean(dim=1, keepdim=True)
     cov = centred.transpose(1, 2) @ centred / (x.shape[1] - 1)
     eye = torch.eye(x.shape[2], device=x.device, dtype=x.dtype)
-    chol = torch.linalg.cholesky((1 - eps) * cov + eps * eye)
+    # cholesky_ex: linalg.cholesky reads its status back to the host to raise (a sync on a GPU every step).
+    # A covariance that is not positive definite gives NaN here instead, which the trainer's check of a
+    # finite loss at its next logging point raises as Diverged.
+    chol, status = torch.linalg.cholesky_ex((1 - eps) * cov + eps * eye)
+    chol = torch.where((status == 0).view(-1, 1, 1), chol, torch.nan)
     inverse = torch.linalg.solve_triangular(chol, eye.expand_as(cov), upper=False)  # L⁻¹
     return centred @ inverse.transpose(1, 2)
 
@@ -82,6 +86,8 @@ class WMSE(nn.Module):
         # Steps taken: seeds the permutations, so every rank draws the same ones and a resumed run
         # repeats them. A Python int (no device sync per step), checkpointed as the module's extra state.
         self.steps = 0
+        # The permutations' generator, on the projections' device (moved there at the first step).
+        self._generator = torch.Generator()
 
     def get_extra_state(self) -> dict:
         return {"steps": self.steps}
@@ -106,11 +112,16 @@ class WMSE(nn.Module):
         feats = [self.backbone(v) for v in views]
         zs = [self.projector(f) for f in feats]
         m = zs[0].shape[0] * distributed.world_size()
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps)
-        perms = torch.stack([torch.randperm(m, generator=generator) for _ in range(self.whitening_iters)])
+        device = zs[0].device
+        if self._generator.device != device:  # made once, not per step
+            self._generator = torch.Generator(device=device)
+        # Drawn on the device (no host-to-device copy per step), reseeded from the step count each step.
+        self._generator.manual_seed(self.seed * 1_000_003 + self.steps)
+        perms = torch.stack([torch.randperm(m, generator=self._generator, device=device)
+                             for _ in range(self.whitening_iters)])
         if self.training:
             self.steps += 1
-        with torch.autocast(zs[0].device.type, enabled=False):  # Cholesky and products in float32
-            pair = wmse_pairs([z.float() for z in zs], perms.to(zs[0].device), self.whitening_size,
-                              self.whitening_eps, self.stop_gradient)
+        with torch.autocast(device.type, enabled=False):  # Cholesky and products in float32
+            pair = wmse_pairs([z.float() for z in zs], perms, self.whitening_size, self.whitening_eps,
+                              self.stop_gradient)
         return LossParts(pair=pair, batch=pair.new_zeros(()), feats=torch.cat(feats).detach())

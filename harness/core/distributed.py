@@ -253,24 +253,32 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        xf = x.float()
-        count = xf.new_tensor([x.numel() / channels])
+        xf = x.float()  # x itself when it is float32 already; activations are O(1), so fp32 sums suffice
+        # This rank's count joins the sums as one more column: ranks may hold different counts. new_full
+        # is a fill kernel on the device, not a copy from the host (new_tensor([...]) would block).
+        count = xf.new_full((1,), x.numel() // channels)
         total = _SumOverRanks.apply(torch.cat([xf.sum(dims), xf.square().sum(dims), count]))
         n = total[-1]
         mean = total[:channels] / n
-        var = (total[channels:2 * channels] / n - mean.square()).clamp_min(0)  # fp32 sums: activations are O(1)
+        var = (total[channels:2 * channels] / n - mean.square()).clamp_min(0)
         if self.track_running_stats:
             with torch.no_grad():
-                self.num_batches_tracked += 1
-                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative average: weight 1/t, computed on the device
+                    momentum = self.num_batches_tracked.reciprocal().to(self.running_mean.dtype)
+                else:
+                    momentum = self.momentum
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 unbiased = var * n / (n - 1).clamp_min(1)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        # y = x·scale + shift with per-channel fp32 scale and shift: backward keeps only x (in fp32) and
+        # the per-channel vectors, not the centred and normalised copies of the input.
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
         if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        return torch.addcmul(shift.view(shape), xf, scale.view(shape)).to(x.dtype)
 
 
 def global_batchnorm(module: nn.Module) -> int:

@@ -1,9 +1,9 @@
 """The one training loop every method runs through.
 
 Per step: take a slice of the epoch's permutation, make the views on the device, compute the
-method's loss parts (under bf16 autocast on GPU), weight the per-pair part, step the optimizer,
-call the method's after-step hook. Per epoch: log metrics, evaluate k-NN when due, write a
-checkpoint atomically. A run that starts with a checkpoint of its own continues from it.
+method's loss parts (under trainer.precision's autocast, harness/core/device_path.py), weight the
+per-pair part, step the optimizer, call the method's after-step hook. Per epoch: log metrics,
+evaluate k-NN when due, write a checkpoint atomically. A run that starts with a checkpoint of its own continues from it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.core import distributed, preempt
+from harness.core import device_path, distributed, preempt
 from harness.core.addons import Batch, combine
 from harness.core.checkpoint import load_checkpoint, save_checkpoint
 from harness.core.data import residency
@@ -139,14 +139,14 @@ class Training:
         self.batches = residency.batch_source(self.data.residency, self.data.train_x, device, self.local_batch)
         self.train_index = self.data.train_index.to(device)  # positions in the full training split
         self.views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
-                               seed=int(cfg.seed) * 1000 + info.rank, channels_last=device.type == "cuda")
+                               seed=int(cfg.seed) * 1000 + info.rank, channels_last=True)
         self.objective_split = "val" if self.data.val_x is not None else "test"
         self.final_queries = {"test": (self.data.test_x, self.data.test_y)}
         if self.data.val_x is not None:
             self.final_queries["val"] = (self.data.val_x, self.data.val_y)
         self.settings = knn_settings(cfg.eval)
         self.primary = knn_protocol(*self.settings[0])
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bool(tc.bf16))
+        self.autocast = device_path.autocast(device, str(tc.get("precision", "auto")))
         self.evals: dict[str, dict[str, tuple[float, float]]] = {}
 
     def setup_addons(self) -> None:
@@ -166,19 +166,19 @@ class Training:
         if tc.get("sync_bn") and info.world_size > 1:
             # Each rank's BatchNorm would otherwise normalise by its own slice, so splitting the same
             # global batch over more GPUs would change the experiment.
-            layers = distributed.global_batchnorm(model)
+            layers, kind = device_path.sync_batchnorm(model, info)
             if info.is_main:
-                print(f"[train] trainer.sync_bn: {layers} BatchNorm layers use the global batch's statistics",
-                      file=sys.stderr, flush=True)
-        model.to(device)
-        if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
+                print(f"[train] trainer.sync_bn: {layers} BatchNorm layers use the global batch's statistics "
+                      f"({kind})", file=sys.stderr, flush=True)
+        model.to(device, memory_format=torch.channels_last)  # on every device: CPU tests run the GPU's layout
         self.method = model
+        if tc.get("compile"):  # backbone and heads in place, before DDP wraps the method (device_path.py)
+            compiled = device_path.compile_parts(model)
+            if info.is_main:
+                print(f"[train] trainer.compile: {', '.join(compiled)}", file=sys.stderr, flush=True)
         if info.world_size > 1:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-        if tc.get("compile"):
-            model = torch.compile(model)  # the method's own hooks (after_step, embed) stay eager on `method`
         self.model = model
 
     def resume(self) -> None:

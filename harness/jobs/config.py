@@ -132,6 +132,7 @@ SIZE_FIELDS = ("trainer.batch_size", "dataset.train_size", "dataset.test_size", 
                "dataset.subset_seed")
 OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")  # harness/core/device_path.py (which needs torch; this module does not)
 DATASETS = ("cifar10", "cifar100", "imagefolder")
 LR_SCALING = ("linear", "sqrt", "none")
 # runs.seed is a 32-bit INTEGER column: a larger seed would make every later ingest fail.
@@ -192,7 +193,7 @@ def validate(cfg: DictConfig) -> None:
         _choice(cfg, "trainer.optimizer", OPTIMIZERS),
         _choice(cfg, "trainer.device", DEVICES),
         _choice(cfg, "trainer.lr_scaling", LR_SCALING),
-        _flag(cfg, "trainer.bf16"),
+        _choice(cfg, "trainer.precision", PRECISIONS),
         _flag(cfg, "trainer.compile"),
         _flag(cfg, "trainer.sync_bn"),
         _choice(cfg, "dataset.name", DATASETS),

@@ -145,7 +145,7 @@ class ScoreCL(nn.Module):
             self._accumulate(w, d)
         out = AddonOut(weights=w)
         if self.mode == "joint":
-            dsm = dsm_loss(self._ddp[0] if self._ddp else net, to_unit_range(batch.images), net.sigmas)
+            dsm = dsm_loss(self._ddp[0] if self._ddp else net, to_unit_range(batch.images), net.sigma_levels)
             out.loss = self.joint_weight * dsm
             out.logs["dsm_loss"] = dsm.detach()
         return out

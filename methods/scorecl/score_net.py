@@ -46,6 +46,8 @@ class ScoreNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.sigmas = [float(s) for s in sigmas]
+        # The levels on the model's device, made once (not per DSM step); not saved: sigmas.json has them.
+        self.register_buffer("sigma_levels", torch.tensor(self.sigmas), persistent=False)
 
     @classmethod
     def create(cls, net_cfg, image_size: int) -> ScoreNet:
@@ -60,8 +62,10 @@ class ScoreNet(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """ε̂(x, σ) for images x in [-1, 1] (N×3×H×W); σ a float or one value per image."""
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
-        t = (100.0 * torch.log(sigma)).expand(x.shape[0]) if sigma.ndim == 0 else 100.0 * torch.log(sigma)
+        if isinstance(sigma, torch.Tensor):
+            t = (100.0 * torch.log(sigma.float())).expand(x.shape[0])
+        else:  # a fill on the device: no tensor copied from the host per call
+            t = x.new_full((x.shape[0],), 100.0 * math.log(sigma), dtype=torch.float32)
         return self.unet(x, t).sample
 
     def score(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -79,10 +83,10 @@ class ScoreNet(nn.Module):
         return cls(unet, json.loads((folder / "sigmas.json").read_text()))
 
 
-def dsm_loss(eps: nn.Module, x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+def dsm_loss(eps: nn.Module, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Denoising score matching on clean images x in [-1, 1]: mean ‖ε̂(x + σε, σ) − ε‖², σ drawn
-    uniformly from `sigmas` per image. `eps` is a ScoreNet, or DDP around one."""
-    levels = torch.tensor(sigmas, device=x.device)
+    uniformly from `levels` (a ScoreNet's sigma_levels, on x's device) per image. `eps` is a ScoreNet,
+    or DDP around one."""
     sigma = levels[torch.randint(len(levels), (x.shape[0],), device=x.device)]
     noise = torch.randn_like(x)
     pred = eps(x + sigma.view(-1, 1, 1, 1) * noise, sigma)
@@ -118,7 +122,7 @@ def train_score_net(net: ScoreNet, images: torch.Tensor, net_cfg, device: torch.
                 flip = torch.rand(len(x), device=device) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
             with autocast:
-                loss = dsm_loss(net, x, net.sigmas)
+                loss = dsm_loss(net, x, net.sigma_levels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
