@@ -59,7 +59,7 @@ def flat_grad(module: torch.nn.Module) -> torch.Tensor:
 def _step_lines() -> tuple[object, int, int]:
     """Training.train_epoch's code and the line span of its step body before the logging point."""
     lines, first = inspect.getsourcelines(Training.train_epoch)
-    start = next(i for i, text in enumerate(lines) if "for step in range(" in text)
+    start = next(i for i, text in enumerate(lines) if text.lstrip().startswith("for step"))
     logging = next(i for i, text in enumerate(lines) if "# the only host syncs in the loop" in text)
     return Training.train_epoch.__code__, first + start, first + logging
 
