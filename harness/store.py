@@ -162,6 +162,8 @@ NOT_IN_RUN_KEY = (
     "dataset.cache_dir",
     "eval.every",
     "optuna",  # which Optuna study/trial a tuned sweep's job reports to
+    "weighting.stages",  # Slurm resources of an add-on's stage jobs (harness/jobs/stages.py)
+    "positives.stages",
 )
 
 # Set in the environment of every job of one sweep (the sweep_summary callback, the launchers).

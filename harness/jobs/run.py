@@ -1,4 +1,4 @@
-"""One job: validate → run key → skip if done → train → evaluate → record.
+"""One job: validate → run key → skip if done → stages → train → evaluate → record.
 
 ``run(cfg)`` is what Hydra calls for every point of a sweep, on every rank of a job. It returns
 the objective (k-NN top-1 of the first configured protocol, on the validation split when one is
@@ -32,6 +32,7 @@ from harness.core.optim import scaled_lr
 from harness.core.trainer import Diverged, fit, knn_settings
 from harness.jobs import tuning
 from harness.jobs.config import build_addons, experiment_config, instantiate, run_key, validate
+from harness.jobs.stages import run_in_job
 from harness.store import DONE_MARKER, SWEEP_ENV, Store, StoreBusy, last_row, read_done, utcnow, write_done
 
 REPO = Path(__file__).resolve().parents[2]
@@ -318,6 +319,7 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
 
     try:
         record()  # inside: a full disk already here ends the run in one line too
+        run_in_job(cfg)  # the shared artifacts: found when the sweep staged them, else built here
         data = load_dataset(cfg.dataset)
         model = instantiate(cfg.method, instantiate(cfg.backbone))
         result = fit(cfg, model, data, info, checkpoint, log_epoch, build_addons(cfg, model.backbone.feat_dim))
