@@ -22,7 +22,8 @@ from tests.conftest import requires_cifar, run_harness
 
 def test_a_sweep_declares_each_shared_artifact_once_in_the_order_it_is_built(tmp_path):
     common = ["backbone=convnet", "weighting=scorecl_tiny", "positives=clsp_tiny", f"store.path={tmp_path}/r.duckdb"]
-    points = [compose([*common, f"seed={seed}", f"method={method}"]) for seed in (0, 1) for method in ("simclr", "byol")]
+    points = [compose([*common, f"seed={seed}", f"method={method}"])
+              for seed in (0, 1) for method in ("simclr", "byol")]
     stages, needs = sweep_stages(points)
     assert [s.name for s in stages] == ["dataset-cache", "scorecl-score-net", "clsp-diffusion", "clsp-shards",
                                         "clsp-assemble"]

@@ -178,10 +178,10 @@ class StageJob:
             with preempt.stop_at_once():
                 if not self.stage.done():
                     self.stage.build(*shard)
-        except preempt.Preempted as e:
-            then = "resumes from its saved state" if self.stage.resumable else "is redone"
-            print(f"[stage] {self.stage.name} stops for a requeue ({e}); its build {then}", file=sys.stderr,
-                  flush=True)
+        except preempt.Preempted:
+            then = "resumes from its saved state" if self.stage.resumable else "starts over"
+            print(f"[stage] {self.stage.name} stops for a requeue on Slurm's signal; its build {then}",
+                  file=sys.stderr, flush=True)
             preempt.hand_over()
 
     def checkpoint(self, *shard: int):
