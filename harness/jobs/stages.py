@@ -77,12 +77,15 @@ class Stage:
 # ---------------------------------------------------------------------------------- declaring
 
 def _cache_file(ds: DictConfig) -> Path | None:
-    """Where the decoded dataset of `ds` is cached; None when only a download would tell."""
+    """Where the decoded dataset of `ds` is cached (the rule of harness.core.data.datasets.ensure_cache);
+    None while a download has still to fetch the files."""
     from harness.core.data import datasets
 
     kind, path = datasets.resolve_source(ds)
     if kind == "download":
-        return None
+        kind, path = "torchvision", datasets.cache_dir(ds) / "downloads"  # where ensure_cache downloads to
+        if not datasets._torchvision_folder(path, ds.name):
+            return None
     return datasets._cache_file(ds, kind, path)
 
 
