@@ -14,8 +14,9 @@ share it.
 
 ``build_once(path, build)`` makes the folder exist exactly once:
 - already there: returned at once (no lock taken);
-- otherwise the job takes ``<path>.lock`` (filelock); a job that finds the lock held prints that
-  it is waiting and blocks until the builder finishes, then finds the folder and reuses it;
+- otherwise the job takes ``<path>.lock`` (filelock); a job that finds the lock held prints what
+  it waits for and blocks until the builder finishes (at most ``timeout_s``: a training job passes
+  ``artifacts.lock_timeout_min``), then finds the folder and reuses it;
 - the builder calls ``build(tmp)`` on an empty temporary folder beside the final one, under a
   global RNG seeded for the artifact (``seed``, else from its config hash) and given back to the
   job unchanged afterwards (harness/core/rng.py): a job that builds an artifact trains exactly as one
@@ -29,6 +30,9 @@ Typical use in an add-on (whose constructor gets the job config first, see harne
     path = artifact_path(cfg, "score_net", {"net": net_cfg, "data": dataset_identity(cfg.dataset)})
     build_once(path, lambda tmp: train_and_save(tmp / "model.pt"))
     model = load(path / "model.pt")
+
+In a sweep every shared artifact is a stage (harness/jobs/stages.py): the driver, or Slurm jobs it
+queues, build it before the training jobs start, and a training job's ``build_once`` only finds it.
 
 Every rank of a DDP job may call ``build_once``: one builds, the others wait on the lock. The
 lock and the rename need the root on one filesystem that all jobs see (a shared one on a cluster).
@@ -97,25 +101,59 @@ def dataset_identity(ds: DictConfig) -> dict:
     return ident
 
 
-def lock_or_wait(lock_path: str, waiting_message: str) -> FileLock:
-    """Take a file lock; when another job holds it, say so once and wait for it. Returns the held lock."""
+LOCK_TIMEOUT_OPTION = "artifacts.lock_timeout_min"
+
+
+class LockWaitTimeout(RuntimeError):
+    """A job waited longer than ``artifacts.lock_timeout_min`` for another job's build."""
+
+
+def lock_timeout_s(cfg: DictConfig | None) -> float | None:
+    """``artifacts.lock_timeout_min`` of a job config in seconds (None: wait as long as it takes)."""
+    minutes = OmegaConf.select(cfg, LOCK_TIMEOUT_OPTION, default=None) if cfg is not None else None
+    return None if minutes is None else float(minutes) * 60
+
+
+def lock_or_wait(lock_path: str, waiting_message: str, timeout_s: float | None = None) -> FileLock:
+    """Take a file lock; when another job holds it, say so once and wait for it, at most `timeout_s`
+    seconds (None: no limit, for stage jobs whose only work is this build). Returns the held lock;
+    raises LockWaitTimeout, naming the lock and the option, when the wait runs out."""
     lock = FileLock(lock_path)
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        print(waiting_message, file=sys.stderr, flush=True)
-        lock.acquire()
+        limit = "" if timeout_s is None else f" (at most {timeout_s / 60:g} min, {LOCK_TIMEOUT_OPTION})"
+        print(waiting_message + limit, file=sys.stderr, flush=True)
+        try:
+            lock.acquire(timeout=-1 if timeout_s is None else timeout_s)
+        except Timeout:
+            raise LockWaitTimeout(f"gave up after {timeout_s / 60:g} min waiting for {lock_path}, held by another "
+                                  f"job building it; raise {LOCK_TIMEOUT_OPTION} or stage the sweep's artifacts "
+                                  "first (harness/jobs/stages.py)") from None
     return lock
 
 
+def artifact_done(path: Path | str) -> bool:
+    """Whether artifact folder `path` is complete (its manifest is written last)."""
+    return (Path(path) / MANIFEST).exists()
+
+
+def with_absolute_artifacts(cfg: DictConfig) -> DictConfig:
+    """A resolved copy of `cfg` whose artifacts.dir is absolute, so other processes (stage jobs, shard
+    processes), started elsewhere, find the same artifacts."""
+    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    saved.artifacts.dir = str(artifacts_root(cfg))
+    return saved
+
+
 def build_once(path: Path, build: Callable[[Path], None], *, config: Any = None, what: str | None = None,
-               seed: int | None = None) -> Path:
+               seed: int | None = None, timeout_s: float | None = None) -> Path:
     """Make artifact folder `path` exist, building it with ``build(tmp_folder)`` only if no job has.
 
     `config` (optional) is written into the folder's artifact.json for people reading it later.
     ``build`` runs with the global RNG seeded with `seed` (default: from the folder's config hash)
     and the caller's RNG restored afterwards. Returns `path`. Safe to call from many processes at
-    once: one builds, the rest wait and reuse.
+    once: one builds, the rest wait (at most `timeout_s` seconds, see lock_or_wait) and reuse.
     """
     path = Path(path)
     if (path / MANIFEST).exists():
@@ -123,7 +161,8 @@ def build_once(path: Path, build: Callable[[Path], None], *, config: Any = None,
     what = what or f"{path.parent.name} {path.name}"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_or_wait(str(path) + ".lock",
-                        f"[artifact] {what} is being built by another job; waiting for it ({path})")
+                        f"[artifact] {what} is being built by another job; waiting for it ({path})",
+                        timeout_s)
     try:
         if (path / MANIFEST).exists():
             print(f"[artifact] reusing {what} ({path})", file=sys.stderr, flush=True)

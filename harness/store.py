@@ -184,6 +184,8 @@ NOT_IN_RUN_KEY = (
     # with or without them (a finished run gets more with `python -m harness.evaluate`).
     "eval.transfer",
     "logging",  # TensorBoard / W&B views of the metrics
+    "weighting.stages",  # Slurm resources of an add-on's stage jobs (harness/jobs/stages.py)
+    "positives.stages",
 )
 
 # Set in the environment of every job of one sweep (the sweep_summary callback, the launchers).

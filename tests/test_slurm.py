@@ -218,27 +218,87 @@ def sacct_jobs(name: str) -> list[dict[str, str]]:
     return [dict(zip(("id", "state", "start", "end"), line.split("|"))) for line in out.splitlines() if line]
 
 
-def test_clsp_stages_run_as_jobs_and_an_array_before_the_points_that_share_them(tmp_path, cifar10_cached):
-    before = {j["id"] for name in ("clsp-diffusion", "clsp-shards", "clsp-assemble") for j in sacct_jobs(name)}
-    out = run_harness(*args(tmp_path, "a", "positives=clsp_tiny", "positives.ratio=0.5", "dataset.train_size=256",
-                            "trainer.epochs=1", "positives.diffusion.epochs=1"), check=False)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "Sweep finished: 2 point(s): 2 completed." in out.stderr
-    assert out.stderr.count("queued on Slurm") == 1  # both seeds share one synthetic set
-    stages = {name: [j for j in sacct_jobs(name) if j["id"] not in before]
-              for name in ("clsp-diffusion", "clsp-shards", "clsp-assemble")}
-    assert [len(stages[n]) for n in stages] == [1, 2, 1]  # the DDPM, one array task per shard, the assembly
+def sacct_job(job: str) -> dict[str, str]:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobID,State,Start,End"], capture_output=True,
+                         text=True, check=True).stdout
+    return dict(zip(("id", "state", "start", "end"), out.splitlines()[-1].split("|")))
+
+
+def real_image_tree(root: Path, data, per_class_train: int, per_class_test: int) -> None:
+    """A train/<class>/*.png, test/<class>/*.png tree of real CIFAR-10 images (a dataset with a cold cache)."""
+    from PIL import Image
+
+    from harness.core.data.datasets import balanced_subset
+
+    for split, xs, ys, n in (("train", data.train_x, data.train_y, per_class_train),
+                             ("test", data.test_x, data.test_y, per_class_test)):
+        for i in balanced_subset(ys, 10 * n, seed=0).tolist():
+            path = root / split / data.classes[int(ys[i])] / f"{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(xs[i].permute(1, 2, 0).numpy()).save(path)
+
+
+STAGES = ("dataset-cache", "scorecl-score-net", "clsp-diffusion", "clsp-shards", "clsp-assemble")
+
+
+def test_shared_stages_run_once_as_jobs_before_the_points_and_a_signalled_stage_resumes(tmp_path, cifar10_cached):
+    """ScoreCL and CLSP on 2 seeds over a dataset nobody has decoded: every shared artifact is one stage
+    job (the CLSP shards one array), each after the ones it needs and before the training jobs; the
+    DDPM's job, sent the pre-timeout signal mid-training, is requeued and resumes from its saved state."""
+    before = {j["id"] for name in STAGES for j in sacct_jobs(name)}
+    real_image_tree(tmp_path / "tree", cifar10_cached, per_class_train=40, per_class_test=10)
+    driver = start(tmp_path, "a", "dataset=imagefolder", f"dataset.root={tmp_path}/tree", "dataset.image_size=32",
+                   f"dataset.cache_dir={tmp_path}/cache", "dataset.train_size=256", "dataset.val_size=64",
+                   "dataset.test_size=null", "weighting=scorecl_tiny", "positives=clsp_tiny", "positives.ratio=0.5",
+                   "trainer.epochs=1", "positives.diffusion.epochs=4", "positives.diffusion.checkpoint_every=1")
+    try:
+        # The DDPM's job saved its first training state: send what Slurm sends before the time limit.
+        wait_for("the DDPM's first saved state",
+                 lambda: list((tmp_path / "r.duckdb.artifacts" / "diffusion").glob("*.partial/train_state.pt")),
+                 timeout=900)
+        ddpm = [j for j in sacct_jobs("clsp-diffusion") if j["id"] not in before][0]["id"]
+        subprocess.run(["scancel", "--signal=USR2", ddpm], check=True)
+
+        def requeued() -> bool:
+            info = subprocess.run(["scontrol", "show", "job", ddpm], capture_output=True, text=True).stdout
+            return "Restarts=1" in info and "JobState=PENDING" in info
+        wait_for("the DDPM job's requeue", requeued)
+        subprocess.run(["scontrol", "update", f"jobid={ddpm}", "starttime=now"], check=True)  # skip Slurm's hold
+        out, err = driver.communicate(timeout=1500)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, err[-4000:]
+    assert "Sweep finished: 2 point(s): 2 completed." in err
+    assert err.count("queued on Slurm") == 1  # both seeds share every stage: one submission of each
+    stages = {name: [j for j in sacct_jobs(name) if j["id"] not in before] for name in STAGES}
+    assert [len(stages[n]) for n in STAGES] == [1, 1, 1, 2, 1]  # the shards: one array task each
     assert all(j["state"] == "COMPLETED" for jobs in stages.values() for j in jobs)
-    # Each stage started after the one before it ended; the training jobs after the assembly.
-    assert min(j["start"] for j in stages["clsp-shards"]) >= stages["clsp-diffusion"][0]["end"]
-    assert stages["clsp-assemble"][0]["start"] >= max(j["end"] for j in stages["clsp-shards"])
+    # Each stage started after the ones it needs ended; the training jobs after all of them.
+    ended = {name: max(j["end"] for j in jobs) for name, jobs in stages.items()}
+    started = {name: min(j["start"] for j in jobs) for name, jobs in stages.items()}
+    assert started["scorecl-score-net"] >= ended["dataset-cache"]
+    assert started["clsp-diffusion"] >= ended["dataset-cache"]
+    assert started["clsp-shards"] >= ended["clsp-diffusion"]
+    assert started["clsp-assemble"] >= ended["clsp-shards"]
     sweep_dir = tmp_path / "a"
-    for job in job_ids(sweep_dir):
+    training = job_ids(sweep_dir)
+    assert len(training) == 2
+    for job in training:
+        assert sacct_job(job)["start"] >= max(ended.values())
         log = log_of(sweep_dir, job)
-        if "[train]" in log:
-            assert "[artifact] building" not in log and "[clsp] shard" not in log  # nothing built in training
+        assert "[train]" in log
+        for built in ("[stage]", "[artifact] building", "[clsp] shard", "[data] decoding"):
+            assert built not in log  # nothing built in training
+    # The signalled DDPM job stopped, was requeued, and its second start went on from the saved state.
+    ddpm_log = next((sweep_dir / ".stages" / ddpm).glob("*_log.err")).read_text(errors="replace")
+    assert "[stage] clsp-diffusion stops for a requeue" in ddpm_log and "this job is preempted" in ddpm_log
+    assert "[diffusion] resuming training at epoch" in ddpm_log
+    states = subprocess.run(["sacct", "-j", ddpm, "-X", "-D", "-n", "-o", "State"], capture_output=True,
+                            text=True).stdout.split()
+    assert "REQUEUED" in states and states[-1] == "COMPLETED"
     store = Store(tmp_path / "r.duckdb")
     runs = store.query("SELECT status FROM runs")
     assert [r["status"] for r in runs] == ["completed"] * 2
     share = store.query("SELECT value FROM metrics WHERE name = 'synthetic_share'")
     assert len(share) == 2 and all(abs(r["value"] - 0.5) < 0.02 for r in share)
+    assert len(store.query("SELECT value FROM metrics WHERE name = 'weight_mean'")) == 2  # ScoreCL weighted both

@@ -5,7 +5,7 @@ method through the method contract (``LossParts``), so none of them is written i
 file or the training loop. Each is an object built from config (``weighting``, ``positives``,
 ``eval.online_linear``) with any of these optional hooks:
 
-- ``setup(data, info) -> None``: once, before training (build or load an artifact, move to device).
+- ``setup(data, info) -> None``: once, before training (load its artifacts, move to device).
 - ``step(batch: Batch) -> AddonOut``: every step, after the method's forward, under autocast.
   It may return per-pair ``weights`` (multiplied together across add-ons, never carrying
   gradient), an extra ``loss`` (added to the total), and scalars to ``log`` (epoch means).
@@ -20,8 +20,12 @@ Class-level hooks (called without building the add-on):
 
 - ``check_config(cfg) -> [ConfigError | None]``: its fields, checked with the rest of the job
   before anything runs (harness/jobs/config.py ``validate``).
-- ``stages(cfg) -> (key, submit) | None``: a shared artifact the Slurm launcher queues once per
-  key before the training jobs that need it (hydra_plugins/harness_launchers/launchers.py).
+- ``stages(cfg) -> list[Stage]``: the shared artifacts it needs built before training (a score
+  network, a diffusion model, a synthetic set), each a ``harness.jobs.stages.Stage`` with a key, a
+  build function, resources and whether it resumes. A sweep builds each distinct key once before
+  the training jobs (locally in the driver, on Slurm as jobs they depend on); a single run builds
+  them in the job. ``setup`` then only loads them (building under the artifact's lock only when
+  nothing staged them, e.g. an add-on built directly in a test).
 
 The add-ons of papers live in methods/, one package each; the core never names them.
 

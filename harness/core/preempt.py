@@ -19,6 +19,10 @@ checkpoint. `install()` puts our handler in front of it. The rule for where the 
 - After `run()`'s outcome is decided (recording what happened) the signal only raises a flag:
   the job ends in moments, completed or requeued.
 
+A stage job (harness/jobs/stages.py ``StageJob``: a dataset decode, a score net, a DDPM, a shard)
+follows the same rule with its build in place of the loop: it stops where the signal lands and is
+requeued; a resumable build (the DDPM) goes on from its saved state, another starts over.
+
 Slurm signals every task of the job, so every rank stops the same way. Outside a submitit job
 nothing is installed and the signal keeps its default action.
 """

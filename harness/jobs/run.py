@@ -1,4 +1,4 @@
-"""One job: validate → run key → skip if done → train → evaluate → record.
+"""One job: validate → run key → skip if done → stages → train → evaluate → record.
 
 ``run(cfg)`` is what Hydra calls for every point of a sweep, on every rank of a job. It returns
 the objective (k-NN top-1 of the first configured protocol, on the validation split when one is
@@ -35,6 +35,7 @@ from harness.core.trainer import Diverged, fit, knn_settings
 from harness.jobs import tuning
 from harness.jobs.config import build_addons, experiment_config, instantiate, run_key, validate
 from harness.jobs.loggers import RunLoggers
+from harness.jobs.stages import run_in_job
 from harness.jobs.transfer import run_transfer
 from harness.store import DONE_MARKER, SWEEP_ENV, Store, StoreBusy, last_row, read_done, utcnow, write_done
 
@@ -353,6 +354,7 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
         record()  # inside: a full disk already here ends the run in one line too
         if info.is_main:
             views = RunLoggers(cfg, checkpoint.parent, key, run_id)
+        run_in_job(cfg)  # the shared artifacts: found when the sweep staged them, else built here
         data = load_dataset(cfg.dataset)
         cfg = resolve_normalization(cfg, verbose=info.is_main)  # dataset.mean/std: auto -> numbers, key unchanged
         model = instantiate(cfg.method, instantiate(cfg.backbone))

@@ -15,6 +15,9 @@ already completed. Nothing runs, nothing is submitted, and the store is not open
 
 Slurm resources are per point (the `launcher` node of each point's config): points with the
 same resources form one job array, so a sweep may mix a 1-GPU and a 2-node point.
+
+Both build what the points share first, each distinct stage once (harness/jobs/stages.py): the
+local driver in order before the first point; the Slurm launcher as jobs the training jobs depend on.
 """
 
 from __future__ import annotations
@@ -149,19 +152,24 @@ def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_pa
     import os
 
     from harness.jobs.config import run_key
-    from harness.store import SWEEP_ENV, Store, utcnow
+    from harness.store import SWEEP_ENV, Store, StoreBusy, read_done, utcnow
 
     sweep_id = os.environ.get(SWEEP_ENV)
     if not sweep_id:
         return
     store = Store(cfg.store.path, cfg.store.get("runs_dir"))
     key = run_key(cfg, world_size)
-    rows = store.query("SELECT status FROM sweep_points WHERE sweep_id = ? AND run_key = ?", [sweep_id, key])
-    if rows and rows[0]["status"] in FINAL:
-        return
-    # The job's own runs row still says running: it died without a word, say so there too.
-    stale = store.query("SELECT * FROM runs WHERE run_key = ? AND sweep_id = ? AND status IN ('running', 'requeued')",
-                        [key, sweep_id])
+    try:
+        rows = store.query("SELECT status FROM sweep_points WHERE sweep_id = ? AND run_key = ?", [sweep_id, key])
+        if rows and rows[0]["status"] in FINAL:
+            return
+        # The job's own runs row still says running: it died without a word, say so there too.
+        stale = store.query("SELECT * FROM runs WHERE run_key = ? AND sweep_id = ? AND status IN ('running', "
+                            "'requeued')", [key, sweep_id])
+    except StoreBusy:  # another process holds the database: the run folder's marker decides, rows are appended
+        if read_done(store.runs / key):
+            return
+        stale = []
     for row in stale:
         row = {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
         store.write("runs", [{**row, "status": "failed", "error": error, "finished_at": utcnow()}],
@@ -177,14 +185,18 @@ def stored_outcome(cfg: DictConfig, world_size: int | None = None) -> dict | Non
     import os
 
     from harness.jobs.config import run_key
-    from harness.store import SWEEP_ENV, Store
+    from harness.store import SWEEP_ENV, Store, StoreBusy, read_done
 
     sweep_id = os.environ.get(SWEEP_ENV)
     if not sweep_id:
         return None
-    rows = Store(cfg.store.path, cfg.store.get("runs_dir")).query(
-        "SELECT status, objective FROM sweep_points WHERE sweep_id = ? AND run_key = ?",
-        [sweep_id, run_key(cfg, world_size)])
+    store, key = Store(cfg.store.path, cfg.store.get("runs_dir")), run_key(cfg, world_size)
+    try:
+        rows = store.query("SELECT status, objective FROM sweep_points WHERE sweep_id = ? AND run_key = ?",
+                           [sweep_id, key])
+    except StoreBusy:  # another process holds the database: the job's done marker says whether it completed
+        done = read_done(store.runs / key)
+        return {"status": "completed", "objective": done.get("objective")} if done else None
     return rows[0] if rows and rows[0]["status"] in FINAL else None
 
 
@@ -220,12 +232,15 @@ class LocalLauncher(Launcher):
         self._basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from harness.jobs.stages import run_here, sweep_stages
+
         asked = len(job_overrides)
         job_overrides = with_floor_points(self.config, job_overrides)
         points = compose_points(self, job_overrides)
         refuse_bad_points(points, job_overrides)
         if any(p.get("dry_run") for p in points):
             return preview(points, job_overrides, asked)
+        run_here(sweep_stages(points)[0], "sweep driver")  # each shared artifact once, before the points
         results = list(self._basic.launch(job_overrides, initial_job_idx))
         for i, (ret, cfg) in enumerate(zip(results, points)):
             if ret.status != JobStatus.COMPLETED:
@@ -344,18 +359,19 @@ def with_dependency(params: dict[str, Any], after: list[str]) -> dict[str, Any]:
     return {**params, "slurm_additional_parameters": extra}
 
 
-def stage_executor(cfg: DictConfig, name: str, after: list[str], folder: Path | str):
-    """A submitit executor for one job of a shared stage (CLSP's DDPM, shards, assembly): the point's
-    partition, account and time limit on one node, one task and at most one GPU, after jobs `after`."""
-    import submitit
-
-    params = {k: v for k, v in resources(cfg).items() if k != "slurm_signal_delay_s"}  # stages do not requeue
-    params.update(nodes=1, tasks_per_node=1)
-    if params.get("gpus_per_node"):
-        params["gpus_per_node"] = 1
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    executor.update_parameters(name=name, **with_dependency(params, after))
-    return executor
+def stage_params(cfg: DictConfig, stage, after: list[str]) -> dict[str, Any]:
+    """submitit parameters of a stage's job (harness/jobs/stages.py): the point's partition, account and
+    signal delay, one node and one task, the stage's own GPU count (none when the point asks for no GPU),
+    time limit, CPUs and memory (the point's where the stage leaves them unset), after jobs `after`."""
+    params = resources(cfg)
+    res = stage.resources
+    params.update(nodes=1, tasks_per_node=1, gpus_per_node=res.gpus if params.get("gpus_per_node") else 0)
+    for key, value in (("timeout_min", res.timeout_min), ("cpus_per_task", res.cpus), ("mem_gb", res.mem_gb)):
+        if value is not None:
+            params[key] = value
+    if params.get("slurm_signal_delay_s", 0) >= params["timeout_min"] * 60:  # a short stage: signal it earlier
+        params["slurm_signal_delay_s"] = params["timeout_min"] * 60 // 4
+    return with_dependency(params, after)
 
 
 class SlurmLauncher(_SubmititSlurmLauncher):
@@ -406,31 +422,20 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         return results[:asked]
 
     def _submit_shared_stages(self, points: list[DictConfig]) -> list[list[str]]:
-        """Queue the stages that points share before their training jobs, so no training job holds GPUs
-        while it builds or waits; returns, per point, the job ids its training job must wait for.
+        """Queue each distinct stage of the sweep once (harness/jobs/stages.py: the dataset cache and
+        the add-ons' artifacts) before the training jobs, so no training job holds GPUs while it builds
+        or waits; returns, per point, the stage job ids its training job must wait for."""
+        from harness.jobs.stages import array_id, submit_slurm, sweep_stages
 
-        The launcher knows no add-on: each configured add-on class may have a hook
-        ``stages(cfg) -> (key, submit) | None``, where `key` names the shared artifact (a stage is
-        queued once per key across the sweep) and ``submit(executor_for)`` queues its Slurm jobs with
-        ``executor_for(name, after)`` and returns the last one (or None when the artifact exists)."""
-        from harness.jobs.config import addon_classes
-
-        folder = self.params["submitit_folder"]
-        stage_of: dict[Any, list[str]] = {}
-        after: list[list[str]] = []
-        for cfg in points:
-            needs: list[str] = []
-            for addon in addon_classes(cfg):
-                stage = getattr(addon, "stages", lambda _cfg: None)(cfg)
-                if stage is None:
-                    continue
-                key, submit = stage
-                if key not in stage_of:
-                    job = submit(lambda name, deps, cfg=cfg: stage_executor(cfg, name, deps, folder))
-                    stage_of[key] = [job.job_id] if job is not None else []
-                needs += stage_of[key]
-            after.append(needs)
-        return after
+        stages, needs = sweep_stages(points)
+        first_point = {}
+        for cfg, keys in zip(points, needs):
+            for key in keys:
+                first_point.setdefault(key, cfg)
+        folder = Path(str(self.config.hydra.sweep.dir)) / ".stages" / "%j"
+        queued = submit_slurm(stages, lambda stage, after: stage_params(first_point[stage.key], stage, after),
+                              folder, int(points[0].launcher.max_requeues) if points else 0)
+        return [[array_id(queued[k]) for k in keys if k in queued] for keys in needs]
 
     @staticmethod
     def _collect(i: int, job, cfg: DictConfig, overrides: Sequence[str], first_idx: int) -> JobReturn:

@@ -1,8 +1,9 @@
 """CLSP (Zeng et al., ECCV 2024), methods.md §4: diffusion-made synthetic positives for any method.
 
-An add-on (harness/core/addons.py), chosen with ``positives=clsp``. Before training it makes sure the
-job's synthetic set exists (methods/clsp/generate.py: a DDPM trained on the training split, then K
-anchor-interpolated samples per image), then at every step a ``ratio`` share of this rank's anchors
+An add-on (harness/core/addons.py), chosen with ``positives=clsp``. Its stages, built before the
+training jobs (harness/jobs/stages.py), make the job's synthetic set (methods/clsp/generate.py: a
+DDPM trained on the training split, then K anchor-interpolated samples per image); its ``setup``
+loads it. At every step a ``ratio`` share of this rank's anchors
 each get one of their candidates, drawn uniformly, augmented with the pipeline of the method's view
 ``view`` and embedded with the method's ``embed``. What the synthetic embedding does (``mode``):
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +58,11 @@ class SyntheticPositives:
     check_config = staticmethod(clsp_errors)  # called by harness.jobs.config.validate
 
     @staticmethod
-    def stages(cfg) -> tuple[Path, Callable] | None:
-        """The Slurm launcher's hook: the synthetic set this job needs, as (its path, a function that
-        queues its stages: DDPM, shards, assembly), or None when no set is needed."""
-        from methods.clsp.generate import needs_synthetic_set, submit_stages, synthetic_path
+    def stages(cfg) -> list:
+        """The stages of the synthetic set this job needs (DDPM, shards, assembly; harness/jobs/stages.py)."""
+        from methods.clsp.generate import clsp_stages
 
-        if not needs_synthetic_set(cfg):
-            return None
-        return synthetic_path(cfg), lambda executor_for: submit_stages(cfg, executor_for)
+        return clsp_stages(cfg)
 
     @staticmethod
     def dataset_copies(cfg) -> float:
@@ -75,7 +72,7 @@ class SyntheticPositives:
         return float(positives.get("candidates", 0) or 0) if float(positives.get("ratio", 0) or 0) > 0 else 0.0
 
     def __init__(self, cfg, ratio: float = 0.5, weight: float = 1.0, mode: str = "similarity", view: int = 0,
-                 candidates: int = 8, diffusion=None, sampler=None, generate=None):
+                 candidates: int = 8, diffusion=None, sampler=None, generate=None, stages=None):
         if mode not in MODES:
             raise ValueError(f"positives.mode = {mode!r} is not allowed: expected one of {', '.join(MODES)}")
         self.cfg = cfg

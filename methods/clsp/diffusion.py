@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from harness.artifacts import artifact_path, build_once, dataset_identity
+from harness.artifacts import artifact_path, build_once, dataset_identity, lock_timeout_s
 from harness.core import tv  # noqa: F401  (makes torchvision, and so diffusers, importable on a CPU torch)
 from harness.core.checkpoint import load_checkpoint, save_checkpoint
 from harness.core.ema import ema_update
@@ -271,5 +271,5 @@ def diffusion_model(cfg, train_x: torch.Tensor, device: torch.device) -> str:
     path = artifact_path(cfg, "diffusion", ident)
     partial = path.parent / f"{path.name}.partial"  # the resumable training state, outside the build folder
     build_once(path, lambda tmp: train_ddpm(train_x, cfg.positives.diffusion, tmp, partial, device),
-               config=ident, what="diffusion model")
+               config=ident, what="diffusion model", timeout_s=lock_timeout_s(cfg))
     return str(path)

@@ -12,11 +12,11 @@ generation seed, not the SSL method, ratio or run seed, so one set serves a whol
 candidate's randomness comes from its own generators seeded from (seed, image id, candidate),
 so an image's candidates do not depend on the shard layout or on which job made them.
 
-Shards are separate processes: locally this module starts them (``positives.generate.workers``
-at a time); on Slurm (``submit_stages``, which the Slurm sweep launcher calls before it submits
-the training jobs) each task of a job array runs one, after a job that trains the DDPM and before
-one that assembles the set, each waiting for the one before. A finished shard file is never
-redone, so a killed generation resumes where it stopped.
+The set is built by three stages (``clsp_stages``, harness/jobs/stages.py): the DDPM, the shards,
+the assembly. Shards are separate processes: locally this module starts them
+(``positives.generate.workers`` at a time); on Slurm each task of a job array runs one, after the
+DDPM's job and before the assembly's, each waiting for the one before. A finished shard file is
+never redone, so a killed generation resumes where it stopped.
 
     python -m methods.clsp.generate [OVERRIDES...] shard=3/8     # one shard (0-based index / count)
     python -m methods.clsp.generate [OVERRIDES...] shard=all     # every missing shard, then assemble
@@ -31,18 +31,27 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness.artifacts import MANIFEST, artifact_path, artifacts_root, build_once, dataset_identity, lock_or_wait
+from harness.artifacts import (
+    MANIFEST,
+    artifact_done,
+    artifact_path,
+    build_once,
+    dataset_identity,
+    lock_or_wait,
+    lock_timeout_s,
+    with_absolute_artifacts,
+)
 from harness.atomic import atomic_file, write_text_atomic
 from harness.core.data.datasets import ImageData, load_dataset
 from harness.core.progress import Progress
+from harness.jobs.stages import Resources, Stage
 from methods.clsp.diffusion import (
     ddim_scheduler,
     diffusion_model,
@@ -108,7 +117,7 @@ def run_shard(cfg: DictConfig, shard: int, shards: int, data: ImageData | None =
         print(f"{label}: already done", file=sys.stderr, flush=True)
         return out
     parts.mkdir(parents=True, exist_ok=True)
-    lock = lock_or_wait(str(out) + ".lock", f"{label}: another job is generating it; waiting")
+    lock = lock_or_wait(str(out) + ".lock", f"{label}: another job is generating it; waiting", lock_timeout_s(cfg))
     try:
         if out.exists():
             return out
@@ -146,14 +155,6 @@ def _child_env(slot: int) -> dict[str, str]:
         devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
         env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
     return env
-
-
-def with_absolute_artifacts(cfg: DictConfig) -> DictConfig:
-    """A resolved copy of `cfg` whose artifacts.dir is absolute, so other processes, started
-    elsewhere, find the same artifacts."""
-    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    saved.artifacts.dir = str(artifacts_root(cfg))
-    return saved
 
 
 def run_shards_locally(cfg: DictConfig, todo: list[int], shards: int) -> None:
@@ -227,7 +228,7 @@ def synthetic_set(cfg: DictConfig, data: ImageData, device: torch.device) -> Pat
         save_grid(tmp / "grid.png", data.train_x[rows], np.asarray(out[rows]))
         del out
 
-    build_once(path, assemble, config=synthetic_identity(cfg), what="synthetic set")
+    build_once(path, assemble, config=synthetic_identity(cfg), what="synthetic set", timeout_s=lock_timeout_s(cfg))
     shutil.rmtree(parts, ignore_errors=True)
     return path
 
@@ -242,44 +243,53 @@ def generation_device(cfg: DictConfig) -> torch.device:
 
 
 def stage_diffusion_model(cfg: DictConfig) -> str:
-    """Slurm stage 1: train (or find) the DDPM."""
+    """The DDPM stage's build: train (or find) the diffusion model."""
     return diffusion_model(cfg, load_dataset(cfg.dataset).train_x, generation_device(cfg))
 
 
 def build_synthetic_set(cfg: DictConfig) -> str:
     """The job's synthetic set on the generation device: missing shards as local processes, then the
-    assembly. As Slurm stage 3 every shard is already there (the array succeeded)."""
+    assembly. As the assembly stage every shard is already there (the shard stage succeeded)."""
     return str(synthetic_set(cfg, load_dataset(cfg.dataset), generation_device(cfg)))
 
 
-def submit_stages(cfg: DictConfig, executor_for: Callable[[str, list[str]], Any]) -> Any | None:
-    """Queue what is missing of the job's synthetic set as Slurm jobs, each waiting for the one before
-    it to succeed: the DDPM (unless it is built or given), one array task per missing shard, then the
-    assembly. ``executor_for(name, after_job_ids)`` returns a submitit executor set up for one stage.
-    Returns the assembly job (the one training jobs wait for), or None when the set already exists.
-    """
-    cfg = with_absolute_artifacts(cfg)
+def build_shard(cfg: DictConfig, shards: int, shard: int) -> None:
+    """The shard stage's build for one array task."""
+    run_shard(cfg, shard, shards)
+
+
+def shards_done(cfg: DictConfig) -> bool:
     path = synthetic_path(cfg)
-    if (path / MANIFEST).exists():
-        return None
-    after: list[str] = []
-    queued = []
+    shards = int(cfg.positives.generate.shards)
+    return artifact_done(path) or all(shard_file(parts_dir(path), i, shards).exists() for i in range(shards))
+
+
+def clsp_stages(cfg: DictConfig) -> list[Stage]:
+    """The stages of the job's synthetic set (harness/jobs/stages.py), each after the one before: the
+    DDPM (unless a model is given), one array task per missing shard, then the assembly; none when
+    the job draws no synthetic positives."""
+    if not needs_synthetic_set(cfg):
+        return []
+    path = synthetic_path(cfg)
+    resources = lambda name: Resources.from_config(OmegaConf.select(cfg, f"positives.stages.{name}"))  # noqa: E731
+    found, after = [], ()
     ident = model_identity(cfg)
-    model_given = "path" in ident or "hub_id" in ident
-    if not model_given and not (artifact_path(cfg, "diffusion", ident) / MANIFEST).exists():
-        after = [executor_for("clsp-diffusion", after).submit(stage_diffusion_model, cfg).job_id]
-        queued.append("the DDPM")
+    if "path" not in ident and "hub_id" not in ident:
+        model = artifact_path(cfg, "diffusion", ident)
+        resumable = bool(cfg.positives.diffusion.get("checkpoint_every"))  # its train_state.pt
+        found.append(Stage(name="clsp-diffusion", key=str(model), build=partial(stage_diffusion_model, cfg),
+                           done=partial(artifact_done, model), resources=resources("diffusion"),
+                           resumable=resumable))
+        after = (str(model),)
     shards = int(cfg.positives.generate.shards)
     todo = [i for i in range(shards) if not shard_file(parts_dir(path), i, shards).exists()]
-    if todo:
-        tasks = executor_for("clsp-shards", after).map_array(run_shard, [cfg] * len(todo), todo, [shards] * len(todo))
-        after = [tasks[0].job_id.split("_")[0]]  # the array's id: afterok on it waits for every task
-        queued.append(f"{len(todo)} shard task(s)")
-    job = executor_for("clsp-assemble", after).submit(build_synthetic_set, cfg)
-    queued.append("the assembly")
-    print(f"[clsp] synthetic set {path.name}: {', '.join(queued)} queued on Slurm (assembly job {job.job_id})",
-          file=sys.stderr, flush=True)
-    return job
+    found.append(Stage(name="clsp-shards", key=str(parts_dir(path)), build=partial(build_shard, cfg, shards),
+                       done=partial(shards_done, cfg), resources=resources("shards"), after=after, shards=todo,
+                       local=partial(run_shards_locally, cfg, todo, shards)))
+    found.append(Stage(name="clsp-assemble", key=str(path), build=partial(build_synthetic_set, cfg),
+                       done=partial(artifact_done, path), resources=resources("assemble"),
+                       after=(str(parts_dir(path)),)))
+    return found
 
 
 def _job_config(args: list[str]) -> DictConfig:
@@ -306,11 +316,14 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     value = shard_args[0].split("=", 1)[1]
     if value == "all" and OmegaConf.select(cfg, "launcher.name") == "slurm":
-        from hydra_plugins.harness_launchers.launchers import stage_executor
+        from harness.jobs.stages import stages_of, submit_slurm
+        from hydra_plugins.harness_launchers.launchers import stage_params
 
-        job = submit_stages(cfg, lambda name, after: stage_executor(cfg, name, after, Path.cwd() / ".submitit"))
-        if job is not None:
-            job.result()  # waits; raises with the job's error when a stage failed
+        queued = submit_slurm(stages_of(cfg), lambda stage, after: stage_params(cfg, stage, after),
+                              Path.cwd() / ".submitit" / "%j", int(cfg.launcher.max_requeues))
+        for jobs in queued.values():
+            for job in jobs:
+                job.result()  # waits; raises with the job's error when a stage failed
         print(synthetic_path(cfg))
         return 0
     if value == "all":

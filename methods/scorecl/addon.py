@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
+from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from harness.artifacts import artifact_path, build_once, dataset_identity
+from harness.artifacts import artifact_done, artifact_path, build_once, dataset_identity, lock_timeout_s
 from harness.core import distributed
 from harness.core.addons import AddonOut, Batch
+from harness.jobs.stages import Resources, Stage
 from methods.scorecl.checks import SCORECL_NORMALIZATIONS, SCORECL_STATISTICS, scorecl_errors
 from methods.scorecl.score_net import ScoreNet, dsm_loss, to_unit_range, train_score_net
 
@@ -81,6 +85,36 @@ def pair_weights(d: torch.Tensor, alpha: float, normalize: str, clip: tuple[floa
     return w
 
 
+def score_net_identity(cfg: DictConfig) -> dict:
+    """What decides the pretrained score network: its own settings and the training split."""
+    return {"score_net": cfg.weighting.score_net, "data": dataset_identity(cfg.dataset)}
+
+
+def score_net_path(cfg: DictConfig) -> Path:
+    return artifact_path(cfg, "score_net", score_net_identity(cfg))
+
+
+def pretrained_score_net(cfg: DictConfig, data=None, device: torch.device | None = None) -> Path:
+    """The folder of the job's pretrained score network, trained first unless a stage (or another job)
+    has: the score-net stage's build, and the fallback of a job no driver staged."""
+    path = score_net_path(cfg)
+    if artifact_done(path):
+        return path
+    from harness.core.data.datasets import load_dataset
+
+    net_cfg = cfg.weighting.score_net
+    data = data if data is not None else load_dataset(cfg.dataset)
+    if device is None:  # a stage job: the training device the job would pick (trainer.device)
+        device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
+
+    def build(folder):
+        net = ScoreNet.create(net_cfg, int(data.train_x.shape[-1]))
+        train_score_net(net, data.train_x, net_cfg, device).cpu().save(folder)
+
+    return build_once(path, build, config=score_net_identity(cfg), what="score network",
+                      seed=int(net_cfg.seed), timeout_s=lock_timeout_s(cfg))  # score_net.seed: the UNet's init too
+
+
 def _views_to_unit_range(view: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """A method's view (normalised with the dataset's mean/std) → the score net's [-1, 1]."""
     return (view.float() * std + mean) * 2.0 - 1.0
@@ -91,9 +125,19 @@ class ScoreCL(nn.Module):
 
     check_config = staticmethod(scorecl_errors)  # called by harness.jobs.config.validate
 
+    @staticmethod
+    def stages(cfg: DictConfig) -> list[Stage]:
+        """The pretrained score network, built once per sweep before its training jobs (harness/jobs/stages.py)."""
+        if cfg.weighting.mode != "pretrained":
+            return []
+        path = score_net_path(cfg)
+        return [Stage(name="scorecl-score-net", key=str(path), build=partial(pretrained_score_net, cfg),
+                      done=partial(artifact_done, path),
+                      resources=Resources.from_config(OmegaConf.select(cfg, "weighting.stages.score_net")))]
+
     def __init__(self, job_cfg, alpha: float = 1.0, statistic: str = "vector", normalize: str = "mean",
                  clip=None, renormalize: bool = False, sigma: float = 0.05, mode: str = "pretrained",
-                 joint_weight: float = 1.0, score_net=None):
+                 joint_weight: float = 1.0, score_net=None, stages=None):
         super().__init__()
         self.alpha, self.statistic, self.normalize = float(alpha), str(statistic), str(normalize)
         self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
@@ -101,8 +145,7 @@ class ScoreCL(nn.Module):
         self.joint_weight = float(joint_weight)
         self.net_cfg = score_net
         self.job_cfg = job_cfg
-        self.artifact = artifact_path(job_cfg, "score_net",
-                                      {"score_net": score_net, "data": dataset_identity(job_cfg.dataset)})
+        self.artifact = score_net_path(job_cfg)
         mean, std = job_cfg.dataset.mean, job_cfg.dataset.std
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -120,14 +163,8 @@ class ScoreCL(nn.Module):
                 self._ddp = [nn.parallel.DistributedDataParallel(
                     self.net, device_ids=[info.device.index] if info.device.type == "cuda" else None)]
             return
-
-        def build(folder):
-            net = ScoreNet.create(self.net_cfg, image_size)
-            train_score_net(net, data.train_x, self.net_cfg, info.device).cpu().save(folder)
-
-        build_once(self.artifact, build, config={"score_net": self.net_cfg,
-                                                 "data": dataset_identity(self.job_cfg.dataset)},
-                   what="score network", seed=int(self.net_cfg.seed))  # score_net.seed: the UNet's init too
+        # Staged before the job (the score-net stage); built here only when no driver staged it.
+        pretrained_score_net(self.job_cfg, data, info.device)
         net = ScoreNet.load(self.artifact).to(info.device).eval().requires_grad_(False)
         self._frozen = [net]
         if info.is_main:
