@@ -50,9 +50,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from harness.atomic import LOCK_TIMEOUT_OPTION, LockWaitTimeout, lock_or_wait  # noqa: F401  (their home is atomic.py)
 from harness.core.rng import isolated_rng
 
 MANIFEST = "artifact.json"
@@ -101,36 +101,10 @@ def dataset_identity(ds: DictConfig) -> dict:
     return ident
 
 
-LOCK_TIMEOUT_OPTION = "artifacts.lock_timeout_min"
-
-
-class LockWaitTimeout(RuntimeError):
-    """A job waited longer than ``artifacts.lock_timeout_min`` for another job's build."""
-
-
 def lock_timeout_s(cfg: DictConfig | None) -> float | None:
     """``artifacts.lock_timeout_min`` of a job config in seconds (None: wait as long as it takes)."""
     minutes = OmegaConf.select(cfg, LOCK_TIMEOUT_OPTION, default=None) if cfg is not None else None
     return None if minutes is None else float(minutes) * 60
-
-
-def lock_or_wait(lock_path: str, waiting_message: str, timeout_s: float | None = None) -> FileLock:
-    """Take a file lock; when another job holds it, say so once and wait for it, at most `timeout_s`
-    seconds (None: no limit, for stage jobs whose only work is this build). Returns the held lock;
-    raises LockWaitTimeout, naming the lock and the option, when the wait runs out."""
-    lock = FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        limit = "" if timeout_s is None else f" (at most {timeout_s / 60:g} min, {LOCK_TIMEOUT_OPTION})"
-        print(waiting_message + limit, file=sys.stderr, flush=True)
-        try:
-            lock.acquire(timeout=-1 if timeout_s is None else timeout_s)
-        except Timeout:
-            raise LockWaitTimeout(f"gave up after {timeout_s / 60:g} min waiting for {lock_path}, held by another "
-                                  f"job building it; raise {LOCK_TIMEOUT_OPTION} or stage the sweep's artifacts "
-                                  "first (harness/jobs/stages.py)") from None
-    return lock
 
 
 def artifact_done(path: Path | str) -> bool:

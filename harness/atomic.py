@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from filelock import FileLock, Timeout
 
 
 def temp_name(path: Path) -> Path:
@@ -66,3 +69,32 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """`atomic_file` for a small text file (markers, configs, manifests)."""
     with atomic_file(path, "w") as f:
         f.write(text)
+
+
+# ---------------------------------------------------------------------------------- build once
+# A build that many jobs may start at once (a decoded dataset, an artifact) runs in the one that
+# takes `<file>.lock`; the others wait for it, never without a limit in a training job.
+LOCK_TIMEOUT_OPTION = "artifacts.lock_timeout_min"
+
+
+class LockWaitTimeout(RuntimeError):
+    """A job waited longer than ``artifacts.lock_timeout_min`` for another job's build."""
+
+
+def lock_or_wait(lock_path: str, waiting_message: str, timeout_s: float | None = None) -> FileLock:
+    """Take a file lock; when another job holds it, say so once and wait for it, at most `timeout_s`
+    seconds (None: no limit, for stage jobs whose only work is this build). Returns the held lock;
+    raises LockWaitTimeout, naming the lock and the option, when the wait runs out."""
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        limit = "" if timeout_s is None else f" (at most {timeout_s / 60:g} min, {LOCK_TIMEOUT_OPTION})"
+        print(waiting_message + limit, file=sys.stderr, flush=True)
+        try:
+            lock.acquire(timeout=-1 if timeout_s is None else timeout_s)
+        except Timeout:
+            raise LockWaitTimeout(f"gave up after {timeout_s / 60:g} min waiting for {lock_path}, held by another "
+                                  f"job building it; raise {LOCK_TIMEOUT_OPTION} or stage the sweep's artifacts "
+                                  "first (harness/jobs/stages.py)") from None
+    return lock

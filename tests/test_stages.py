@@ -77,7 +77,8 @@ def test_a_cold_local_sweep_of_four_points_decodes_the_dataset_once(tmp_path, ci
                       "trainer.batch_size=20", "trainer.epochs=1", f"store.path={tmp_path}/r.duckdb",
                       f"hydra.sweep.dir={tmp_path}/sweep", "-m")
     assert "Sweep finished: 4 point(s): 4 completed." in out.stderr
-    assert out.stderr.count("[data] decoding imagefolder") == 1
+    # The line that starts a decode (its progress lines repeat the label, not this line).
+    assert out.stderr.count(f"[data] decoding imagefolder from {tmp_path}/tree into ") == 1
     assert out.stderr.count("[stage] dataset-cache: building in the sweep driver") == 1
     assert out.stderr.index("[data] decoding") < out.stderr.index("[train]")  # before the first point
     assert len(list(Path(tmp_path / "cache").glob("*.pt"))) == 1

@@ -36,7 +36,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.artifacts import config_hash, lock_or_wait, lock_timeout_s, with_absolute_artifacts
+from harness.artifacts import config_hash, lock_timeout_s, with_absolute_artifacts
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,10 @@ def _cache_file(ds: DictConfig) -> Path | None:
 def decode_dataset(ds: DictConfig, timeout_s: float | None = None) -> None:
     """The dataset stage's build: decode into the cache once (harness.core.data.datasets.ensure_cache).
 
-    A job that finds another decoding waits for it at most `timeout_s` first, saying so."""
+    A job that finds another decoding waits for it at most `timeout_s`, saying so."""
     from harness.core.data.datasets import ensure_cache
 
-    cache = _cache_file(ds)
-    if cache is not None and not cache.exists() and timeout_s is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        lock_or_wait(str(cache) + ".lock", f"[data] another job is decoding {ds.name} into {cache}; waiting for it",
-                     timeout_s).release()
-    ensure_cache(ds)
+    ensure_cache(ds, timeout_s)
 
 
 def _never() -> bool:

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from PIL import Image
 
-from harness.atomic import atomic_file
+from harness.atomic import atomic_file, lock_or_wait
 from harness.core.progress import Progress
 from harness.errors import ConfigError
 
@@ -402,11 +401,12 @@ def cache_dir(ds) -> Path:
     return Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser() / "datasets"
 
 
-def ensure_cache(ds) -> Path:
+def ensure_cache(ds, lock_timeout_s: float | None = None) -> Path:
     """Decode the dataset of config `ds` into its cache file unless it is there; return the file.
 
     The decode happens once: the first process takes ``<file>.lock`` and writes the file atomically;
-    any other process that needs the same file says it waits, waits, and then reads it. This is the
+    any other process that needs the same file says it waits, waits (at most `lock_timeout_s`, else
+    LockWaitTimeout names the lock and the option), and then reads it. This is the
     build function of the dataset's stage (run before training jobs start) and the fallback of a
     job that finds no cache.
     """
@@ -419,12 +419,8 @@ def ensure_cache(ds) -> Path:
     if cache.exists():
         return cache
     cdir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(cache) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"[data] another job is decoding {ds.name} into {cache}; waiting for it", file=sys.stderr, flush=True)
-        lock.acquire()
+    lock = lock_or_wait(str(cache) + ".lock", f"[data] another job is decoding {ds.name} into {cache}; waiting for it",
+                        lock_timeout_s)
     try:
         if cache.exists():
             return cache
