@@ -197,4 +197,4 @@ def test_a_signal_after_the_last_training_step_stops_the_job_and_the_requeue_com
     assert "resumed from" in again.stderr and "epoch 2/2 done" in again.stderr
     assert [r["status"] for r in store.query("SELECT status FROM runs")] == ["completed"]
     epochs = store.query("SELECT list(epoch ORDER BY epoch) AS e FROM metrics WHERE name = 'loss'")[0]["e"]
-    assert epochs == [0, 1]
+    assert epochs == [1, 2]  # epochs count from 1 in every table

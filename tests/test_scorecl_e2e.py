@@ -114,7 +114,7 @@ def test_method_trains_with_scorecl_weights(method, scorecl_sweep):
     run_id = runs[0]["run_id"]
     rows = s.query("select epoch, name, value from metrics where run_id = ? order by epoch", [run_id])
     metrics = {(r["epoch"], r["name"]): r["value"] for r in rows}
-    for epoch in range(3):
+    for epoch in (1, 2, 3):  # epochs count from 1 in every table
         assert math.isfinite(metrics[(epoch, "loss")])
         # mean-normalised weights w = 1 + d / mean(d) average exactly 1 + alpha over each batch
         assert metrics[(epoch, "weight_mean")] == pytest.approx(2.0, abs=1e-4)

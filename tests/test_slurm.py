@@ -128,7 +128,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint_without_gaps(tmp_path, cifar
     store = Store(tmp_path / "r.duckdb")
     assert [r["status"] for r in store.query("SELECT status FROM runs")] == ["completed"]  # the same run went on
     rows = store.query("SELECT name, list(epoch ORDER BY epoch) AS epochs FROM metrics GROUP BY name")
-    assert rows and all(r["epochs"] == list(range(epochs)) for r in rows)
+    assert rows and all(r["epochs"] == list(range(1, epochs + 1)) for r in rows)  # epochs count from 1
     states = subprocess.run(["sacct", "-j", job, "-X", "-D", "-n", "-o", "State"], capture_output=True,
                             text=True).stdout.split()
     assert "REQUEUED" in states and states[-1] == "COMPLETED"
