@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,13 +193,18 @@ def test_host_residency_trains_exactly_as_device_residency(tmp_path):
     assert residency == "host"
 
 
-def test_a_set_that_cannot_fit_is_refused_before_anything_loads(tmp_path):
-    root = tmp_path / "tree"
+def _blank_tree(root: Path, per_class: int) -> Path:
+    """An image folder of black 8×8 PNGs: two classes, `per_class` images each in train/ and test/."""
     for split in ("train", "test"):
         for c in range(2):
             (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(6):
+            for i in range(per_class):
                 Image.new("RGB", (8, 8)).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_a_set_that_cannot_fit_is_refused_before_anything_loads(tmp_path):
+    root = _blank_tree(tmp_path / "tree", 6)
     with open("/proc/meminfo") as fh:
         available = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
     # 4 training images copied as a subset: each image_size^2 * 3 bytes, twice what this machine has.
@@ -222,12 +228,7 @@ def test_a_set_that_cannot_fit_is_refused_before_anything_loads(tmp_path):
 def test_a_set_larger_than_the_gpu_is_refused_with_residency_device(tmp_path):
     free, _ = torch.cuda.mem_get_info()
     side = int((free / 3 / 100) ** 0.5) + 64  # 100 training images exceed the free memory
-    root = tmp_path / "tree"
-    for split in ("train", "test"):
-        for c in range(2):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(60):
-                Image.new("RGB", (8, 8)).save(root / split / f"c{c}" / f"{i}.png")
+    root = _blank_tree(tmp_path / "tree", 60)
     base = ["dataset=imagefolder", f"dataset.root={root}", f"dataset.image_size={side}", "trainer.batch_size=2",
             f"store.path={tmp_path}/r.duckdb"]
     with pytest.raises(ConfigError, match=r"dataset.residency = 'device'.*host or auto.*GB on each GPU"):
