@@ -267,7 +267,8 @@ def last_row(folder: Path, table: str) -> dict[str, Any] | None:
         except (OSError, ValueError):
             continue
         if isinstance(row, dict):
-            row.pop("_order", None)
+            row.pop("_order", None)  # bookkeeping of the row file, not columns: a caller may write the row back
+            row.pop("_format", None)
             return row
     return None
 
