@@ -142,19 +142,34 @@ def sweep_stages(points: Sequence[DictConfig]) -> tuple[list[Stage], list[list[s
 
 # ------------------------------------------------------------------------------------- running
 
-def run_here(stages: Sequence[Stage], where: str) -> None:
-    """Build each stage that is not done, in order, in this process (`where`: the driver or the job)."""
+def run_here(stages: Sequence[Stage], where: str, keep_going: bool = False) -> None:
+    """Build each stage that is not done, in order, in this process (`where`: the driver or the job).
+
+    `keep_going` (the sweep driver): a stage that fails is reported in one line and the stages that
+    need it are skipped; the points that need it then fail in their own jobs with the same error, and
+    the sweep's other points still run."""
+    failed: set[str] = set()
     for stage in stages:
-        if stage.done():
+        if stage.done() or failed.intersection(stage.after):
+            if not stage.done():
+                failed.add(stage.key)
             continue
         print(f"[stage] {stage.name}: building in the {where} ({stage.key})", file=sys.stderr, flush=True)
-        if stage.shards is None:
-            stage.build()
-        elif stage.local is not None:
-            stage.local()
-        else:
-            for shard in stage.shards:
-                stage.build(shard)
+        try:
+            if stage.shards is None:
+                stage.build()
+            elif stage.local is not None:
+                stage.local()
+            else:
+                for shard in stage.shards:
+                    stage.build(shard)
+        except Exception as e:
+            if not keep_going:
+                raise
+            failed.add(stage.key)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"[stage] {stage.name} could not be built in the {where}: {first}; the points that need it fail in "
+                  "their own jobs, the others run", file=sys.stderr, flush=True)
 
 
 class StageJob:

@@ -240,7 +240,8 @@ class LocalLauncher(Launcher):
         refuse_bad_points(points, job_overrides)
         if any(p.get("dry_run") for p in points):
             return preview(points, job_overrides, asked)
-        run_here(sweep_stages(points)[0], "sweep driver")  # each shared artifact once, before the points
+        # Each shared artifact once, before the points (one that fails fails only the points that need it).
+        run_here(sweep_stages(points)[0], "sweep driver", keep_going=True)
         results = list(self._basic.launch(job_overrides, initial_job_idx))
         for i, (ret, cfg) in enumerate(zip(results, points)):
             if ret.status != JobStatus.COMPLETED:
