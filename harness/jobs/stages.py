@@ -76,19 +76,6 @@ class Stage:
 
 # ---------------------------------------------------------------------------------- declaring
 
-def _cache_file(ds: DictConfig) -> Path | None:
-    """Where the decoded dataset of `ds` is cached (the rule of harness.core.data.datasets.ensure_cache);
-    None while a download has still to fetch the files."""
-    from harness.core.data import datasets
-
-    kind, path = datasets.resolve_source(ds)
-    if kind == "download":
-        kind, path = "torchvision", datasets.cache_dir(ds) / "downloads"  # where ensure_cache downloads to
-        if not datasets._torchvision_folder(path, ds.name):
-            return None
-    return datasets._cache_file(ds, kind, path)
-
-
 def decode_dataset(ds: DictConfig, timeout_s: float | None = None) -> None:
     """The dataset stage's build: decode into the cache once (harness.core.data.datasets.ensure_cache).
 
@@ -103,9 +90,11 @@ def _never() -> bool:
 
 
 def dataset_stage(cfg: DictConfig) -> Stage:
+    from harness.core.data.datasets import cache_file
+
     ds = cfg.dataset
     source = {k: ds.get(k) for k in ("name", "root", "archive", "download", "cache_dir", "image_size")}
-    cache = _cache_file(ds)
+    cache = cache_file(ds)
     done = cache.exists if cache is not None else _never  # a download: ensure_cache finds out
     return Stage(name="dataset-cache", key=f"dataset:{cache or config_hash(source)}",
                  build=partial(decode_dataset, ds, lock_timeout_s(cfg)), done=done,

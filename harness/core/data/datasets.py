@@ -401,6 +401,17 @@ def cache_dir(ds) -> Path:
     return Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser() / "datasets"
 
 
+def cache_file(ds) -> Path | None:
+    """Where `ensure_cache` puts the decoded dataset of `ds`; None while a download has still to fetch
+    its files (the key covers them)."""
+    kind, path = resolve_source(ds)
+    if kind == "download":
+        kind, path = "torchvision", cache_dir(ds) / "downloads"  # where _download puts them
+        if not _torchvision_folder(path, ds.name):
+            return None
+    return _cache_file(ds, kind, path)
+
+
 def ensure_cache(ds, lock_timeout_s: float | None = None) -> Path:
     """Decode the dataset of config `ds` into its cache file unless it is there; return the file.
 
