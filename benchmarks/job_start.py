@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 def time_to_first_step(store: Path, extra: list[str]) -> tuple[float, float]:
     """(seconds to the first step's progress line, seconds to the first line of any output)."""
     cmd = [sys.executable, "-m", "harness", "backbone=convnet", "dataset.train_size=2000", "dataset.test_size=200",
-           "trainer.epochs=1", f"store.path={store}", "force=true", f"hydra.run.dir={store}.hydra", *extra]
+           "trainer.epochs=1", "trainer.log_every=0", f"store.path={store}", "force=true",
+           f"hydra.run.dir={store}.hydra", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)

@@ -3,41 +3,52 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from harness.artifacts import MANIFEST, artifact_path, artifacts_root, build_once, config_hash, dataset_identity
+from tests.events import wait_for
 
 
-def _slow_build(path: str, log: str, started: str) -> None:
+def _held_build(path: str, log: str, started: str, release: str, stderr: str) -> None:
+    """build_once whose build, once started, goes on only when the file `release` exists; the process's
+    stderr (where build_once says it waits) goes to the file `stderr`."""
+    sys.stderr = open(stderr, "w", buffering=1)
+
     def build(tmp: Path) -> None:
         Path(started).touch()
         with open(log, "a") as f:
             f.write("built\n")
-        time.sleep(1.5)
+        while not Path(release).exists():
+            time.sleep(0.01)
         (tmp / "value.txt").write_text("42")
 
     build_once(Path(path), build)
 
 
 def test_second_process_waits_for_the_first_and_reuses(tmp_path):
-    path, log, started = tmp_path / "kind" / "abc", tmp_path / "log", tmp_path / "started"
+    path, log, started, release = tmp_path / "kind" / "abc", tmp_path / "log", tmp_path / "started", tmp_path / "go"
     ctx = mp.get_context("spawn")
-    first = ctx.Process(target=_slow_build, args=(str(path), str(log), str(started)))
+    first = ctx.Process(target=_held_build, args=(str(path), str(log), str(started), str(release),
+                                                  str(tmp_path / "first.err")))
     first.start()
-    deadline = time.monotonic() + 60
-    while not started.exists():  # the second starts only once the first is building
-        assert time.monotonic() < deadline and first.is_alive()
-        time.sleep(0.05)
-    assert not (path / MANIFEST).exists()
-    second = ctx.Process(target=_slow_build, args=(str(path), str(log), str(started)))
+    wait_for("the first build to start", lambda: started.exists() or not first.is_alive())
+    assert first.is_alive() and not (path / MANIFEST).exists()
+    second_err = tmp_path / "second.err"
+    second = ctx.Process(target=_held_build, args=(str(path), str(log), str(started), str(release), str(second_err)))
     second.start()
+    # The first build goes on only once the second has said it waits for it.
+    wait_for("the second to wait", lambda: not second.is_alive() or (second_err.exists() and "being built by another "
+                                                                      "job; waiting" in second_err.read_text()))
+    release.touch()
     first.join(60)
     second.join(60)
     assert first.exitcode == 0 and second.exitcode == 0
     assert log.read_text() == "built\n"  # built exactly once
+    assert "[artifact] reusing" in second_err.read_text()
     assert (path / "value.txt").read_text() == "42"
     assert not list(path.parent.glob(".*.tmp"))
 

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from harness.store import Store
 from methods.clsp.diffusion import build_scheduler, build_unet, ddim_scheduler, diffusion_model, load_model
 from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
 from tests.dist_utils import run_ranks
+from tests.events import wait_for
 
 # isort: split
 from diffusers import DDIMPipeline, DDPMScheduler
@@ -304,9 +304,8 @@ def test_a_killed_generation_resumes_without_redoing_finished_shards(clsp_stages
     cmd = [sys.executable, "-m", "methods.clsp.generate", *overrides, "shard=all"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=harness_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not shard_file(parts, 0, 3).exists():
-        time.sleep(0.1)
+    # Killed once its first shard is written, two shards of sampling before its end.
+    wait_for("the first shard", lambda: proc.poll() is not None or shard_file(parts, 0, 3).exists(), every=0.05)
     assert proc.poll() is None, "generation ended before it could be killed:\n" + proc.stderr.read()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job, shard processes included, as a scheduler kills it
     proc.wait()

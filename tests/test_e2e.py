@@ -4,13 +4,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from harness.store import Store
 from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
+from tests.events import signal_at_line
 
 pytestmark = [requires_cifar, pytest.mark.slow]
 
@@ -44,21 +44,10 @@ def test_the_readme_check_runs_once_and_a_rerun_adds_nothing(tmp_path, cifar10_c
 
 def test_a_job_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path, cifar10_cached):
     db = tmp_path / "r.duckdb"
-    args = [sys.executable, "-m", "harness", *TINY, "dataset.train_size=2000", "trainer.epochs=4", f"store.path={db}"]
-    proc = subprocess.Popen(args, cwd=REPO, env=harness_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 300
-    checkpoints = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        checkpoints = list((tmp_path / "r.duckdb.runs").glob("*/checkpoint.pt"))
-        if checkpoints:
-            epoch = torch.load(checkpoints[0], weights_only=True)["epoch"]
-            if epoch >= 1:
-                break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the job ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # Killed right after epoch 1's checkpoint (the line follows it), with three epochs left.
+    killed = signal_at_line(["-m", "harness", *TINY, "dataset.train_size=2000", "trainer.epochs=4", f"store.path={db}"],
+                            lambda line: line.startswith("[train] epoch 1/4 done"), signal.SIGKILL)
+    assert killed.signalled and killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     store = Store(db)
     [first] = store.query("SELECT status, wall_seconds, attempts FROM runs")
     assert first["status"] == "running"  # what a killed job leaves

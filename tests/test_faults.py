@@ -4,12 +4,10 @@ points, a cut-short, empty or hostile checkpoint.pt, a full disk."""
 from __future__ import annotations
 
 import random
+import re
 import resource
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,30 +15,34 @@ import pytest
 import torch
 
 from harness.store import Store
-from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
+from tests.conftest import TINY, requires_cifar, run_harness
+from tests.events import signal_at_line
 from tests.fs_utils import small_file_system
 
 pytestmark = [requires_cifar, pytest.mark.slow]
 
-ARGS = (*TINY, "dataset.train_size=500", "trainer.epochs=3")
+ARGS = (*TINY, "dataset.train_size=500", "trainer.epochs=3", "trainer.log_every=0")
+
+
+# What an attempt prints as it goes (trainer.log_every=0: a line at every sync point): a step's line, an
+# epoch's end (its checkpoint is written just before), the resume. The kills land after these events.
+EVENT = re.compile(r"^\[train\] (epoch \d+/\d+ (step \d+/\d+|done)|resumed from)")
 
 
 @dataclass
 class FinishedRun:
     db: Path
     folder: Path  # <store>.runs/<run key>: checkpoint.pt (epoch 3), checkpoint.prev.pt (epoch 2), run_id
-    seconds: float  # wall time of the whole command
+    events: list[str]  # its progress lines that the kills are keyed to (EVENT), in order
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cifar10_cached) -> FinishedRun:
     """One uninterrupted 3-epoch run (seed=1): the reference the faulted runs are compared with."""
     db = tmp_path_factory.mktemp("reference") / "r.duckdb"
-    start = time.monotonic()
-    run_harness(*ARGS, "seed=1", f"store.path={db}")
-    seconds = time.monotonic() - start
+    done = run_harness(*ARGS, "seed=1", f"store.path={db}")
     (folder,) = Path(str(db) + ".runs").iterdir()
-    return FinishedRun(db, folder, seconds)
+    return FinishedRun(db, folder, [line for line in done.stderr.splitlines() if EVENT.match(line)])
 
 
 def _rows_per_epoch_and_name(store: Store, run_id: str) -> dict[tuple[int, str], int]:
@@ -54,31 +56,28 @@ def _completed(store: Store) -> list[dict]:
 
 
 def test_sigkill_at_ten_random_points_then_the_same_command_completes_the_run(tmp_path, finished_run):
-    """The same command again and again, each attempt SIGKILLed after a random delay (seeded,
-    up to the length of a whole run) unless it ended first; once a run has completed, the next
-    attempts go to a new run (the next seed). After ten kills the last run is completed by the same
-    command. Every run then has exactly the metrics rows of an uninterrupted run, one per epoch
-    and name."""
+    """The same command again and again, each attempt SIGKILLed right after an event of its own
+    progress drawn at random (the n-th step line, epoch end or resume it prints), unless it ended
+    first; once a run has completed, the next attempts go to a new run (the next seed). The first kill
+    lands after epoch 1's checkpoint, so a resume is certain whatever the machine's speed. After ten
+    kills the last run is completed by the same command. Every run then has exactly the metrics rows
+    of an uninterrupted run, one per epoch and name."""
     db = tmp_path / "r.duckdb"
     rng = random.Random(14)
+    first_checkpoint = [line.startswith("[train] epoch 1/3 done") for line in finished_run.events].index(True)
     seed, kills, attempts, logs = 0, 0, 0, []
     while kills < 10:
         attempts += 1
         assert attempts <= 40, "the attempts keep ending before their kill"
-        log = tmp_path / f"attempt-{attempts}.log"
-        with open(log, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "harness", *ARGS, f"seed={seed}", f"store.path={db}"],
-                                    cwd=REPO, env=harness_env(), stdout=subprocess.DEVNULL, stderr=err)
-            try:
-                proc.wait(timeout=rng.uniform(0, finished_run.seconds))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                kills += 1
-            else:  # it ended by itself: that run is complete; the next kills go to a new run
-                assert proc.returncode == 0, log.read_text()
-                seed += 1
-        logs.append(log.read_text())
+        nth = first_checkpoint + 1 if attempts == 1 else rng.randint(1, len(finished_run.events))
+        outcome = signal_at_line(["-m", "harness", *ARGS, f"seed={seed}", f"store.path={db}"],
+                                 lambda line: EVENT.match(line) is not None, signal.SIGKILL, nth=nth)
+        if outcome.returncode == -signal.SIGKILL:
+            kills += 1
+        else:  # it ended by itself before its n-th event: that run is complete; the next kills go to a new run
+            assert outcome.returncode == 0, outcome.stderr[-3000:]
+            seed += 1
+        logs.append(outcome.stderr)
     logs.append(run_harness(*ARGS, f"seed={seed}", f"store.path={db}").stderr)
 
     assert any("resumed from" in text for text in logs), "no kill landed after a checkpoint: nothing was resumed"

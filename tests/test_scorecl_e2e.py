@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import REPO, harness_env, requires_cifar, run_harness
+from tests.events import read_until, wait_for
 
 pytestmark = [pytest.mark.slow, requires_cifar]
 
@@ -57,18 +58,24 @@ def test_two_jobs_share_one_score_net_and_the_second_waits_for_the_first(tmp_pat
     """Two runs (seeds 0 and 1) with the same score-net config: one trains it, the other, started
     while it is being trained, waits and then reuses it."""
     store = tmp_path / "results.duckdb"
-    # Enough score-net epochs that building outlasts the second job's start-up.
-    longer = "weighting.score_net.epochs=8"
+    longer = "weighting.score_net.epochs=4"  # a build of seconds: the freeze below lands inside it
     first = _job(store, 0, longer)
     folder = Path(str(store) + ".artifacts") / "score_net"
-    deadline = time.monotonic() + 600
-    while not list(folder.glob(".*.tmp")):  # the first job is now training the score net
-        assert first.poll() is None, first.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    second = _job(store, 1, longer)
+    # The first job is training the score net (its temporary folder exists): freeze it there, so that the
+    # second starts while the net is being built however fast either job goes, and let it go on only
+    # once the second has said it waits.
+    wait_for("the first job to build the score net", lambda: first.poll() is not None or list(folder.glob(".*.tmp")),
+             every=0.05)
+    assert first.poll() is None, first.communicate()
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = _job(store, 1, longer)
+        waiting = read_until(second.stderr, lambda line: "being built by another job; waiting" in line)
+    finally:
+        first.send_signal(signal.SIGCONT)
     out1, err1 = first.communicate(timeout=1800)
     out2, err2 = second.communicate(timeout=1800)
+    err2 = waiting + err2
     assert first.returncode == 0, err1[-3000:]
     assert second.returncode == 0, err2[-3000:]
     assert "[artifact] building score network" in err1

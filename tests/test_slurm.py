@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -19,6 +18,7 @@ import pytest
 from harness.jobs import tuning
 from harness.store import Store
 from tests.conftest import REPO, harness_env, requires_cifar, run_harness
+from tests.events import wait_for
 
 
 def _cluster_answers() -> str | None:
@@ -52,16 +52,6 @@ def start(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:
                             text=True)
 
 
-def wait_for(what: str, check, timeout: float = 300, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"gave up waiting for {what}")
-
-
 def job_ids(sweep_dir: Path) -> list[str]:
     """Slurm job ids of a sweep's points, in point order (submitit's folders: <id> or <array>_<index>)."""
     folder = sweep_dir / ".submitit"
@@ -70,6 +60,10 @@ def job_ids(sweep_dir: Path) -> list[str]:
     names = [p.name for p in folder.iterdir() if p.is_dir()]
     arrays = sorted((n for n in names if "_" in n), key=lambda n: int(n.split("_")[1]))
     return arrays or names
+
+
+def squeue_state(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
 def log_of(sweep_dir: Path, job: str) -> str:
@@ -108,7 +102,8 @@ def test_a_requeued_job_resumes_from_its_checkpoint_without_gaps(tmp_path, cifar
     try:
         sweep_dir = tmp_path / "a"
         job = wait_for("the job", lambda: (job_ids(sweep_dir) or [None])[0])
-        wait_for("the first epoch", lambda: "epoch 1/4 done" in log_of(sweep_dir, job))
+        # Three epochs are left when the signal is sent: the job is still training when it arrives.
+        wait_for("the first epoch", lambda: "epoch 1/4 done" in log_of(sweep_dir, job), every=0.05)
         # What Slurm does before the time limit or on preemption (--signal=USR2@...): signal the job's tasks.
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
 
@@ -136,12 +131,17 @@ def test_a_requeued_job_resumes_from_its_checkpoint_without_gaps(tmp_path, cifar
 
 
 def test_a_cancelled_point_fails_with_a_reason_and_a_rerun_trains_only_it(tmp_path, cifar10_cached):
-    overrides = ("trainer.epochs=3", "dataset.train_size=768")
+    overrides = ("trainer.epochs=4", "dataset.train_size=768")
     driver = start(tmp_path, "a", *overrides)
     try:
         sweep_dir = tmp_path / "a"
         jobs = wait_for("both jobs", lambda: len(job_ids(sweep_dir)) == 2 and job_ids(sweep_dir))
-        wait_for("seed 1 to train", lambda: "[train]" in log_of(sweep_dir, jobs[1]))
+        # Seed 1's first epoch (its checkpoint and metrics rows) is done: freeze the job where it is, so
+        # the cancel lands mid-run however fast the machine trains the three epochs left.
+        wait_for("seed 1's first epoch", lambda: "epoch 1/4 done" in log_of(sweep_dir, jobs[1]), every=0.05)
+        subprocess.run(["scontrol", "suspend", jobs[1]], check=True)
+        wait_for("the suspension", lambda: squeue_state(jobs[1]) == "SUSPENDED")
+        assert "epoch 4/4 done" not in log_of(sweep_dir, jobs[1])
         subprocess.run(["scancel", jobs[1]], check=True)
         out, err = driver.communicate(timeout=600)
     finally:
@@ -192,7 +192,7 @@ def test_a_tuned_sweep_prunes_and_continues_after_its_driver_is_killed(tmp_path,
     driver = start(tmp_path, "a", *tune)
     try:
         # Kill the driver while its second batch is in flight (2 trials told, 2 more asked).
-        wait_for("the second batch", lambda: len(trials()) >= 4, timeout=600)
+        wait_for("the second batch", lambda: len(trials()) >= 4, guard_s=600)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     finally:
@@ -255,7 +255,7 @@ def test_shared_stages_run_once_as_jobs_before_the_points_and_a_signalled_stage_
         # The DDPM's job saved its first training state: send what Slurm sends before the time limit.
         wait_for("the DDPM's first saved state",
                  lambda: list((tmp_path / "r.duckdb.artifacts" / "diffusion").glob("*.partial/train_state.pt")),
-                 timeout=900)
+                 every=0.05, guard_s=900)  # three of its four epochs are left when the signal arrives
         ddpm = [j for j in sacct_jobs("clsp-diffusion") if j["id"] not in before][0]["id"]
         subprocess.run(["scancel", "--signal=USR2", ddpm], check=True)
 

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -19,6 +18,7 @@ import pytest
 from harness.store import Store, utcnow
 from leaderboard.show import show
 from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
+from tests.events import signal_at_line
 
 ONE_EPOCH = (*TINY, "dataset.train_size=512", "dataset.test_size=128", "trainer.batch_size=64", "trainer.epochs=1")
 
@@ -172,19 +172,13 @@ def test_the_schema_is_migrated_only_when_its_version_changes(tmp_path):
 @requires_cifar
 def test_sigkill_before_the_first_checkpoint_leaves_no_running_row(tmp_path, cifar10_cached):
     db = tmp_path / "r.duckdb"
-    args = [*ONE_EPOCH, f"store.path={db}"]  # killed as soon as its runs row exists: before any data is read
-    proc = subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=REPO, env=harness_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [*ONE_EPOCH, f"store.path={db}"]
+    # Killed at its first line about data or training: its runs row is written (before the data is
+    # loaded) and the first epoch, whose end writes the first checkpoint, has not begun.
+    killed = signal_at_line(["-m", "harness", *args], lambda line: line.startswith(("[data]", "[train]")))
+    assert killed.signalled and killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     runs = tmp_path / "r.duckdb.runs"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None and not list(runs.glob("*/rows/runs/*.jsonl")):
-            time.sleep(0.05)
-        assert proc.poll() is None, "the job ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        proc.kill()
+    assert list(runs.glob("*/rows/runs/*.jsonl"))
     assert not list(runs.glob("*/checkpoint.pt")), "killed too late: a checkpoint was written"
     store = Store(db)
     assert [r["status"] for r in store.query("SELECT status FROM runs")] == ["running"]  # what the kill left
