@@ -115,7 +115,10 @@ class Training:
         cfg, info, tc = self.cfg, self.info, self.cfg.trainer
         device = self.device = info.device
         # Decided before the add-ons set up, so their own image sets (CLSP's candidates) follow it.
-        self.data.residency = residency.resolve(cfg, self.data.train_x, device, self.addons, info.is_main)
+        # What SSL trains on: the labelled train split, or more (STL-10's train + unlabeled: ImageData.pretrain_x).
+        images = self.data.train_x if self.data.pretrain_x is None else self.data.pretrain_x
+        index = self.data.train_index if self.data.pretrain_x is None else self.data.pretrain_index
+        self.data.residency = residency.resolve(cfg, images, device, self.addons, info.is_main)
         self.setup_addons()
         self.place_model(model)
 
@@ -124,7 +127,7 @@ class Training:
             raise ValueError(f"trainer.batch_size={self.global_batch} is not divisible by the world size "
                              f"{info.world_size}")
         self.local_batch = self.global_batch // info.world_size
-        self.n_train = len(self.data.train_x)
+        self.n_train = len(images)
         self.steps_per_epoch = self.n_train // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"trainer.batch_size={self.global_batch} exceeds the {self.n_train} training images")
@@ -136,8 +139,8 @@ class Training:
                    for g in owner.optim_groups()]
         self.optimizer = build_optimizer(nn.ModuleList([self.method, self.trained_addons]), tc, self.peak_lr, special)
 
-        self.batches = residency.batch_source(self.data.residency, self.data.train_x, device, self.local_batch)
-        self.train_index = self.data.train_index.to(device)  # positions in the full training split
+        self.batches = residency.batch_source(self.data.residency, images, device, self.local_batch)
+        self.train_index = index.to(device)  # positions in the full training (or pretraining) split
         self.views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
                                seed=int(cfg.seed) * 1000 + info.rank, channels_last=True)
         self.objective_split = "val" if self.data.val_x is not None else "test"
