@@ -118,6 +118,9 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
             # The dataset a transfer probe ran on (eval.transfer; split "transfer:<dataset>"); NULL for
             # the run's own dataset.
             "dataset": "VARCHAR",
+            # What top1 holds when it is not top-1 accuracy: a transfer set's metric in the ssl-transfer
+            # protocol (mean_per_class, map11; harness/core/logreg.py). NULL or top1: top-1 accuracy.
+            "metric": "VARCHAR",
         },
         ("run_id", "protocol", "split"),
     ),

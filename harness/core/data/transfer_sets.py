@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # name -> the metric the ssl-transfer tradition reports for it
 METRICS = {"food101": "top1", "cifar10": "top1", "cifar100": "top1", "sun397": "top1", "cars": "top1",
@@ -101,7 +102,7 @@ def missing(name: str, root: str | Path) -> list[str]:
     if not root.is_dir():
         return [f"the directory {root}"]
     if name in ("cifar10", "cifar100"):
-        return []  # read by datasets.py, which names what it lacks
+        return []  # read by datasets.py, which names what it lacks (datasets.resolve_source)
     gone = _missing_in(name, folder(name, root))
     where = "/".join(p for p in CANDIDATES[name][0].split("/") if p != ".")
     return [f"{where}/{g}" if where else g for g in gone]
@@ -223,36 +224,49 @@ def _voc2007(base: Path) -> tuple[list[str], dict[str, Split]]:
     return VOC_CLASSES, out
 
 
-def _cifar(name: str, root: Path, cache_dir: str | None) -> tuple[list[str], dict[str, Split]]:
-    from omegaconf import OmegaConf
-
-    from harness.core.data.datasets import load_full
-
-    data = load_full(OmegaConf.create({"name": name, "root": str(root), "archive": None, "download": False,
-                                       "cache_dir": cache_dir}))
-    return data.classes, {"train": Split(data.train_x, data.train_y.numpy()),
-                          "test": Split(data.test_x, data.test_y.numpy())}
-
-
 def _take(split: Split, rows: np.ndarray) -> Split:
     images = split.images[torch.from_numpy(rows)] if isinstance(split.images, torch.Tensor) else \
         [split.images[i] for i in rows]
     return Split(images, split.labels[rows])
 
 
-def read(name: str, root: str | Path, seed: int = 0, cache_dir: str | None = None) -> TransferSet:
-    """Transfer set `name` from the copy at `root` (complete: see `missing`), with train/val/test."""
-    root = Path(str(root)).expanduser()
-    if name in ("cifar10", "cifar100"):
-        classes, splits = _cifar(name, root, cache_dir)
-    else:
-        base = folder(name, root)
-        reader = {"food101": _food101, "dtd": _dtd, "pets": _pets, "aircraft": _aircraft, "flowers": _flowers,
-                  "cars": _cars, "sun397": _sun397, "voc2007": _voc2007}.get(name)
-        classes, splits = reader(base) if reader else _caltech101(base, seed)
-    if "val" not in splits:  # a seeded 20 % of train, as ssl-transfer holds out
-        order = np.random.RandomState(seed).permutation(len(splits["train"].labels))
-        cut = int(np.floor(VAL_FRACTION * len(order)))
-        splits["val"] = _take(splits["train"], np.sort(order[:cut]))
-        splits["train"] = _take(splits["train"], np.sort(order[cut:]))
-    return TransferSet(name, classes, splits, METRICS[name])
+def with_val(splits: dict[str, Split], seed: int) -> dict[str, Split]:
+    """`splits` with a val split: the official one, or a seeded 20 % of train (as ssl-transfer holds out)."""
+    if "val" in splits:
+        return splits
+    order = np.random.RandomState(seed).permutation(len(splits["train"].labels))
+    cut = int(np.floor(VAL_FRACTION * len(order)))
+    return {**splits, "val": _take(splits["train"], np.sort(order[:cut])),
+            "train": _take(splits["train"], np.sort(order[cut:]))}
+
+
+def read(name: str, root: str | Path, seed: int = 0) -> TransferSet:
+    """Transfer set `name` (not CIFAR: datasets.py reads those) from the complete copy at `root`."""
+    base = folder(name, Path(str(root)).expanduser())
+    reader = {"food101": _food101, "dtd": _dtd, "pets": _pets, "aircraft": _aircraft, "flowers": _flowers,
+              "cars": _cars, "sun397": _sun397, "voc2007": _voc2007}.get(name)
+    classes, splits = reader(base) if reader else _caltech101(base, seed)
+    return TransferSet(name, classes, with_val(splits, seed), METRICS[name])
+
+
+class Images(torch.utils.data.Dataset):
+    """The images of a split as uint8 3 x size x size tensors: files decoded as ssl-transfer's transform
+    does (shorter side resized to `size`, bicubic, then the centre crop), tensors (CIFAR, image folders
+    already decoded) resized to `size` when they differ."""
+
+    def __init__(self, images: list[str] | torch.Tensor, size: int):
+        self.images, self.size = images, size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if isinstance(self.images, torch.Tensor):
+            x = self.images[i]
+            if tuple(x.shape[-2:]) != (self.size, self.size):
+                x = F.interpolate(x[None].float(), size=(self.size, self.size), mode="bicubic", antialias=True,
+                                  align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+            return x
+        from harness.core.data.datasets import _decode
+
+        return torch.from_numpy(np.ascontiguousarray(_decode(self.images[i], self.size).transpose(2, 0, 1)))
