@@ -245,3 +245,24 @@ def test_bad_transfer_entries_are_one_line_each_all_at_once(tmp_path):
     assert any("eval.transfer.3.metric" in x and "mean_per_class" in x for x in lines)
     assert any("eval.transfer.4.protocols" in x and "multi-label" in x for x in lines)
     assert len(errors) >= 5
+
+
+def test_the_page_shows_the_suite_table_with_its_average_beside_sces_published_row(tmp_path):
+    from harness.store import Store
+    from leaderboard.__main__ import main as leaderboard_main
+    from tests.leaderboard_util import add_run
+
+    store = Store(tmp_path / "results.duckdb")
+    add_run(store, "r0", 80.0, seed=0)
+    store.write("evals", [{"run_id": "r0", "run_key": "k-r0", "protocol": "logreg:lbfgs", "split": f"transfer:{d}",
+                           "dataset": d, "top1": v, "top5": None, "metric": m, "epoch": 10}
+                          for d, v, m in (("dtd", 60.0, "top1"), ("pets", 70.0, "mean_per_class"))])
+    page = tmp_path / "page.html"
+    assert leaderboard_main(["build", "--db", str(store.path), "--out", str(page), "--cdn"]) == 0
+    html = page.read_text()
+    section = html[html.index("<h2>Transfer</h2>"):html.index("<h2>Add-on effects")]
+    assert "pets (mean per-class acc.)" in section and "voc2007 (11-point mAP)" in section
+    assert "65.00 (2 of 11)" in section  # our average over the two sets measured
+    assert "84.00" in section and "80.39 (11 of 11)" in section  # SCE's row: VOC2007 and its 11-set average
+    assert "SCE README (ssl-transfer protocol) · sce: 84.00" in section  # SCE's (77.1 + 90.9) / 2 on the same sets
+    assert ">mean per-class acc.<" in section  # the metric named in the per-row table
