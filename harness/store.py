@@ -165,6 +165,8 @@ NOT_IN_RUN_KEY = (
     "tags",
     "sweep",
     "sweep_floor",  # whether a sweep adds floor points; a floor run has trainer.epochs=0 in its key
+    "sweep_points",  # a preset's listed points (harness/jobs/sweeps.py): each point's own overrides are keyed
+    "claim",  # the published claim a preset's point tests: a label, not a setting
     "store",
     "artifacts",
     "launcher",
