@@ -141,6 +141,12 @@ def preview(points: list[DictConfig], job_overrides: Sequence[Sequence[str]], as
         to_run += floor_run
     print(f"{to_run} would run, {len(points) - to_run} already completed. Run them: the same command without "
           "dry_run=true.")
+    from harness.jobs.bill import print_bill
+    from harness.jobs.config import run_key
+    from harness.store import Store, read_done
+
+    print_bill(points, [not (read_done(Store(cfg.store.path, cfg.store.get("runs_dir")).runs / run_key(cfg))
+                             and not cfg.get("force")) for cfg in points])
     return [_returned(overrides, None) for overrides in job_overrides[:asked]]
 
 
