@@ -169,3 +169,24 @@ def test_training_steps_over_the_pretraining_images_and_the_online_probe_ignores
     run.resume()
     run.train_epoch(0)
     assert all(torch.isfinite(p).all() for p in online.parameters())
+
+
+def test_a_run_on_stl10_pretrains_on_train_and_unlabeled_and_probes_the_labelled_split(tmp_path):
+    import json
+
+    from harness.jobs.config import compose
+    from harness.jobs.run import run
+    from harness.store import Store
+
+    write_stl10(tmp_path / "stl")
+    store = tmp_path / "results.duckdb"
+    cfg = compose(["dataset=stl10", f"dataset.root={tmp_path / 'stl'}", f"dataset.cache_dir={tmp_path / 'cache'}",
+                   "dataset.image_size=16", "backbone=convnet", "backbone.width=8", "trainer.epochs=1",
+                   "trainer.batch_size=16", "trainer.warmup_epochs=0", "trainer.device=cpu", "trainer.num_threads=1",
+                   "eval.every=0", f"store.path={store}"])
+    run(cfg)
+    stats = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.stats.json")]
+    assert [s["images"] for s in stats] == [55]  # mean/std auto over the pretraining images: 30 labelled + 25
+    rows = Store(store).query("SELECT r.status, r.dataset, e.protocol, e.split FROM runs r JOIN evals e USING (run_id)")
+    assert {r["status"] for r in rows} == {"completed"} and {r["dataset"] for r in rows} == {"stl10"}
+    assert {r["split"] for r in rows} == {"test"} and any(r["protocol"].startswith("knn:") for r in rows)

@@ -240,9 +240,8 @@ class OnlineLinear(nn.Module):
             self.classifier = nn.Linear(self.feat_dim, data.num_classes).to(info.device)
         # Add-on batches carry positions in the full training split: labels are looked up by them.
         index = data.train_index if data.train_index is not None else torch.arange(len(data.train_y))
-        # Unlabeled pretraining images (STL-10's, ImageData.pretrain_x) keep label -1 and are ignored.
-        every = index if data.pretrain_index is None else data.pretrain_index
-        self.labels = torch.full((int(every.max()) + 1,), -1, dtype=torch.long)
+        # Unlabeled pretraining images (STL-10's: datasets.pretraining_view) have label -1 and are ignored.
+        self.labels = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
         self.labels[index] = data.train_y
         self.labels = self.labels.to(info.device)
 

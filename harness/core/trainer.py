@@ -24,7 +24,7 @@ from harness.core.addons import Batch, combine
 from harness.core.checkpoint import load_checkpoint, save_checkpoint
 from harness.core.data import residency
 from harness.core.data.augment import ViewMaker
-from harness.core.data.datasets import ImageData
+from harness.core.data.datasets import ImageData, pretraining_view
 from harness.core.evaluate import knn_evaluate, knn_protocol, linear_probe
 from harness.core.optim import build_optimizer, lr_at, scaled_lr
 from harness.core.progress import Progress
@@ -116,8 +116,8 @@ class Training:
         device = self.device = info.device
         # Decided before the add-ons set up, so their own image sets (CLSP's candidates) follow it.
         # What SSL trains on: the labelled train split, or more (STL-10's train + unlabeled: ImageData.pretrain_x).
-        images = self.data.train_x if self.data.pretrain_x is None else self.data.pretrain_x
-        index = self.data.train_index if self.data.pretrain_x is None else self.data.pretrain_index
+        pretrain = pretraining_view(self.data)
+        images, index = pretrain.train_x, pretrain.train_index
         self.data.residency = residency.resolve(cfg, images, device, self.addons, info.is_main)
         self.setup_addons()
         self.place_model(model)
@@ -159,7 +159,7 @@ class Training:
                 # initialisation, or an artifact it builds, neither depends on nor moves the global RNG
                 # the training draws from (harness/core/rng.py).
                 with isolated_rng(int(self.cfg.seed) * 1_000_003 + zlib.crc32(type(addon).__name__.encode())):
-                    addon.setup(self.data, self.info)
+                    addon.setup(pretraining_view(self.data), self.info)
         self.trained_addons = nn.ModuleList([a for a in self.addons if isinstance(a, nn.Module)])
         self.trained_addons.to(self.device)
 

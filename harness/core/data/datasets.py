@@ -22,7 +22,7 @@ import shutil
 import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -519,6 +519,18 @@ def load_full(ds) -> ImageData:
         data.pretrain_x, data.train_x = data.train_x, data.train_x[:len(data.train_y)]
         data.pretrain_index = torch.arange(len(data.pretrain_x))
     return data
+
+
+def pretraining_view(data: ImageData) -> ImageData:
+    """What SSL and its add-ons (score network, DDPM, synthetic positives) train on: `data` itself, or
+    for STL-10 the labelled train images followed by the unlabeled ones, labelled -1, at their positions
+    in the full pretraining split. The probes keep reading `data`'s labelled split."""
+    if data.pretrain_x is None:
+        return data
+    labels = torch.full((len(data.pretrain_x),), -1, dtype=torch.int64)
+    labels[: len(data.train_y)] = data.train_y  # the labelled images come first (load_dataset)
+    return replace(data, train_x=data.pretrain_x, train_y=labels, train_index=data.pretrain_index, pretrain_x=None,
+                   pretrain_index=None)
 
 
 def class_quota(num_classes: int, size: int, gen: torch.Generator) -> list[int]:
