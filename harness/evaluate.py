@@ -47,7 +47,8 @@ def parse_overrides(items: list[str]) -> tuple[list[dict], list[str]]:
         else:
             raise ConfigError(key, value, "dataset=NAME, dataset.KEY=VALUE or eval.KEY=VALUE")
     if not sets:
-        raise ConfigError("dataset", None, "at least one dataset=NAME (cifar10, cifar100 or imagefolder)")
+        raise ConfigError("dataset", None, "at least one dataset=NAME (cifar10, cifar100, imagefolder or a transfer "
+                          "suite set: food101, sun397, cars, aircraft, voc2007, dtd, pets, caltech101, flowers)")
     return sets, dotlist
 
 

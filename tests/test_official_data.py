@@ -71,10 +71,16 @@ def test_stl10_subsets_leave_held_out_images_out_of_pretraining_and_resize_to_im
     assert labelled_only.pretrain_x is None and len(labelled_only.train_x) == 30
 
 
-def test_stl10_counts_for_size_checks_come_from_the_label_files(tmp_path):
+def test_stl10_counts_for_size_checks_come_from_the_label_files_and_memory_counts_the_unlabeled(tmp_path):
+    from harness.core.data.datasets import split_counts
+    from harness.core.data.residency import memory_needs
+
     write_stl10(tmp_path / "stl")
     errors = size_errors(stl_cfg(tmp_path, train_size=40), batch_size=8)
     assert len(errors) == 1 and "dataset.train_size" in str(errors[0]) and "at most 30" in str(errors[0])
+    cfg = OmegaConf.create({"dataset": stl_cfg(tmp_path), "trainer": {"batch_size": 8}})
+    needs = memory_needs(cfg, split_counts(cfg.dataset), STL_SIZE * STL_SIZE * 3, [], torch.device("cpu"))
+    assert needs.host_shared == (30 + 20 + 25) * STL_SIZE * STL_SIZE * 3  # labelled, test and unlabeled
 
 
 def test_an_incomplete_stl10_copy_is_one_line_naming_every_missing_file(tmp_path):

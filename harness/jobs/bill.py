@@ -110,13 +110,9 @@ def train_images(cfg: DictConfig) -> int | None:
 
 def unlabeled_images(cfg: DictConfig) -> int:
     """STL-10's unlabeled images that pretraining adds (0 for every other dataset)."""
-    from harness.core.data import official
+    from harness.core.data.official import unlabeled_count
 
-    ds = cfg.dataset
-    if ds.name != "stl10" or not ds.get("unlabeled", True):
-        return 0
-    path = official.folder(Path(str(ds.root)).expanduser(), "stl10") / "unlabeled_X.bin" if ds.get("root") else None
-    return path.stat().st_size // official.STL_BYTES if path is not None and path.exists() else 100_000
+    return unlabeled_count(cfg.dataset)
 
 
 def cache_bytes(cfg: DictConfig) -> int | None:

@@ -104,6 +104,15 @@ def counts(name: str, path: Path) -> tuple[list[int], list[int]]:
     return [c for c in train if c], [c for c in test if c]
 
 
+def unlabeled_count(ds) -> int:
+    """The unlabeled images dataset config `ds` pretrains on besides its labelled split: STL-10's
+    (counted from unlabeled_X.bin when the copy is there, else the release's 100,000), 0 otherwise."""
+    if ds.name != "stl10" or not ds.get("unlabeled", True):
+        return 0
+    path = folder(Path(str(ds.root)).expanduser(), "stl10") / "unlabeled_X.bin" if ds.get("root") else None
+    return path.stat().st_size // STL_BYTES if path is not None and path.is_file() else 100_000
+
+
 # ---------------------------------------------------------------------------------- STL-10
 def _stl_images(path: Path) -> np.ndarray:
     """The images of an STL-10 .bin file as N x 3 x 96 x 96 (row-major), memory-mapped."""
