@@ -167,6 +167,8 @@ NOT_IN_RUN_KEY = (
     "sweep_floor",  # whether a sweep adds floor points; a floor run has trainer.epochs=0 in its key
     "sweep_points",  # a preset's listed points (harness/jobs/sweeps.py): each point's own overrides are keyed
     "claim",  # the published claim a preset's point tests: a label, not a setting
+    "paper_data",  # where a paper preset looks for its data (dataset.root is not keyed either)
+    "paper_transfer",  # a paper preset's transfer list, used as eval.transfer (not keyed either)
     "store",
     "artifacts",
     "launcher",

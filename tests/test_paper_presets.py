@@ -52,6 +52,11 @@ def test_the_clsp_and_sce_presets_are_their_tables_cells_each_naming_its_claim()
     assert {e.name for e in imagenet.eval.transfer} == {"food101", "cifar10", "cifar100", "sun397", "cars",
                                                         "aircraft", "voc2007", "dtd", "pets", "caltech101", "flowers"}
     assert all(c.method.name == "sce" and c.trainer.epochs == 200 for c in sce)
+    # Where the data sit is not part of a run's identity; the claim a point tests is a label, not a setting.
+    from harness.jobs.config import run_key
+
+    elsewhere = points_of("sce_paper", "paper_data=/elsewhere")[:4]  # (an image folder is keyed by its files)
+    assert [run_key(c) for c in elsewhere] == [run_key(c) for c in sce[:4]]
 
 
 def measured(run_id: str, method: str = "simclr", backbone: str = "resnet18", dataset: str = "cifar10",
