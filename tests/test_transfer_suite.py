@@ -266,3 +266,25 @@ def test_the_page_shows_the_suite_table_with_its_average_beside_sces_published_r
     assert "84.00" in section and "80.39 (11 of 11)" in section  # SCE's row: VOC2007 and its 11-set average
     assert "SCE README (ssl-transfer protocol) · sce: 84.00" in section  # SCE's (77.1 + 90.9) / 2 on the same sets
     assert ">mean per-class acc.<" in section  # the metric named in the per-row table
+
+
+def _features_on_rank(rank: int, world: int, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    from harness.jobs.config import compose, instantiate
+    from harness.jobs.transfer import split_features
+
+    torch.manual_seed(0)
+    backbone = instantiate(compose(["backbone=convnet", "backbone.width=8"]).backbone)
+    calls = []
+    backbone.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    feats = split_features(backbone, images, 16, [0.5] * 3, [0.25] * 3, batch_size=4, verbose=False)
+    return feats, sum(calls)
+
+
+def test_features_are_sharded_over_ranks_and_gathered_whole_on_each(tmp_path):
+    from tests.dist_utils import run_ranks
+
+    images = torch.randint(0, 256, (11, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    alone, _ = _features_on_rank(0, 1, images)
+    (rank0, seen0), (rank1, seen1) = run_ranks(_features_on_rank, 2, images)
+    assert (seen0, seen1) == (6, 5)  # each rank embeds its own share only
+    assert torch.allclose(rank0, alone, atol=1e-5) and torch.allclose(rank1, alone, atol=1e-5)
