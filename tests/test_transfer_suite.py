@@ -288,3 +288,24 @@ def test_features_are_sharded_over_ranks_and_gathered_whole_on_each(tmp_path):
     (rank0, seen0), (rank1, seen1) = run_ranks(_features_on_rank, 2, images)
     assert (seen0, seen1) == (6, 5)  # each rank embeds its own share only
     assert torch.allclose(rank0, alone, atol=1e-5) and torch.allclose(rank1, alone, atol=1e-5)
+
+
+def test_sces_transfer_claims_are_checked_against_the_logreg_rows(tmp_path):
+    from harness.store import Store
+    from leaderboard import claims, data
+    from tests.leaderboard_util import add_run
+
+    store = Store(tmp_path / "results.duckdb")
+    for seed, score in ((0, 60.0), (1, 61.0)):
+        add_run(store, f"s{seed}", 50.0, seed=seed, method="sce")
+        store.write("evals", [{"run_id": f"s{seed}", "run_key": f"k-s{seed}", "protocol": "logreg:lbfgs",
+                               "split": "transfer:dtd", "dataset": "dtd", "top1": score, "top5": None,
+                               "metric": "top1", "epoch": 10}])
+    with store.connect() as con:
+        data.prepare(con)
+        results = {r["claim"]: r for r in claims.check(con, claims.load())}
+    dtd = results["sce-transfer-dtd"]
+    assert (dtd["mean"], dtd["n"], dtd["claimed"]) == (60.5, 2, 77.1)
+    assert dtd["verdict"] == "contradicted"  # the interval's top, about 66.9, is below 77.1
+    assert results["sce-transfer-pets"]["verdict"] == "not measured"
+    assert len([c for c in results if c.startswith("sce-transfer-")]) == 11
