@@ -236,7 +236,8 @@ def test_bad_transfer_entries_are_one_line_each_all_at_once(tmp_path):
                               {"name": "dtd", "root": str(dtd)},
                               {"name": "flowers", "root": str(tmp_path / "nowhere")},
                               {"name": "pets", "root": str(write_pets(tmp_path / "pets")), "metric": "map11"},
-                              {"name": "voc2007", "root": str(tmp_path), "protocols": ["knn"]}])
+                              {"name": "voc2007", "root": str(tmp_path), "protocols": ["knn"]},
+                              {"name": "pets", "root": str(tmp_path / "pets"), "train_size": 10}])
     lines = [str(e) for e in errors]
     assert all("\n" not in line for line in lines)
     assert any("eval.transfer.0.name" in x and "'imagenet-r'" in x and "dtd" in x for x in lines)
@@ -244,7 +245,8 @@ def test_bad_transfer_entries_are_one_line_each_all_at_once(tmp_path):
     assert any("eval.transfer.2.root" in x and "nowhere" in x for x in lines)
     assert any("eval.transfer.3.metric" in x and "mean_per_class" in x for x in lines)
     assert any("eval.transfer.4.protocols" in x and "multi-label" in x for x in lines)
-    assert len(errors) >= 5
+    assert any("eval.transfer.5.train_size" in x and "official splits" in x for x in lines)
+    assert len(errors) >= 6
 
 
 def test_the_page_shows_the_suite_table_with_its_average_beside_sces_published_row(tmp_path):

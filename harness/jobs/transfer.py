@@ -149,6 +149,10 @@ def transfer_errors(value: Any, field: str = "eval.transfer") -> list[ConfigErro
                                       "a directory with train/<class>/* and test/<class>/* images"))
             continue
         if entry["name"] in SUITE:
+            unused = [k for k in ("archive", "download", "train_size", "test_size") if entry.get(k) is not None]
+            if unused:  # the suite's splits are the official ones, read from `root` only
+                errors.append(ConfigError(f"{where}.{unused[0]}", entry[unused[0]], f"null: {entry['name']} is read "
+                                          "from `root` with its official splits (no subsets, archives or downloads)"))
             errors += _suite_errors(entry, where)
             continue
         errors += _source_errors(entry, where)
