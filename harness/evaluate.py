@@ -1,9 +1,10 @@
 """``python -m harness.evaluate RUN dataset=NAME [dataset.KEY=VALUE ...] [eval.KEY=VALUE ...]``:
 transfer probes of a finished run's frozen backbone on other datasets.
 
-RUN is a run key or a run id. Each ``dataset=NAME`` starts one transfer set (cifar10, cifar100 or
-imagefolder) and the ``dataset.KEY=VALUE`` after it set that set's keys (root, image_size,
-train_size, test_size, subset_seed, label; see harness/jobs/transfer.py). ``eval.KEY=VALUE``
+RUN is a run key or a run id. Each ``dataset=NAME`` starts one transfer set (cifar10, cifar100,
+imagefolder or a set of the ssl-transfer suite: food101, sun397, cars, aircraft, voc2007, dtd, pets,
+caltech101, flowers) and the ``dataset.KEY=VALUE`` after it set that set's keys (root, image_size,
+train_size, test_size, subset_seed, label, protocols, metric; see harness/jobs/transfer.py). ``eval.KEY=VALUE``
 changes the probes' settings (e.g. ``eval.linear.epochs=10``; the protocol name records it). Runs
 the k-NN settings and the linear probe of the run's config on each set and stores the rows in
 ``evals`` (dataset = the set's name, split = ``transfer:<name>``), from where the leaderboard page
@@ -46,7 +47,8 @@ def parse_overrides(items: list[str]) -> tuple[list[dict], list[str]]:
         else:
             raise ConfigError(key, value, "dataset=NAME, dataset.KEY=VALUE or eval.KEY=VALUE")
     if not sets:
-        raise ConfigError("dataset", None, "at least one dataset=NAME (cifar10, cifar100 or imagefolder)")
+        raise ConfigError("dataset", None, "at least one dataset=NAME (cifar10, cifar100, imagefolder or a transfer "
+                          "suite set: food101, sun397, cars, aircraft, voc2007, dtd, pets, caltech101, flowers)")
     return sets, dotlist
 
 
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[evaluate] rows wait in {store.spool} ({type(e).__name__}); ingest with: {store.ingest_command()}",
               file=sys.stderr)
     for row in rows:
-        print(f"{row['dataset']}\t{row['protocol']}\ttop-1 {row['top1']:.2f}\ttop-5 {row['top5']:.2f}")
+        top5 = f"\ttop-5 {row['top5']:.2f}" if row.get("top5") is not None else ""
+        print(f"{row['dataset']}\t{row['protocol']}\t{row.get('metric') or 'top1'} {row['top1']:.2f}{top5}")
     print(f"stored {len(rows)} evals rows of run {folder.name} (run {run_id}) in {store.path}")
     return 1 if failures else 0
 

@@ -118,6 +118,9 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
             # The dataset a transfer probe ran on (eval.transfer; split "transfer:<dataset>"); NULL for
             # the run's own dataset.
             "dataset": "VARCHAR",
+            # What top1 holds when it is not top-1 accuracy: a transfer set's metric in the ssl-transfer
+            # protocol (mean_per_class, map11; harness/core/logreg.py). NULL or top1: top-1 accuracy.
+            "metric": "VARCHAR",
         },
         ("run_id", "protocol", "split"),
     ),
@@ -162,6 +165,10 @@ NOT_IN_RUN_KEY = (
     "tags",
     "sweep",
     "sweep_floor",  # whether a sweep adds floor points; a floor run has trainer.epochs=0 in its key
+    "sweep_points",  # a preset's listed points (harness/jobs/sweeps.py): each point's own overrides are keyed
+    "claim",  # the published claim a preset's point tests: a label, not a setting
+    "paper_data",  # where a paper preset looks for its data (dataset.root is not keyed either)
+    "paper_transfer",  # a paper preset's transfer list, used as eval.transfer (not keyed either)
     "store",
     "artifacts",
     "launcher",

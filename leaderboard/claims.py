@@ -9,7 +9,9 @@ Two kinds of claim:
   effect  the add-on's gain over the same run without it, in points. Measured as the paired
           difference over seeds that the page's add-on table shows (leaderboard.data.effects).
           `claimed_min` is the smallest gain the claim asserts (0 for "up to +3": a gain at all).
-  top1    an absolute test top-1 at the claim's budget; `claimed_min` is that value.
+  top1    an absolute test top-1 at the claim's budget; `claimed_min` is that value. With protocol
+          `transfer:logreg` the claim's dataset is a transfer set and the value its ssl-transfer metric
+          (mean per-class accuracy, 11-point mAP or top-1), measured by the runs' `logreg:lbfgs` rows.
 
 Verdicts, from the 95% t-interval [lo, hi] of the measured value (the statistics alone):
   reproduced                      lo > claimed_min (top1: hi >= claimed_min, the claim is reached)
@@ -44,6 +46,7 @@ VERDICTS = ("reproduced", "consistent but not significant", "contradicted", "not
 FIELDS = ("id", "paper", "methods", "addon", "treatment", "dataset", "protocol", "kind", "claimed_min", "claimed",
           "claim_text", "epochs", "backbone", "train_size", "artifact_epochs", "artifact_channels", "source")
 BUDGET = ("epochs", "backbone", "train_size", "artifact_epochs", "artifact_channels")
+TRANSFER_LOGREG = "transfer:logreg"  # a top1 claim on a transfer set (harness/jobs/transfer.py's logreg rows)
 
 
 def load(path: Path = CLAIMS) -> list[dict[str, str]]:
@@ -152,6 +155,10 @@ def measured(con: duckdb.DuckDBPyConnection, claim: dict[str, str], effects: lis
             if (e["addon"] == claim["addon"] and variant_of and e["method"] in methods
                     and e["dataset"] == claim["dataset"] and protocol_matches(claim["protocol"], e["protocol"])):
                 found.append({**e, "label": e["treatment"]})
+    elif claim["protocol"] == TRANSFER_LOGREG:
+        for t in data.transfer(con):
+            if t["protocol"] == "logreg:lbfgs" and t["transfer"] == claim["dataset"] and t["method"] in methods:
+                found.append({**t, "dataset": t["trained_on"], "label": t["method"]})
     else:
         for c in configs:
             if (c["rank_in_setting"] == 1 and c["method"] in methods and c["dataset"] == claim["dataset"]

@@ -171,16 +171,18 @@ def configurations(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 
 def transfer(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     """Transfer probes (evals split `transfer:<dataset>`, harness/jobs/transfer.py): one row per dataset
-    trained on x configuration x transfer dataset x protocol, mean/std/n over seeds (newest run per seed)."""
+    trained on x configuration x transfer dataset x protocol, mean/std/n over seeds (newest run per seed).
+    `metric` says what the score is (top1, or the ssl-transfer metric of a logreg row: mean_per_class, map11)."""
     return rows(con, """
         WITH newest AS (
             SELECT r.dataset AS trained_on, r.method, r.backbone, r.epochs, i.config_key, r.seed,
-                   coalesce(e.dataset, regexp_replace(e.split, '^transfer:', '')) AS transfer, e.protocol, e.top1
+                   coalesce(e.dataset, regexp_replace(e.split, '^transfer:', '')) AS transfer, e.protocol, e.top1,
+                   coalesce(e.metric, 'top1') AS metric
             FROM evals e JOIN runs r ON r.run_id = e.run_id JOIN run_ident i ON i.run_id = e.run_id
             WHERE r.status = 'completed' AND e.split LIKE 'transfer:%' AND e.top1 IS NOT NULL
             QUALIFY row_number() OVER (PARTITION BY i.config_key, r.seed, e.split, e.protocol
                                        ORDER BY r.finished_at DESC NULLS LAST, r.run_id) = 1)
-        SELECT trained_on, method, backbone, epochs, config_key, transfer, protocol,
+        SELECT trained_on, method, backbone, epochs, config_key, transfer, protocol, metric,
                avg(top1) AS mean, stddev_samp(top1) AS std, count(*) AS n
         FROM newest GROUP BY ALL
         ORDER BY transfer, protocol, trained_on, mean DESC""")

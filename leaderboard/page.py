@@ -353,23 +353,75 @@ def all_references(page: Page, refs: list[dict[str, Any]], datasets: list[str]) 
             f"{table(REF_HEADERS, reference_rows(by_dataset[dataset]), 'refs')}</details>")
 
 
-def transfer_section(page: Page, con: duckdb.DuckDBPyConnection) -> None:
-    """The frozen backbones' probes on other datasets (eval.transfer, python -m harness.evaluate)."""
+LOGREG = "logreg:lbfgs"  # harness/jobs/transfer.py's protocol name for the ssl-transfer recipe
+METRIC_NAMES = {"top1": "top-1", "mean_per_class": "mean per-class acc.", "map11": "11-point mAP"}
+
+
+def transfer_section(page: Page, con: duckdb.DuckDBPyConnection, refs: list[dict[str, Any]] | None = None) -> None:
+    """The frozen backbones' probes on other datasets (eval.transfer, python -m harness.evaluate), and the
+    ssl-transfer suite's table beside SCE's published row."""
     found = data.transfer(con)
     if not found:
         page.sections.append("<p>No transfer evaluations yet: set <code>eval.transfer</code> or run "
                              "<code>python -m harness.evaluate RUN dataset=NAME</code>.</p>")
         return
+    suite_table(page, found, refs or [])
     body = [row_html([("transfer", r["transfer"]), ("protocol", r["protocol"]), ("trained", r["trained_on"]),
                       ("setting", f"{r['method']} · {r['backbone']} · {r['epochs']}ep"),
+                      ("metric", METRIC_NAMES.get(r["metric"], r["metric"])),
                       ("mean", num(r["mean"]) + ("" if r["std"] is None else f" ± {num(r['std'])}")), ("n", r["n"]),
                       ("config", r["config_key"])],
                      {"dataset": r["trained_on"], "protocol": r["protocol"], "transfer": r["transfer"]})
             for r in found]
     page.sections.append("<p>Frozen backbone, probed on another dataset: k-NN with the transfer set's train split "
-                         "as the bank, and a linear probe fitted on it; test top-1 % of the transfer set, mean ± std "
-                         "over seeds.</p>" + table(["transfer dataset", "protocol", "trained on", "setting",
-                                                    "test top-1 %", "n", "configuration"], body, "transfer"))
+                         "as the bank, a linear probe fitted on it, or the ssl-transfer logistic regression "
+                         "(<code>logreg:lbfgs</code>); the transfer set's test score in % (the metric column says "
+                         "which), mean ± std over seeds.</p>"
+                         + table(["transfer dataset", "protocol", "trained on", "setting", "metric", "test %", "n",
+                                  "configuration"], body, "transfer"))
+
+
+def suite_table(page: Page, found: list[dict[str, Any]], refs: list[dict[str, Any]]) -> None:
+    """One row per configuration with logreg:lbfgs rows: its score on each set of the suite, and the average
+    over the sets it measured, beside the published rows of the same protocol (references.csv, protocol
+    transfer:logreg:<metric>) and their average over the same sets."""
+    published = [r for r in refs if str(r.get("protocol", "")).startswith("transfer:logreg:")]
+    sets = list(dict.fromkeys(r["dataset"] for r in published))
+    ours: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in found:
+        if r["protocol"] == LOGREG:
+            ours[(r["trained_on"], r["method"], r["backbone"], r["epochs"], r["config_key"])][r["transfer"]] = r["mean"]
+    if not ours:
+        return
+    sets += sorted({t for scores in ours.values() for t in scores} - set(sets))
+    by_source: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in published:
+        by_source[f"{r['source']} · {r['method']}"][r["dataset"]] = float(r["top1"])
+    metric = {r["dataset"]: r["protocol"].rsplit(":", 1)[-1] for r in published}
+    body = []
+    for (trained, method, backbone, epochs, key), scores in sorted(ours.items()):
+        measured = [t for t in sets if t in scores]
+        cells = [(t, num(scores[t]) if t in scores else "–") for t in sets]
+        refs_there = {name: [pub[t] for t in measured if t in pub] for name, pub in by_source.items()}
+        beside_text = "; ".join(f"{name}: {num(sum(v) / len(v))}" for name, v in refs_there.items()
+                                if len(v) == len(measured) and v)
+        body.append(row_html([("setting", f"{trained} · {method} · {backbone} · {epochs}ep"), *cells,
+                              ("average", f"{num(sum(scores[t] for t in measured) / len(measured))} "
+                                          f"({len(measured)} of {len(sets)})"),
+                              ("published on these sets", beside_text or "–"), ("config", key)]))
+    for name, pub in by_source.items():
+        body.append(row_html([("setting", f"published: {name}"), *[(t, num(pub[t]) if t in pub else "–")
+                                                                     for t in sets],
+                              ("average", f"{num(sum(pub.values()) / len(pub))} ({len(pub)} of {len(sets)})"),
+                              ("published on these sets", ""), ("config", "")], {"published": "yes"}))
+    heads = [f"{t} ({METRIC_NAMES.get(metric.get(t, 'top1'), metric.get(t, 'top1'))})" for t in sets]
+    page.sections.append("<p>The ssl-transfer suite: L-BFGS logistic regression on frozen pooled features, C chosen "
+                         "on a validation split, refit on train + val, each set's own metric on its test split "
+                         "(%). The average is over the sets measured; each published row's average over the same "
+                         "sets stands beside it. Published rows are single runs at their own budget "
+                         "(ResNet-50, ImageNet-1k).</p>"
+                         + table(["setting", *heads, "average", "published on these sets", "configuration"], body,
+                                 "transfer suite"))
 
 
 def effects(page: Page, con: duckdb.DuckDBPyConnection) -> None:
@@ -717,7 +769,7 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     if not ranked:
         page.sections.append("<p>No completed runs with test evaluations yet.</p>")
     page.sections.append("<h2>Transfer</h2>")
-    transfer_section(page, con)
+    transfer_section(page, con, refs)
     page.sections.append("<h2>Add-on effects (paired over seeds)</h2>")
     effects(page, con)
     page.sections.append("<h2>Regressions</h2>")

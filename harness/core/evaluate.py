@@ -240,6 +240,7 @@ class OnlineLinear(nn.Module):
             self.classifier = nn.Linear(self.feat_dim, data.num_classes).to(info.device)
         # Add-on batches carry positions in the full training split: labels are looked up by them.
         index = data.train_index if data.train_index is not None else torch.arange(len(data.train_y))
+        # Unlabeled pretraining images (STL-10's: datasets.pretraining_view) have label -1 and are ignored.
         self.labels = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
         self.labels[index] = data.train_y
         self.labels = self.labels.to(info.device)
@@ -256,8 +257,9 @@ class OnlineLinear(nn.Module):
         x = distributed.gather(feats.detach(), grad=False)
         y = distributed.gather(self.labels[batch.index].repeat(copies), grad=False)
         logits = self.classifier(x)
-        loss = F.cross_entropy(logits.float(), y)
-        accuracy = (logits.argmax(dim=1) == y).float().mean() * 100
+        labelled = y >= 0
+        loss = F.cross_entropy(logits.float(), y, ignore_index=-1) if labelled.any() else logits.sum() * 0
+        accuracy = (logits.argmax(dim=1) == y)[labelled].float().mean().nan_to_num() * 100
         return AddonOut(loss=loss, logs={"online_linear_loss": loss.detach(), "online_linear_train_acc": accuracy})
 
     @torch.no_grad()

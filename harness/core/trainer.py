@@ -24,7 +24,7 @@ from harness.core.addons import Batch, combine
 from harness.core.checkpoint import load_checkpoint, save_checkpoint
 from harness.core.data import residency
 from harness.core.data.augment import ViewMaker
-from harness.core.data.datasets import ImageData
+from harness.core.data.datasets import ImageData, pretraining_view
 from harness.core.evaluate import knn_evaluate, knn_protocol, linear_probe
 from harness.core.optim import build_optimizer, lr_at, scaled_lr
 from harness.core.progress import Progress
@@ -115,7 +115,10 @@ class Training:
         cfg, info, tc = self.cfg, self.info, self.cfg.trainer
         device = self.device = info.device
         # Decided before the add-ons set up, so their own image sets (CLSP's candidates) follow it.
-        self.data.residency = residency.resolve(cfg, self.data.train_x, device, self.addons, info.is_main)
+        # What SSL trains on: the labelled train split, or more (STL-10's train + unlabeled: ImageData.pretrain_x).
+        pretrain = pretraining_view(self.data)
+        images, index = pretrain.train_x, pretrain.train_index
+        self.data.residency = residency.resolve(cfg, images, device, self.addons, info.is_main)
         self.setup_addons()
         self.place_model(model)
 
@@ -124,7 +127,7 @@ class Training:
             raise ValueError(f"trainer.batch_size={self.global_batch} is not divisible by the world size "
                              f"{info.world_size}")
         self.local_batch = self.global_batch // info.world_size
-        self.n_train = len(self.data.train_x)
+        self.n_train = len(images)
         self.steps_per_epoch = self.n_train // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"trainer.batch_size={self.global_batch} exceeds the {self.n_train} training images")
@@ -136,8 +139,8 @@ class Training:
                    for g in owner.optim_groups()]
         self.optimizer = build_optimizer(nn.ModuleList([self.method, self.trained_addons]), tc, self.peak_lr, special)
 
-        self.batches = residency.batch_source(self.data.residency, self.data.train_x, device, self.local_batch)
-        self.train_index = self.data.train_index.to(device)  # positions in the full training split
+        self.batches = residency.batch_source(self.data.residency, images, device, self.local_batch)
+        self.train_index = index.to(device)  # positions in the full training (or pretraining) split
         self.views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
                                seed=int(cfg.seed) * 1000 + info.rank, channels_last=True)
         self.objective_split = "val" if self.data.val_x is not None else "test"
@@ -156,7 +159,7 @@ class Training:
                 # initialisation, or an artifact it builds, neither depends on nor moves the global RNG
                 # the training draws from (harness/core/rng.py).
                 with isolated_rng(int(self.cfg.seed) * 1_000_003 + zlib.crc32(type(addon).__name__.encode())):
-                    addon.setup(self.data, self.info)
+                    addon.setup(pretraining_view(self.data), self.info)
         self.trained_addons = nn.ModuleList([a for a in self.addons if isinstance(a, nn.Module)])
         self.trained_addons.to(self.device)
 

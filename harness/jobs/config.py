@@ -133,7 +133,7 @@ SIZE_FIELDS = ("trainer.batch_size", "dataset.train_size", "dataset.test_size", 
 OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")  # harness/core/device_path.py (which needs torch; this module does not)
-DATASETS = ("cifar10", "cifar100", "imagefolder")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "stl10", "tinyimagenet")
 LR_SCALING = ("linear", "sqrt", "none")
 # runs.seed is a 32-bit INTEGER column: a larger seed would make every later ingest fail.
 MAX_SEED = 2**31 - 1

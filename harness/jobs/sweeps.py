@@ -103,3 +103,24 @@ def floor_points(config, job_overrides) -> list[list[str]]:
             seen.add(tuple(sorted(point)))
             points.append(point)
     return points
+
+
+# --- a paper's table as a list of points ------------------------------------------------------
+# A preset may list its points instead of (or on top of) a grid: `sweep_points`, each
+# {claim: ID, overrides: [...]}. A table's cells are rarely a full product (the ImageNet column runs a
+# ResNet-50 with transfer probes, the CIFAR ones a ResNet-18), so each cell is written out, and
+# names the claim it tests (leaderboard/claims.csv's id, or a sentence saying why there is none).
+def preset_points(config, job_overrides) -> list[list[str]]:
+    """The sweep's points: `job_overrides` as the sweeper made them, or, when the preset lists
+    `sweep_points`, each of those once per listed point, with the point's overrides and `claim=`."""
+    listed = OmegaConf.select(config, "sweep_points", default=None)
+    if not listed:
+        return [list(o) for o in job_overrides]
+    # Unresolved: a point's `${paper_data}` or `${method.name}` is resolved in the point's own config.
+    listed = OmegaConf.to_container(listed, resolve=False)
+    points = []
+    for base in job_overrides:
+        for point in listed:
+            claim = str(point.get("claim") or "none").replace('"', "'")
+            points.append([*base, *[str(o) for o in point.get("overrides", [])], f'claim="{claim}"'])
+    return points

@@ -1,4 +1,4 @@
-"""Transfer evaluation: the frozen backbone's k-NN and linear probe on other datasets.
+"""Transfer evaluation: the frozen backbone's probes on other datasets.
 
 ``eval.transfer`` is a list; each entry names a dataset the way ``dataset=`` does:
 
@@ -6,7 +6,19 @@
 - a mapping ``{name: imagefolder, root: PATH}`` (or ``name: cifar100`` with its own ``root``),
   with optional ``image_size``, ``train_size``, ``test_size``, ``subset_seed``, ``archive``,
   ``download`` and ``label`` (the name shown in the store and on the page; default ``cifar100``, or
-  ``imagefolder:<folder name>``).
+  ``imagefolder:<folder name>``);
+- a set of the ssl-transfer suite, ``{name: dtd, root: PATH}``: food101, sun397, cars, aircraft,
+  voc2007, dtd, pets, caltech101, flowers (and cifar10, cifar100), each read from a local copy in
+  its torchvision or official layout with its official splits (harness/core/data/transfer_sets.py).
+
+``protocols`` chooses the probes per set: ``logreg`` (the ssl-transfer protocol: L-BFGS logistic
+regression on frozen pooled features, C chosen on a validation split, refit on train + val, scored
+with the set's metric: harness/core/logreg.py), ``knn`` and ``linear``. Default: ``[logreg]`` for the
+suite's sets, ``[knn, linear]`` for cifar10, cifar100 and image folders (as before). ``metric`` may
+be given to say which metric is expected; it must be the set's (top-1 for image folders). For
+``logreg`` each split's features are extracted once, sharded over the ranks (``batch_size``,
+``workers``: the decode processes per rank), from images resized and centre-cropped to the set's
+``image_size`` (default: the pretraining image size; ssl-transfer uses 224).
 
 Each set is read like a training dataset (same cache), at the pretraining image size unless its
 ``image_size`` says otherwise (image folders), and normalised with the PRETRAINING dataset's
@@ -25,15 +37,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from harness.core.data.transfer_sets import METRICS  # the suite's names and metrics
 from harness.errors import ConfigError
 
-NAMES = ("cifar10", "cifar100", "imagefolder")
-KEYS = ("name", "root", "archive", "download", "image_size", "train_size", "test_size", "subset_seed", "label")
+DATASET_NAMES = ("cifar10", "cifar100", "imagefolder")  # read as training datasets are (datasets.py)
+SUITE = tuple(n for n in METRICS if n not in DATASET_NAMES)  # read by transfer_sets.py from `root`
+NAMES = DATASET_NAMES + SUITE
+PROTOCOLS = ("logreg", "knn", "linear")
+KEYS = ("name", "root", "archive", "download", "image_size", "train_size", "test_size", "subset_seed", "label",
+        "protocols", "metric", "batch_size", "workers")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 SPLIT_PREFIX = "transfer:"
-ALLOWED = "cifar10, cifar100 or a mapping {name: imagefolder, root: PATH} (keys: " + ", ".join(KEYS) + ")"
+LOGREG_PROTOCOL = "logreg:lbfgs"
+ALLOWED = ("cifar10, cifar100, a mapping {name: imagefolder, root: PATH} or {name: NAME, root: PATH} with NAME one of "
+           + ", ".join(SUITE) + " (keys: " + ", ".join(KEYS) + ")")
 
 
 def _plain(value: Any) -> Any:
@@ -43,6 +64,18 @@ def _plain(value: Any) -> Any:
 def entries(value: Any) -> list[dict[str, Any]]:
     """The eval.transfer list as mappings ({"name": ...}); assumes transfer_errors found nothing."""
     return [{"name": e} if isinstance(e, str) else dict(e) for e in (_plain(value) or [])]
+
+
+def protocols(entry: dict[str, Any]) -> list[str]:
+    """The probes of transfer `entry`: its `protocols`, else logreg for the suite and k-NN + linear for the rest."""
+    if entry.get("protocols"):
+        return list(entry["protocols"])
+    return ["logreg"] if entry["name"] in SUITE else ["knn", "linear"]
+
+
+def metric(entry: dict[str, Any]) -> str:
+    """The metric logreg reports for `entry`: the suite's per-set metric, top-1 for image folders."""
+    return METRICS.get(entry["name"], "top1")
 
 
 def label(entry: dict[str, Any]) -> str:
@@ -97,12 +130,47 @@ def transfer_errors(value: Any, field: str = "eval.transfer") -> list[ConfigErro
             v = entry.get(key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 errors.append(ConfigError(f"{where}.{key}", v, "an integer >= 1 or null"))
+        for key, low in (("batch_size", 1), ("workers", 0)):
+            v = entry.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+                errors.append(ConfigError(f"{where}.{key}", v, f"an integer >= {low}"))
+        chosen = entry.get("protocols")
+        if chosen is not None and (not isinstance(chosen, list) or not chosen or set(chosen) - set(PROTOCOLS)):
+            errors.append(ConfigError(f"{where}.protocols", chosen, "a list of " + ", ".join(PROTOCOLS)))
+            continue
+        if entry.get("metric") is not None and entry["metric"] != metric(entry):
+            errors.append(ConfigError(f"{where}.metric", entry["metric"], f"{metric(entry)}, the metric of "
+                                      f"{entry['name']} (the ssl-transfer protocol's; null: the set's own)"))
+        if entry["name"] == "voc2007" and set(protocols(entry)) - {"logreg"}:
+            errors.append(ConfigError(f"{where}.protocols", chosen, "[logreg]: voc2007 is multi-label (11-point "
+                                      "mAP), which the k-NN and linear probes do not score"))
         if entry["name"] == "imagefolder" and not entry.get("root"):
             errors.append(ConfigError(f"{where}.root", entry.get("root"),
                                       "a directory with train/<class>/* and test/<class>/* images"))
             continue
+        if entry["name"] in SUITE:
+            unused = [k for k in ("archive", "download", "train_size", "test_size") if entry.get(k) is not None]
+            if unused:  # the suite's splits are the official ones, read from `root` only
+                errors.append(ConfigError(f"{where}.{unused[0]}", entry[unused[0]], f"null: {entry['name']} is read "
+                                          "from `root` with its official splits (no subsets, archives or downloads)"))
+            errors += _suite_errors(entry, where)
+            continue
         errors += _source_errors(entry, where)
     return errors
+
+
+def _suite_errors(entry: dict[str, Any], where: str) -> list[ConfigError]:
+    """Whether a suite set's copy is there and complete, as one error naming all it lacks."""
+    from harness.core.data.transfer_sets import missing
+
+    if not entry.get("root"):
+        return [ConfigError(f"{where}.root", entry.get("root"),
+                            f"a directory with a {entry['name']} copy in its torchvision or official layout")]
+    gone = missing(entry["name"], entry["root"])
+    if gone:
+        return [ConfigError(f"{where}.root", entry["root"], f"a {entry['name']} copy in its torchvision or official "
+                            f"layout; missing: {', '.join(gone)}")]
+    return []
 
 
 def _source_errors(entry: dict[str, Any], where: str) -> list[ConfigError]:
@@ -121,46 +189,158 @@ def _source_errors(entry: dict[str, Any], where: str) -> list[ConfigError]:
     return [ConfigError(f.replace("dataset.", f"{where}.", 1), v, a) for e in found for f, v, a in e.problems]
 
 
-def run_transfer(cfg: DictConfig, backbone, verbose: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
-    """k-NN and linear probes of the frozen `backbone` on every eval.transfer set of `cfg`.
+def _pretrain_size(pretrain: DictConfig) -> int:
+    """The backbone's pretraining resolution: the dataset's image_size, CIFAR's 32 px otherwise."""
+    return int(pretrain.dataset.get("image_size") or 32)
 
-    `cfg.dataset.mean/std` must already be numbers (harness.core.data.normalization). Returns evals
-    rows without run_id/run_key/epoch ({"dataset", "split", "protocol", "top1", "top5"}) and one line
-    per set that failed (e.g. a download without the internet): a set that fails after training is
-    reported and skipped, never a reason to lose the trained run.
-    """
-    from harness.core.data.augment import ViewMaker
+
+def suite_set(entry: dict[str, Any], cfg: DictConfig):
+    """Transfer `entry` as a TransferSet (train, val, test): a suite copy read from its files, or a
+    dataset read as training data is (CIFAR, image folders) with ssl-transfer's 20 % validation hold-out."""
+    from harness.core.data import transfer_sets
+
+    if entry["name"] in SUITE:
+        return transfer_sets.read(entry["name"], entry["root"], seed=int(entry.get("subset_seed") or 0))
     from harness.core.data.datasets import load_dataset
+
+    data = load_dataset(dataset_config(entry, cfg))
+    splits = {"train": transfer_sets.Split(data.train_x, data.train_y.numpy()),
+              "test": transfer_sets.Split(data.test_x, data.test_y.numpy())}
+    return transfer_sets.TransferSet(entry["name"], data.classes,
+                                     transfer_sets.with_val(splits, int(entry.get("subset_seed") or 0)), metric(entry))
+
+
+def split_features(backbone, images, size: int, mean, std, batch_size: int = 256, workers: int = 0,
+                   what: str = "", verbose: bool = True) -> torch.Tensor:
+    """Pooled features (N x D, float32, on the CPU) of a split's images resized and centre-cropped to
+    `size`, normalised with `mean`/`std`. Each rank decodes and embeds its contiguous share; the shares
+    are gathered, so every rank ends with all features at 1/world of the cost."""
+    from harness.core import distributed
+    from harness.core.data.transfer_sets import Images
+    from harness.core.progress import Progress
+
+    device = next(backbone.parameters()).device
+    world, rank, n = distributed.world_size(), distributed.rank(), len(images)
+    per_rank = -(-n // world)
+    mine = range(rank * per_rank, min(n, (rank + 1) * per_rank))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(Images(images, size), mine), batch_size=batch_size,
+                                         num_workers=workers)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    was_training = backbone.training
+    backbone.eval()
+    progress = Progress(f"[transfer] {what} features:", len(mine), every=10.0, enabled=verbose and rank == 0)
+    out, done = [], 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.no_grad():
+        for x in loader:
+            x = (x.to(device, non_blocking=True).float().div_(255) - m) / s
+            with autocast:
+                out.append(backbone(x).float())
+            done += len(x)
+            progress.update(done, f"{done}/{len(mine)} images", final=done == len(mine))
+    backbone.train(was_training)
+    feats = torch.cat(out) if out else torch.zeros(0, backbone.feat_dim, device=device)
+    if world > 1:
+        padded = torch.zeros(per_rank, feats.shape[1], device=device)
+        padded[: len(feats)] = feats
+        feats = distributed.gather(padded, grad=False)[:n]
+    return feats.cpu()
+
+
+def _logreg_row(entry: dict[str, Any], tset, backbone, cfg: DictConfig, name: str, verbose: bool) -> dict | None:
+    """The ssl-transfer protocol on one set: features of each split once, then (on the main rank) C
+    chosen on val, refit on train + val, the set's metric on test. Other ranks return None."""
+    from harness.core import distributed
+    from harness.core.logreg import logreg_transfer
+
+    size = int(entry.get("image_size") or _pretrain_size(cfg))
+    feats = {split: (split_features(backbone, tset.splits[split].images, size, list(cfg.dataset.mean),
+                                    list(cfg.dataset.std), int(entry.get("batch_size") or 256),
+                                    int(entry.get("workers") or 0), f"{name} {split}", verbose).numpy(),
+                     tset.splits[split].labels)
+             for split in ("train", "val", "test")}
+    if distributed.rank() != 0:
+        return None
+    out = logreg_transfer(feats["train"], feats["val"], feats["test"], tset.metric)
+    if verbose:
+        print(f"[transfer] {name}: logreg at {size} px, C={out['C']:.3g} chosen on val ({out['val']:.2f}); "
+              f"test {tset.metric} {out['score']:.2f}", file=sys.stderr, flush=True)
+    return {"dataset": name, "split": SPLIT_PREFIX + name, "protocol": LOGREG_PROTOCOL, "top1": out["score"],
+            "top5": None, "metric": tset.metric}
+
+
+def _probe_results(entry: dict[str, Any], chosen: list[str], cfg: DictConfig, backbone, linear_cfg,
+                   verbose: bool) -> dict[str, tuple[float, float]]:
+    """The k-NN and/or SGD linear probes of `entry` ({protocol: (top1, top5)}) on its train and test images."""
+    from harness.core.data.augment import ViewMaker
     from harness.core.evaluate import knn_evaluate, linear_probe
     from harness.core.trainer import knn_settings
 
     device = next(backbone.parameters()).device
+    mean, std = list(cfg.dataset.mean), list(cfg.dataset.std)  # the pretraining normalisation, as everywhere here
+    if entry["name"] in SUITE:  # decoded whole at the set's size; train + val is the probes' train split
+        from harness.core.data.transfer_sets import Images
+
+        tset = suite_set(entry, cfg)
+        size = int(entry.get("image_size") or _pretrain_size(cfg))
+        decode = lambda split: torch.stack([Images(tset.splits[split].images, size)[i]
+                                            for i in range(len(tset.splits[split].images))])
+        train_x = torch.cat([decode("train"), decode("val")])
+        train_y = torch.from_numpy(np.concatenate([tset.splits["train"].labels, tset.splits["val"].labels]))
+        test_x, test_y, classes = decode("test"), torch.from_numpy(tset.splits["test"].labels), len(tset.classes)
+    else:
+        from harness.core.data.datasets import load_dataset
+
+        data = load_dataset(dataset_config(entry, cfg))
+        train_x, train_y, test_x, test_y, classes = data.train_x, data.train_y, data.test_x, data.test_y, \
+            data.num_classes
+    views = ViewMaker(cfg.augment, mean, std, device, seed=int(cfg.seed))
+    queries = {"test": (test_x, test_y)}
+    results: dict[str, tuple[float, float]] = {}
+    if "knn" in chosen:
+        results.update(knn_evaluate(backbone, train_x, train_y, queries, views.plain, knn_settings(cfg.eval),
+                                    classes)["test"])
+    if "linear" in chosen:
+        results.update(linear_probe(backbone, train_x, train_y, queries, views.normalize, linear_cfg, classes,
+                                    seed=int(cfg.seed), verbose=verbose)["test"])
+    return results
+
+
+def run_transfer(cfg: DictConfig, backbone, verbose: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+    """The probes of the frozen `backbone` on every eval.transfer set of `cfg` (each set's `protocols`).
+
+    `cfg.dataset.mean/std` must already be numbers (harness.core.data.normalization). Returns evals
+    rows without run_id/run_key/epoch ({"dataset", "split", "protocol", "top1", "top5", "metric"}; a
+    logreg row's top1 holds the set's metric, named in "metric") and one line per set that failed
+    (e.g. a download without the internet): a set that fails after training is reported and skipped,
+    never a reason to lose the trained run.
+    """
     linear_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR.parent / "eval" / "knn.yaml").linear,
                                  OmegaConf.select(cfg, "eval.linear", default={}) or {})
     rows, failures = [], []
     for entry in entries(OmegaConf.select(cfg, "eval.transfer", default=None)):
         name = label(entry)
-        ds = dataset_config(entry, cfg)
+        chosen = protocols(entry)
         if verbose:
-            print(f"[transfer] {name}: k-NN and {int(linear_cfg.epochs)}-epoch linear probe on the frozen backbone",
-                  file=sys.stderr, flush=True)
+            print(f"[transfer] {name}: {', '.join(chosen)} on the frozen backbone", file=sys.stderr, flush=True)
         try:
-            data = load_dataset(ds)
-            views = ViewMaker(cfg.augment, ds.mean, ds.std, device, seed=int(cfg.seed))
-            queries = {"test": (data.test_x, data.test_y)}
-            results = knn_evaluate(backbone, data.train_x, data.train_y, queries, views.plain, knn_settings(cfg.eval),
-                                   data.num_classes)["test"]
-            results.update(linear_probe(backbone, data.train_x, data.train_y, queries, views.normalize, linear_cfg,
-                                        data.num_classes, seed=int(cfg.seed), verbose=verbose)["test"])
+            found: list[dict[str, Any]] = []
+            if "logreg" in chosen:
+                row = _logreg_row(entry, suite_set(entry, cfg), backbone, cfg, name, verbose)
+                found += [row] if row else []
+            if set(chosen) & {"knn", "linear"}:
+                for protocol, (top1, top5) in _probe_results(entry, chosen, cfg, backbone, linear_cfg,
+                                                             verbose).items():
+                    found.append({"dataset": name, "split": SPLIT_PREFIX + name, "protocol": protocol,
+                                  "top1": top1, "top5": top5, "metric": "top1"})
+                    if verbose:
+                        print(f"[transfer] {name}: {protocol} top-1 {top1:.2f}%", file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001 - one line per failed set; the others and the run go on
             first = (str(e).strip().splitlines() or [""])[0]
             failures.append(f"[transfer] {name} failed ({type(e).__name__}: {first}); nothing stored for it")
             if verbose:
                 print(failures[-1], file=sys.stderr, flush=True)
             continue
-        for protocol, (top1, top5) in results.items():
-            rows.append({"dataset": name, "split": SPLIT_PREFIX + name, "protocol": protocol, "top1": top1,
-                         "top5": top5})
-            if verbose:
-                print(f"[transfer] {name}: {protocol} top-1 {top1:.2f}%", file=sys.stderr, flush=True)
+        rows += found
     return rows, failures

@@ -141,6 +141,12 @@ def preview(points: list[DictConfig], job_overrides: Sequence[Sequence[str]], as
         to_run += floor_run
     print(f"{to_run} would run, {len(points) - to_run} already completed. Run them: the same command without "
           "dry_run=true.")
+    from harness.jobs.bill import print_bill
+    from harness.jobs.config import run_key
+    from harness.store import Store, read_done
+
+    print_bill(points, [not (read_done(Store(cfg.store.path, cfg.store.get("runs_dir")).runs / run_key(cfg))
+                             and not cfg.get("force")) for cfg in points])
     return [_returned(overrides, None) for overrides in job_overrides[:asked]]
 
 
@@ -200,12 +206,14 @@ def stored_outcome(cfg: DictConfig, world_size: int | None = None) -> dict | Non
     return rows[0] if rows and rows[0]["status"] in FINAL else None
 
 
-def with_floor_points(config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> list[list[str]]:
-    """The sweep's points, then its random-init floor points when the preset asks (harness/jobs/sweeps.py).
-    The launchers return results for the sweep's own points only: a sweeper zips them with what it asked."""
-    from harness.jobs.sweeps import floor_points
+def with_floor_points(config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> tuple[list[list[str]], int]:
+    """The sweep's points (a preset's listed `sweep_points`, else the sweeper's), then its random-init floor
+    points when the preset asks (harness/jobs/sweeps.py); and how many of them are the sweep's own.
+    The launchers return results for the sweeper's points only: a sweeper zips them with what it asked."""
+    from harness.jobs.sweeps import floor_points, preset_points
 
-    return [list(o) for o in job_overrides] + floor_points(config, job_overrides)
+    own = preset_points(config, job_overrides)
+    return own + floor_points(config, own), len(own)
 
 
 def _returned(overrides: Sequence[str], value: Any) -> JobReturn:
@@ -235,11 +243,11 @@ class LocalLauncher(Launcher):
         from harness.jobs.stages import run_here, sweep_stages
 
         asked = len(job_overrides)
-        job_overrides = with_floor_points(self.config, job_overrides)
+        job_overrides, own = with_floor_points(self.config, job_overrides)
         points = compose_points(self, job_overrides)
         refuse_bad_points(points, job_overrides)
         if any(p.get("dry_run") for p in points):
-            return preview(points, job_overrides, asked)
+            return preview(points, job_overrides, own)[:asked]
         # Each shared artifact once, before the points (one that fails fails only the points that need it).
         run_here(sweep_stages(points)[0], "sweep driver", keep_going=True)
         results = list(self._basic.launch(job_overrides, initial_job_idx))
@@ -387,7 +395,7 @@ class SlurmLauncher(_SubmititSlurmLauncher):
 
         assert self.config is not None
         asked = len(job_overrides)
-        job_overrides = with_floor_points(self.config, job_overrides)
+        job_overrides, own = with_floor_points(self.config, job_overrides)
         points = compose_points(self, job_overrides)
         if shutil.which("sbatch") is None:
             print("error: launcher=slurm needs Slurm's sbatch on PATH (run on a login node); nothing was submitted",
@@ -396,7 +404,7 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         cluster = _sinfo()
         refuse_bad_points(points, job_overrides, extra_check=lambda cfg: check_slurm(cfg, cluster))
         if any(p.get("dry_run") for p in points):
-            return preview(points, job_overrides, asked)
+            return preview(points, job_overrides, own)[:asked]
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)

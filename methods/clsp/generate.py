@@ -49,7 +49,7 @@ from harness.artifacts import (
     with_absolute_artifacts,
 )
 from harness.atomic import atomic_file, write_text_atomic
-from harness.core.data.datasets import ImageData, load_dataset
+from harness.core.data.datasets import ImageData, load_dataset, pretraining_view
 from harness.core.progress import Progress
 from harness.jobs.stages import Resources, Stage
 from methods.clsp.diffusion import (
@@ -122,7 +122,7 @@ def run_shard(cfg: DictConfig, shard: int, shards: int, data: ImageData | None =
         if out.exists():
             return out
         p = cfg.positives
-        data = data if data is not None else load_dataset(cfg.dataset)
+        data = data if data is not None else pretraining_view(load_dataset(cfg.dataset))
         device = generation_device(cfg)
         unet, trained = load_model(diffusion_model(cfg, data.train_x, device))
         unet = unet.to(device).eval()
@@ -244,13 +244,13 @@ def generation_device(cfg: DictConfig) -> torch.device:
 
 def stage_diffusion_model(cfg: DictConfig) -> str:
     """The DDPM stage's build: train (or find) the diffusion model."""
-    return diffusion_model(cfg, load_dataset(cfg.dataset).train_x, generation_device(cfg))
+    return diffusion_model(cfg, pretraining_view(load_dataset(cfg.dataset)).train_x, generation_device(cfg))
 
 
 def build_synthetic_set(cfg: DictConfig) -> str:
     """The job's synthetic set on the generation device: missing shards as local processes, then the
     assembly. As the assembly stage every shard is already there (the shard stage succeeded)."""
-    return str(synthetic_set(cfg, load_dataset(cfg.dataset), generation_device(cfg)))
+    return str(synthetic_set(cfg, pretraining_view(load_dataset(cfg.dataset)), generation_device(cfg)))
 
 
 def build_shard(cfg: DictConfig, shards: int, shard: int) -> None:

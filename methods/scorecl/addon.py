@@ -100,10 +100,10 @@ def pretrained_score_net(cfg: DictConfig, data=None, device: torch.device | None
     path = score_net_path(cfg)
     if artifact_done(path):
         return path
-    from harness.core.data.datasets import load_dataset
+    from harness.core.data.datasets import load_dataset, pretraining_view
 
     net_cfg = cfg.weighting.score_net
-    data = data if data is not None else load_dataset(cfg.dataset)
+    data = data if data is not None else pretraining_view(load_dataset(cfg.dataset))
     if device is None:  # a stage job: the training device the job would pick (trainer.device)
         device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
 

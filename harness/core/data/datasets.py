@@ -22,7 +22,7 @@ import shutil
 import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from harness.atomic import atomic_file, lock_or_wait
+from harness.core.data import official
 from harness.core.progress import Progress
 from harness.errors import ConfigError
 
@@ -58,6 +59,11 @@ class ImageData:
     # Where the training images live while training (harness/core/data/residency.py): the trainer
     # sets it before add-ons are set up, so an add-on's own image sets (CLSP's candidates) follow it.
     residency: str = "device"
+    # The images SSL trains on when they are more than the labelled train split (STL-10's train +
+    # unlabeled), and their positions in the full pretraining split (the labelled ones first, at
+    # the positions train_index gives). None: training uses train_x. Probes never see them.
+    pretrain_x: torch.Tensor | None = None
+    pretrain_index: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -96,6 +102,8 @@ def resolve_source(ds) -> tuple[str, Path | None]:
         root = Path(str(ds.root)).expanduser()
         if not root.exists():
             raise ConfigError("dataset.root", ds.root, "an existing directory")
+        if name in official.NAMES:  # their own release layouts: official.py
+            return name, official.check(ds, root)
         if name in ("cifar10", "cifar100") and _torchvision_folder(root, name):
             return "torchvision", root
         if _is_image_tree(root):
@@ -106,6 +114,8 @@ def resolve_source(ds) -> tuple[str, Path | None]:
         raise ConfigError("dataset.root", ds.root, allowed)
     if name == "imagefolder":
         raise ConfigError("dataset.root", None, "a directory with train/<class>/* and test/<class>/* images")
+    if name in official.NAMES and not ds.get("download", False):
+        raise ConfigError("dataset.root", None, f"a directory with the {name} release, or dataset.download=true")
     archive = ds.get("archive")
     if archive == "auto":  # null means no archive at all
         archive = default_archive() if name == "cifar10" else None
@@ -368,6 +378,8 @@ def _download(name: str, cache_dir: Path) -> Path:
     from harness.core.tv import torchvision
 
     root = cache_dir / "downloads"
+    if name in official.NAMES:
+        return official.download(name, root)
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)
     if cls is None:
         raise ConfigError("dataset.download", True, "only cifar10 and cifar100 can be downloaded")
@@ -384,13 +396,26 @@ def _cache_key(kind: str, path: Path | None, name: str, size: int | None) -> str
         ident += [str(path.resolve()), str(st.st_size), str(int(st.st_mtime))]
     if kind == "folder":  # a folder's own mtime does not change when a file in train/<class>/ does
         ident += [folder_manifest(path), DECODE_VERSION]
+    if kind in official.NAMES:
+        ident += [official.fingerprint(kind, path), DECODE_VERSION]
     return hashlib.sha256("|".join(ident).encode()).hexdigest()[:16]
 
 
 def _cache_file(ds, kind: str, path: Path | None) -> Path:
     """The decoded-tensor cache of the images at `path` (read by kind) for dataset config `ds`."""
-    size = ds.get("image_size") if ds.name == "imagefolder" else None
+    size = _image_size(ds)
+    if ds.name == "stl10" and not ds.get("unlabeled", True):
+        size = f"{size}-labelled"  # a cache without the unlabeled split is another file
     return cache_dir(ds) / f"{ds.name}-{_cache_key(kind, path, ds.name, size)}.pt"
+
+
+def _image_size(ds) -> int | None:
+    """The size images are stored at: dataset.image_size for folders and the official releases."""
+    if ds.name == "imagefolder":
+        return ds.get("image_size")
+    if ds.name in official.NAMES:
+        return int(ds.get("image_size") or official.NATIVE_SIZE[ds.name])
+    return None
 
 
 def cache_dir(ds) -> Path:
@@ -405,6 +430,9 @@ def cache_file(ds) -> Path | None:
     """Where `ensure_cache` puts the decoded dataset of `ds`; None while a download has still to fetch
     its files (the key covers them)."""
     kind, path = resolve_source(ds)
+    if kind == "download" and ds.name in official.NAMES:
+        path = official.folder(cache_dir(ds) / "downloads", ds.name)
+        return _cache_file(ds, ds.name, path) if not official.missing(ds.name, path) else None
     if kind == "download":
         kind, path = "torchvision", cache_dir(ds) / "downloads"  # where _download puts them
         if not _torchvision_folder(path, ds.name):
@@ -426,6 +454,8 @@ def ensure_cache(ds, lock_timeout_s: float | None = None) -> Path:
     if kind == "download":
         path = _download(ds.name, cdir)
         kind = "torchvision"
+        if ds.name in official.NAMES:
+            kind, path = ds.name, official.check(ds, path)
     cache = _cache_file(ds, kind, path)
     if cache.exists():
         return cache
@@ -435,7 +465,7 @@ def ensure_cache(ds, lock_timeout_s: float | None = None) -> Path:
     try:
         if cache.exists():
             return cache
-        size = ds.get("image_size") if ds.name == "imagefolder" else None
+        size = _image_size(ds)
         what = f"decoding {ds.name} from {path}"
         print(f"[data] {what} into {cache}", file=sys.stderr, flush=True)
         if kind == "folder":  # say once what decoding changes (RGB conversion, resizing): folder_notes.py
@@ -446,10 +476,17 @@ def ensure_cache(ds, lock_timeout_s: float | None = None) -> Path:
         shutil.rmtree(scratch, ignore_errors=True)  # left by a job killed while decoding
         scratch.mkdir()
         try:
-            if kind == "torchvision":
+            if kind == "stl10":
+                blob = official.read_stl10(path, size, bool(ds.get("unlabeled", True)), scratch)
+                splits = {s: (blob[f"{s}_x"], blob[f"{s}_y"]) for s in ("train", "test")}
+                classes = blob["classes"]
+            elif kind == "torchvision":
                 splits, classes = _load_torchvision_pickles(_torchvision_folder(path, ds.name), ds.name)
             else:
-                items = _archive_items(path) if kind == "archive" else _folder_items(path)
+                if kind == "tinyimagenet":
+                    items = official.tiny_items(path)
+                else:
+                    items = _archive_items(path) if kind == "archive" else _folder_items(path)
                 workers = decode_workers(ds)
                 if not ds.get("decode_workers"):  # a process costs seconds to start (it imports torch)
                     workers = min(workers, max(1, len(items) // IMAGES_PER_PROCESS))
@@ -477,7 +514,23 @@ def ensure_cache(ds, lock_timeout_s: float | None = None) -> Path:
 def load_full(ds) -> ImageData:
     """The whole dataset described by config `ds`, memory-mapped from its cache (decoded first if
     needed): nothing is read until it is used, and every process on a node shares the pages."""
-    return ImageData(**torch.load(ensure_cache(ds), weights_only=True, mmap=True))
+    data = ImageData(**torch.load(ensure_cache(ds), weights_only=True, mmap=True))
+    if len(data.train_x) > len(data.train_y):  # labelled images first, then unlabeled (official.read_stl10)
+        data.pretrain_x, data.train_x = data.train_x, data.train_x[:len(data.train_y)]
+        data.pretrain_index = torch.arange(len(data.pretrain_x))
+    return data
+
+
+def pretraining_view(data: ImageData) -> ImageData:
+    """What SSL and its add-ons (score network, DDPM, synthetic positives) train on: `data` itself, or
+    for STL-10 the labelled train images followed by the unlabeled ones, labelled -1, at their positions
+    in the full pretraining split. The probes keep reading `data`'s labelled split."""
+    if data.pretrain_x is None:
+        return data
+    labels = torch.full((len(data.pretrain_x),), -1, dtype=torch.int64)
+    labels[: len(data.train_y)] = data.train_y  # the labelled images come first (load_dataset)
+    return replace(data, train_x=data.pretrain_x, train_y=labels, train_index=data.pretrain_index, pretrain_x=None,
+                   pretrain_index=None)
 
 
 def class_quota(num_classes: int, size: int, gen: torch.Generator) -> list[int]:
@@ -511,6 +564,7 @@ def balanced_subset(labels: torch.Tensor, size: int, seed: int, exclude: torch.T
 def load_dataset(ds) -> ImageData:
     """The dataset of config `ds` with its validation hold-out and train/test subsets applied."""
     data = load_full(ds)
+    labelled = len(data.train_y)
     seed = int(ds.get("subset_seed", 0))
     val_size = int(ds.get("val_size") or 0)
     train_idx = torch.arange(len(data.train_y))
@@ -526,6 +580,10 @@ def load_dataset(ds) -> ImageData:
     if len(train_idx) < len(data.train_y):  # a subset is copied into this process's memory
         data.train_x, data.train_y = data.train_x[train_idx], data.train_y[train_idx]
     data.train_index = train_idx  # the whole split stays memory-mapped (shared by the node's processes)
+    if data.pretrain_x is not None and len(train_idx) < labelled:
+        # A hold-out or subset of the labelled split leaves its other images out of pretraining too.
+        data.pretrain_x = torch.cat([data.train_x, data.pretrain_x[labelled:]])
+        data.pretrain_index = torch.cat([train_idx, torch.arange(labelled, len(data.pretrain_index))])
     if ds.get("test_size"):
         test_idx = balanced_subset(data.test_y, int(ds.test_size), seed)
         data.test_x, data.test_y = data.test_x[test_idx], data.test_y[test_idx]
@@ -534,7 +592,7 @@ def load_dataset(ds) -> ImageData:
 
 # ---------------------------------------------------------------------------------- sizes, before loading
 # Images per class in the train and test splits of the standard datasets (both are balanced).
-KNOWN_COUNTS = {"cifar10": ([5000] * 10, [1000] * 10), "cifar100": ([500] * 100, [100] * 100)}
+KNOWN_COUNTS = {"cifar10": ([5000] * 10, [1000] * 10), "cifar100": ([500] * 100, [100] * 100), **official.KNOWN_COUNTS}
 
 
 @dataclass
@@ -585,6 +643,8 @@ def split_counts(ds) -> SplitCounts | None:
                 return _cached_counts(cache)
             except Exception:  # noqa: BLE001 - a cache that cannot be read is rebuilt by the loader, not checked here
                 pass
+    if kind in official.NAMES:
+        return SplitCounts(*official.counts(kind, path), f"the labels of {path}")
     if kind == "folder":
         try:
             return _listed_counts(path, tuple((path / s).stat().st_mtime for s in ("train", "test")))

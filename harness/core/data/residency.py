@@ -158,7 +158,10 @@ def memory_needs(cfg, counts, image: int, addon_classes: list[type], device: tor
         private += n_train * image + val * image
     if ds.get("test_size"):
         private += n_test * image
-    train_bytes = int(n_train * image * (1 + addon_copies(cfg, addon_classes)))
+    from harness.core.data.official import unlabeled_count
+
+    unlabeled = unlabeled_count(ds)  # STL-10's: trained on (and copied by add-ons) beside the labelled split
+    train_bytes = int((n_train + unlabeled) * image * (1 + addon_copies(cfg, addon_classes)))
     wanted = ds.get("residency", "auto")
     residency = "device" if device.type != "cuda" else wanted
     if residency == "auto":
@@ -168,7 +171,7 @@ def memory_needs(cfg, counts, image: int, addon_classes: list[type], device: tor
     on_device = train_bytes if residency == "device" and device.type == "cuda" else 0
     if residency == "host" and device.type == "cuda":
         private += 2 * int(cfg.trainer.batch_size) * image  # the two pinned batch buffers
-    return MemoryNeeds(on_device, private, (n_train_split + n_test_split) * image, residency)
+    return MemoryNeeds(on_device, private, (n_train_split + n_test_split + unlabeled) * image, residency)
 
 
 # ---------------------------------------------------------------------------------- the batches
