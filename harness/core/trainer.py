@@ -139,7 +139,8 @@ class Training:
         self.batches = residency.batch_source(self.data.residency, self.data.train_x, device, self.local_batch)
         self.train_index = self.data.train_index.to(device)  # positions in the full training split
         self.views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
-                               seed=int(cfg.seed) * 1000 + info.rank, channels_last=True)
+                               seed=int(cfg.seed) * 1000 + info.rank, channels_last=True,
+                               view_size=cfg.dataset.get("image_size"))
         self.objective_split = "val" if self.data.val_x is not None else "test"
         self.final_queries = {"test": (self.data.test_x, self.data.test_y)}
         if self.data.val_x is not None:

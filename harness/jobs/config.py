@@ -211,6 +211,9 @@ def validate(cfg: DictConfig) -> None:
     errors += _storage_errors(cfg)
     errors += _dataset_extras_errors(cfg)
     errors += loggers.config_errors(cfg)  # optional TensorBoard / W&B views of the metrics
+    from harness.core.data import encoded
+
+    errors += encoded.config_errors(cfg)  # dataset.store=encoded and its options
     if OmegaConf.select(cfg, "eval.linear.enabled", default=False):
         errors += [
             _number(cfg, "eval.linear.epochs", low=1, integer=True),
@@ -248,6 +251,10 @@ def validate(cfg: DictConfig) -> None:
         else:  # a class checks its own settings against the rest of the job (W-MSE's sub-batch size, an
                # add-on's fields): the core knows no method's or paper's fields
             errors.extend(getattr(found_class, "check_config", lambda _: [])(cfg))
+            if group == "method" and cfg.get("augment") is not None:
+                from harness.core.method import multi_crop_errors
+
+                errors.extend(multi_crop_errors(cfg, found_class))
     if OmegaConf.select(cfg, "dataset.residency", default=None) is not None:
         from harness.core.data.residency import RESIDENCIES
 

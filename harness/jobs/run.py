@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.atomic import write_text_atomic
 from harness.core import distributed, preempt
 from harness.core.checkpoint import has_checkpoint, remove_checkpoints
-from harness.core.data.datasets import load_dataset
+from harness.core.data.encoded import load_dataset
 from harness.core.data.normalization import resolve_normalization
 from harness.core.evaluate import knn_protocol
 from harness.core.optim import scaled_lr

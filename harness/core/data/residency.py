@@ -77,6 +77,8 @@ class MemoryNeeds:
 
 
 def _image_bytes(ds) -> int | None:
+    if ds.get("store") == "encoded":  # JPEG bytes stay mapped, shared by the node; decoded batches only
+        return None
     if ds.name in ("cifar10", "cifar100"):
         return 3 * 32 * 32
     size = ds.get("image_size")
@@ -245,7 +247,7 @@ def resolve(cfg, images: torch.Tensor, device: torch.device, addons: list, verbo
     wanted = ds.get("residency", "auto") or "auto"
     fraction = float(ds.get("device_memory_fraction", DEFAULT_DEVICE_FRACTION))
     copies = addon_copies(cfg, [type(a) for a in addons])
-    set_bytes = int(images.numel() * images.element_size() * (1 + copies))
+    set_bytes = int(images.nbytes * (1 + copies))  # an encoded split's nbytes: its JPEG bytes
     residency, why = choose(wanted, device, set_bytes, fraction)
     if verbose:
         print(f"[data] residency={residency}: {why}", file=sys.stderr, flush=True)
@@ -254,7 +256,10 @@ def resolve(cfg, images: torch.Tensor, device: torch.device, addons: list, verbo
 
 def batch_source(residency: str, images: torch.Tensor, device: torch.device,
                  local_batch: int) -> DeviceBatches | HostBatches:
-    """The training set placed as `residency` says."""
+    """The training set placed as `residency` says (an encoded split brings its own source: its bytes
+    stay mapped in host memory and each step decodes its batch on the device)."""
+    if hasattr(images, "batches"):
+        return images.batches(device, local_batch)
     if residency == "host":
         return HostBatches(images, device, local_batch)
     return DeviceBatches(images, device)
