@@ -91,7 +91,7 @@ class SCE(nn.Module):
                  proj_hidden_dim: int = 512, proj_output_dim: int = 128, pred_hidden_dim: int | None = None,
                  queue_size: int = 4096, momentum_base: float = 0.99, momentum_final: float = 1.0,
                  momentum_schedule: str = "constant", symmetric: bool = False, shuffle_bn_groups: int = 8,
-                 use_keys: bool = False):
+                 use_keys: bool = False, proj_last_bn: bool = False):
         super().__init__()
         if not isinstance(use_keys, bool):
             raise ValueError(f"method.use_keys={use_keys!r} is not true or false")
@@ -100,7 +100,10 @@ class SCE(nn.Module):
         self.symmetric, self.shuffle_bn_groups, self.use_keys = symmetric, shuffle_bn_groups, use_keys
         self.momentum = (momentum_base, momentum_final, momentum_schedule)
         momentum_tau(0.0, *self.momentum)
-        self.projector = mlp([backbone.feat_dim, proj_hidden_dim, proj_output_dim])
+        # ImageNet's projector has two hidden layers and a BN without affine on its output (eztorch's
+        # projector_resnet50_mlp3_bn3): proj_hidden_dim may list the hidden widths.
+        hidden = [proj_hidden_dim] if isinstance(proj_hidden_dim, int) else list(proj_hidden_dim)
+        self.projector = mlp([backbone.feat_dim, *hidden, proj_output_dim], last_bn=proj_last_bn, last_affine=False)
         self.predictor = mlp([proj_output_dim, pred_hidden_dim, proj_output_dim]) if pred_hidden_dim else nn.Identity()
         self.momentum_encoder = momentum_copy(nn.Sequential(backbone, self.projector))
         self.queue = Queue(queue_size, proj_output_dim)

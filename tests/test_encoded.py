@@ -199,7 +199,9 @@ def test_training_batches_and_evaluation_centre_crops(store):
     ds, _ = store
     data = encoded.load_encoded(ds)
     split = data["train_x"]
-    assert split.shape == (30, 3, 64, 64) and len(split[3:7]) == 4 and split[3:7].dtype == torch.uint8
+    assert split.shape == (30, 3, 64, 64) and len(split[3:7]) == 4
+    crops = split[3:7].to("cpu")
+    assert crops.shape == (4, 3, 64, 64) and crops.dtype == torch.uint8
     batches = split.batches(torch.device("cpu"), 8)
     got = list(batches.epoch(torch.arange(30).flip(0), range(3), lambda s: s * 8, 8))
     assert [s for s, _, _ in got] == [0, 1, 2]
@@ -207,7 +209,16 @@ def test_training_batches_and_evaluation_centre_crops(store):
     first = split.decode(torch.tensor([29]), torch.device("cpu"))[0]
     assert torch.equal(got[0][2][0], first)  # prefetched batches are the images asked for, in order
     sub = split.take_rows(torch.tensor([2, 5]))
-    assert torch.equal(sub[0:2], split[torch.tensor([2, 5])])
+    assert torch.equal(sub[0:2].to("cpu"), split.take_rows(torch.tensor([2, 5])).to("cpu"))
+    # the evaluation view is Resize(eval_resize) + CenterCrop(image_size) of the whole image
+    whole = split.decode([2], torch.device("cpu"))[0]
+    h, w = whole.shape[-2:]
+    scale = 73 / min(h, w)
+    nh, nw = max(64, round(h * scale)), max(64, round(w * scale))
+    resized = torch.nn.functional.interpolate(whole[None].float(), size=(nh, nw), mode="bilinear", antialias=True)
+    top, left = round((nh - 64) / 2), round((nw - 64) / 2)
+    expected = resized[0, :, top:top + 64, left:left + 64].round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(sub[0:1].to("cpu")[0], expected)
 
 
 def test_bad_images_are_named_and_refused_or_skipped_and_nothing_half_built(tmp_path, capfd):
@@ -302,3 +313,22 @@ def test_config_errors_for_the_encoded_store_are_one_line_each():
                  "dataset.encode.short_side = 8 is not allowed", "dataset.encode.on_bad = 'maybe' is not allowed"):
         assert line in text
     assert math.isfinite(len(text))
+
+
+def test_a_one_epoch_run_on_the_encoded_tree_records_knn_and_the_imagenet_linear_protocol(tree, tmp_path):
+    from harness.store import Store
+    from tests.conftest import run_harness
+
+    db = tmp_path / "r.duckdb"
+    done = run_harness("dataset=imagenet100", f"dataset.root={tree}", f"dataset.cache_dir={tmp_path / 'cache'}",
+                       "dataset.image_size=64", "dataset.eval_resize=73", "dataset.encode.short_side=256",
+                       "augment=imagenet_symmetric", "augment.pipelines.base.size=64", "method=simclr",
+                       "backbone=convnet", "trainer.epochs=1", "trainer.batch_size=10", "trainer.warmup_epochs=0",
+                       "eval.linear.enabled=true", "eval.linear.augment=rrc_flip", "eval.linear.epochs=2",
+                       "eval.linear.copies=2", "eval.knn=[{k: 5, T: 0.1}]", f"store.path={db}",
+                       "hydra.run.dir=${store.path}.hydra")
+    assert "[data] encoded store ready: 40 images" in done.stderr
+    rows = Store(db).query("SELECT protocol, split, top1 FROM evals ORDER BY protocol")
+    protocols = {r["protocol"] for r in rows}
+    assert protocols == {"knn:cosine:k=5:T=0.1", "linear:sgd:2ep:augment=rrc_flip:copies=2"}, rows
+    assert all(0 <= r["top1"] <= 100 for r in rows)

@@ -225,7 +225,7 @@ def validate(cfg: DictConfig) -> None:
             _number(cfg, "eval.linear.copies", low=1, integer=True),
             _choice(cfg, "eval.linear.optimizer", ("sgd", "adam")),
             _choice(cfg, "eval.linear.schedule", ("step", "cosine", "constant")),
-            _choice(cfg, "eval.linear.augment", ("none", "flip", "crop_flip")),
+            _choice(cfg, "eval.linear.augment", ("none", "flip", "crop_flip", "rrc_flip")),
         ]
         for i, _ in enumerate(OmegaConf.select(cfg, "eval.linear.milestones", default=[]) or []):
             errors.append(_number(cfg, f"eval.linear.milestones.{i}", low=0, high=1))

@@ -432,9 +432,9 @@ def centre_crops(images: list[torch.Tensor], resize: int, crop: int) -> torch.Te
 class EncodedSplit:
     """One split of an encoded store as the trainer and the probes see it.
 
-    `len()` and `.shape` as a decoded split's; slicing (what the probes do) decodes those images to
-    their centre crops; `take_rows(idx)` is a subset (a view of the same mapped bytes);
-    `batches(device, size)` is the training batch source."""
+    `len()` and `.shape` as a decoded split's; a slice or `take_rows(idx)` is a subset (a view of the
+    same mapped bytes); `.to(device)` decodes it to the evaluation view (resize, centre crop), as the
+    probes do with each batch; `batches(device, size)` is the training batch source."""
 
     def __init__(self, index_file: str, rows: torch.Tensor, size: int, eval_resize: int):
         self.index_file, self.rows, self.size, self.eval_resize = index_file, rows, size, eval_resize
@@ -463,15 +463,47 @@ class EncodedSplit:
         """Images `idx` whole, decoded on `device` (3×H×W uint8 each)."""
         return decode_batch(self.blobs(idx), device)
 
-    def __getitem__(self, key) -> torch.Tensor:
-        """Centre crops of images `key` (a slice or indices), uint8 N×3×size×size on the CPU."""
-        idx = torch.arange(len(self.rows))[key]
-        if len(idx) == 0:
-            return torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
-        return centre_crops(self.decode(idx, torch.device("cpu")), self.eval_resize, self.size)
+    def __getitem__(self, key: slice) -> EncodedSplit:
+        """Images `key` as a split of their own: nothing is decoded until `.to(device)` (the probes
+        slice a whole split per rank, then batches of it)."""
+        return self.take_rows(torch.arange(len(self.rows))[key])
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        """The evaluation view of every image of this split: centre crops, uint8 N×3×size×size."""
+        if len(self.rows) == 0:
+            return torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8, device=device)
+        images = self.decode(torch.arange(len(self.rows)), torch.device(device))
+        return centre_crops(images, self.eval_resize, self.size)
 
     def batches(self, device: torch.device, size: int) -> EncodedBatches:
         return EncodedBatches(self, device)
+
+    def augmented(self, pipeline, generator: torch.Generator) -> AugmentedSplit:
+        """This split as views of `pipeline` (e.g. the linear probe's RandomResizedCrop + flip)."""
+        return AugmentedSplit(self, pipeline, generator)
+
+
+class AugmentedSplit:
+    """An encoded split whose slices are augmented views of the whole images (float N×3×size×size in
+    [0, 1], made on the generator's device): what the linear probe's training features are taken of."""
+
+    def __init__(self, split: EncodedSplit, pipeline, generator: torch.Generator):
+        self.split, self.pipeline, self.generator = split, pipeline, generator
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: slice) -> AugmentedSplit:
+        return AugmentedSplit(self.split[key], self.pipeline, self.generator)
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        """Augmented views of every image of this split (float in [0, 1]), on the generator's device."""
+        from harness.core.data.augment import augment_images
+
+        if len(self.split) == 0:
+            return torch.zeros(0, 3, self.split.size, self.split.size, device=self.generator.device)
+        images = self.split.decode(torch.arange(len(self.split)), self.generator.device)
+        return augment_images(images, self.pipeline, self.generator, self.split.size)
 
 
 class EncodedBatches:
