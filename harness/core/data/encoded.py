@@ -389,6 +389,11 @@ def _pil_decode(data: np.ndarray, draft: tuple[int, int] | None = None) -> torch
 _THREADS: list[ThreadPoolExecutor] = []
 
 
+def set_decode_threads(n: int) -> None:
+    """Decode with `n` threads on the CPU (default: one per core this process may use)."""
+    _THREADS[:] = [ThreadPoolExecutor(max(1, n), thread_name_prefix="jpeg-decode")]
+
+
 def _threads() -> ThreadPoolExecutor:
     if not _THREADS:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
