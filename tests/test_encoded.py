@@ -332,3 +332,18 @@ def test_a_one_epoch_run_on_the_encoded_tree_records_knn_and_the_imagenet_linear
     protocols = {r["protocol"] for r in rows}
     assert protocols == {"knn:cosine:k=5:T=0.1", "linear:sgd:2ep:augment=rrc_flip:copies=2"}, rows
     assert all(0 <= r["top1"] <= 100 for r in rows)
+
+
+@pytest.mark.parametrize("sweep", ["sce_imagenet", "sce_imagenet_multicrop"])
+def test_the_sce_imagenet_presets_preview_every_point(tree, tmp_path, sweep):
+    from tests.conftest import run_harness
+
+    # the generated tree stands in for ImageNet; its 30 training images need a smaller batch than 4096
+    done = run_harness(f"sweep={sweep}", "dry_run=true", f"dataset.root={tree}", "trainer.batch_size=8",
+                       f"store.path={tmp_path / 'r.duckdb'}", f"hydra.sweep.dir={tmp_path / 's'}", "-m")
+    assert "Sweep preview (dry_run=true): 1 point(s), all valid; nothing was run or submitted." in done.stdout
+    from harness.jobs.config import compose
+
+    cfg = compose([f"sweep={sweep}", f"dataset.root={tree}"])
+    assert (cfg.dataset.store, cfg.backbone.name, cfg.eval.linear.augment) == ("encoded", "resnet50", "rrc_flip")
+    assert (cfg.trainer.epochs, len(cfg.augment.views)) == ((100, 2) if sweep == "sce_imagenet" else (200, 6))
