@@ -301,6 +301,18 @@ def test_a_killed_build_and_a_full_disk_resume_and_finish_as_a_fresh_build(tree,
         assert torch.equal(ours[key], theirs[key])
 
 
+def test_two_processes_at_once_build_the_store_once_and_both_read_it(tree, tmp_path):
+    cache = tmp_path / "cache"
+    procs = [_build(tree, cache, stdout=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    paths = {out.strip() for out, _ in outs}
+    assert len(paths) == 1 and Path(paths.pop()).exists()
+    errs = "".join(err for _, err in outs)
+    assert errs.count("[data] encoding 40 images") == 1  # one builder; the other waited for it or found it built
+    assert len(list(cache.glob("*.jpegs"))) == 1
+
+
 def test_config_errors_for_the_encoded_store_are_one_line_each():
     from harness.jobs.config import compose, validate
 

@@ -107,6 +107,10 @@ def test_a_method_without_multi_crop_refuses_it_in_one_line():
         validate(compose(["method=byol", *overrides]))
     lines = [line for line in str(refused.value).splitlines() if "augment.views" in line]
     assert len(lines) == 1 and "two views of one size for method=byol" in lines[0]
+    # the pair add-ons refuse it too: ScoreCL scores, and CLSP extends, a pair of two views of one size
+    with pytest.raises(ConfigError) as refused:
+        validate(compose(["method=simclr", "weighting=scorecl_tiny", *overrides]))
+    assert "weighting = 'scorecl' is not allowed: expected none with a multi-crop recipe" in str(refused.value)
     try:  # simclr has a multi-crop form: accepted (other fields may still be refused here)
         validate(compose(["method=simclr", *overrides]))
     except ConfigError as e:
