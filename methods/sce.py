@@ -141,7 +141,9 @@ class SCE(nn.Module):
         pair = self._loss(q, k)
         if self.symmetric:  # each view also as the online view against the other's keys
             q_first = self.embed(target_view)
-            pair = (pair + self._loss(q_first, self.keys(online_view))) / 2
+            k_second = self.keys(online_view)
+            pair = (pair + self._loss(q_first, k_second)) / 2
+            k = torch.cat([k, k_second])  # eztorch enqueues the keys of both views when symmetric
         self.queue.stage(k)
         return LossParts(pair=pair, batch=pair.new_zeros(()), feats=f_online.detach())
 

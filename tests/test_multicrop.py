@@ -115,3 +115,15 @@ def test_a_method_without_multi_crop_refuses_it_in_one_line():
         validate(compose(["method=simclr", *overrides]))
     except ConfigError as e:
         assert "augment.views" not in str(e)
+
+
+def test_sce_two_view_symmetric_enqueues_the_keys_of_both_views():
+    torch.manual_seed(0)
+    model = SCE(ConvNet(width=8, feat_dim=32), proj_hidden_dim=32, proj_output_dim=16, queue_size=20,
+                symmetric=True, shuffle_bn_groups=1).eval()
+    views = _views(sizes=(32, 32))
+    model(views)
+    model.after_step(0.5)
+    with torch.no_grad():
+        keys = torch.cat([model.keys(v) for v in views])
+    assert torch.allclose(model.queue.keys[:12], keys, atol=1e-6) and int(model.queue.ptr) == 12
