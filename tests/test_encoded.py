@@ -301,6 +301,27 @@ def test_a_killed_build_and_a_full_disk_resume_and_finish_as_a_fresh_build(tree,
         assert torch.equal(ours[key], theirs[key])
 
 
+def test_a_full_disk_stops_the_build_in_one_line_and_the_next_run_resumes(tree, store, tmp_path, capfd):
+    from tests.fs_utils import _run, small_file_system
+
+    cache = tmp_path / "small"
+    with small_file_system(cache, 1024) as mounted:  # the shards fit (about 0.7 MB), their concatenation does not
+        if mounted != "tmpfs":
+            pytest.skip("no tmpfs can be mounted here (the file-size-limit variant is in the kill test)")
+        ds = _ds(tree, cache)
+        with pytest.raises(OSError):
+            encoded.ensure_store(ds, shard_images=2)
+        err = capfd.readouterr().err
+        line = next(x for x in err.splitlines() if "build stopped" in x)
+        assert "no space left on device writing" in line and "the next run resumes from them" in line
+        data_file, index_file = encoded.store_paths(ds)
+        assert not index_file.exists() and not data_file.exists() and not list(cache.glob(".*.tmp"))
+        assert _run("mount", "-o", "remount,size=8192k", str(cache))  # space freed
+        assert encoded.ensure_store(ds, shard_images=2) == index_file
+        assert "20 of 20 shards are already built" in capfd.readouterr().err
+        assert data_file.read_bytes() == encoded.store_paths(store[0])[0].read_bytes()
+
+
 def test_two_processes_at_once_build_the_store_once_and_both_read_it(tree, tmp_path):
     cache = tmp_path / "cache"
     procs = [_build(tree, cache, stdout=subprocess.PIPE) for _ in range(2)]
