@@ -380,3 +380,20 @@ def test_the_sce_imagenet_presets_preview_every_point(tree, tmp_path, sweep):
     cfg = compose([f"sweep={sweep}", f"dataset.root={tree}"])
     assert (cfg.dataset.store, cfg.backbone.name, cfg.eval.linear.augment) == ("encoded", "resnet50", "rrc_flip")
     assert (cfg.trainer.epochs, len(cfg.augment.views)) == ((100, 2) if sweep == "sce_imagenet" else (200, 6))
+
+
+def test_the_memory_check_knows_the_encoded_sizes(tree, store, tmp_path):
+    from harness.core.data.datasets import SplitCounts
+    from harness.core.data.residency import memory_needs
+    from harness.jobs.config import compose
+
+    counts = SplitCounts([1300] * 1000, [50] * 1000, "ImageNet-1k's counts")
+    cfg = compose(["dataset=imagenet", f"dataset.root={tree}", f"dataset.cache_dir={tmp_path}",
+                   "dataset.train_size=100000"])
+    needs = memory_needs(cfg, counts, encoded.estimated_image_bytes(cfg.dataset), [], torch.device("cpu"))
+    # not built (another cache folder): the estimate at 288 px, quality 90 (about 34 KB an image):
+    # ImageNet-1k under 60 GB, and a subset is a view of the mapped bytes, not a copy
+    assert 30e9 < needs.host_shared < 60e9 and needs.host_private == 0 and needs.device == 0
+    ds, index_file = store  # built: the measured size
+    index, _ = encoded.open_store(str(index_file))
+    assert encoded.estimated_image_bytes(ds) == index["bytes"] // len(index["sizes"])

@@ -226,6 +226,24 @@ def store_paths(ds) -> tuple[Path, Path]:
     return Path(str(stem) + ".jpegs"), Path(str(stem) + ".index.pt")
 
 
+# JPEG bits per pixel by quality, measured on natural photographs at 256-352 px (README, "Data at
+# ImageNet scale"); the memory check's estimate of a store not built yet.
+BITS_PER_PIXEL = ((80, 1.5), (90, 2.2), (95, 3.1), (100, 6.0))
+
+
+def estimated_image_bytes(ds) -> int:
+    """Bytes an image takes in the store of `ds`: measured when the store is built, else estimated from
+    the encode options for an ImageNet-shaped (4:3) image at the capped size."""
+    index_file = store_paths(ds)[1]
+    if index_file.exists():
+        index, _ = open_store(str(index_file))
+        return int(index["bytes"] / max(len(index["sizes"]), 1))
+    opts = EncodeOptions.from_config(ds)
+    side = opts.short_side or 375  # uncapped: a typical ImageNet image is 500 x 375
+    bits = next(b for q, b in BITS_PER_PIXEL if opts.quality <= q)
+    return int(bits * side * side * 4 / 3 / 8)
+
+
 def build_workers(ds, images: int) -> int:
     from harness.core.data.datasets import IMAGES_PER_PROCESS, decode_workers
 

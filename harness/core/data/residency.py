@@ -77,8 +77,10 @@ class MemoryNeeds:
 
 
 def _image_bytes(ds) -> int | None:
-    if ds.get("store") == "encoded":  # JPEG bytes stay mapped, shared by the node; decoded batches only
-        return None
+    if ds.get("store") == "encoded":  # JPEG bytes (harness/core/data/encoded.py)
+        from harness.core.data.encoded import estimated_image_bytes
+
+        return estimated_image_bytes(ds)
     if ds.name in ("cifar10", "cifar100"):
         return 3 * 32 * 32
     size = ds.get("image_size")
@@ -152,6 +154,9 @@ def memory_needs(cfg, counts, image: int, addon_classes: list[type], device: tor
     """Bytes one rank holds for the data (see MemoryNeeds), from the config and the split's counts."""
     ds = cfg.dataset
     n_train_split, n_test_split = sum(counts.train), sum(counts.test)
+    if ds.get("store") == "encoded":  # the mapped JPEG bytes, shared by the node; subsets are views of them,
+        # and only each step's batch is decoded (on the device)
+        return MemoryNeeds(0, 0, (n_train_split + n_test_split) * image, "host")
     val = int(ds.get("val_size") or 0)
     n_train = int(ds.get("train_size") or (n_train_split - val))
     n_test = int(ds.get("test_size") or n_test_split)
