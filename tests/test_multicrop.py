@@ -104,9 +104,9 @@ def test_a_method_without_multi_crop_refuses_it_in_one_line():
     overrides = ["augment=sce_imagenet_multicrop", "backbone=convnet", "dataset.train_size=100",
                  "dataset.test_size=50", "trainer.batch_size=10"]
     with pytest.raises(ConfigError) as refused:
-        validate(compose(["method=byol", *overrides]))
+        validate(compose(["method=simsiam", *overrides]))
     lines = [line for line in str(refused.value).splitlines() if "augment.views" in line]
-    assert len(lines) == 1 and "two views of one size for method=byol" in lines[0]
+    assert len(lines) == 1 and "two views of one size for method=simsiam" in lines[0]
     # the pair add-ons refuse it too: ScoreCL scores, and CLSP extends, a pair of two views of one size
     with pytest.raises(ConfigError) as refused:
         validate(compose(["method=simclr", "weighting=scorecl_tiny", *overrides]))
@@ -127,3 +127,23 @@ def test_sce_two_view_symmetric_enqueues_the_keys_of_both_views():
     with torch.no_grad():
         keys = torch.cat([model.keys(v) for v in views])
     assert torch.allclose(model.queue.keys[:12], keys, atol=1e-6) and int(model.queue.ptr) == 12
+
+
+def test_byol_multi_crop_loss_equals_a_slow_direct_evaluation():
+    from methods.byol import BYOL
+
+    torch.manual_seed(0)
+    model = BYOL(ConvNet(width=8, feat_dim=32), proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=32).eval()
+    views = _views()
+    parts = model(views)
+    with torch.no_grad():
+        preds = [model.predictor(model.projector(model.backbone(v))) for v in views]
+        targets = [model.momentum_encoder(v) for v in views[:2]]
+    slow = torch.zeros(6, dtype=torch.float64)
+    for a in range(6):
+        for i in range(2):  # solo-learn: for v1 in the large crops, for v2 in every other crop
+            for j in range(5):
+                if j != i:
+                    p, z = preds[j][a].double(), targets[i][a].double()
+                    slow[a] += 2 - 2 * float(p @ z) / (float(p.norm()) * float(z.norm()))
+    assert torch.allclose(parts.pair.double(), slow, atol=1e-5)

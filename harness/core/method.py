@@ -78,7 +78,7 @@ def multi_crop_errors(cfg, method_class: type) -> list:
     name = cfg.method.get("name", method_class.__name__)
     if not getattr(method_class, "multi_crop", False):
         errors.append(ConfigError("augment.views", views, f"two views of one size for method={name}: its "
-                                  "multi-crop form is not implemented (simclr and sce have one)"))
+                                  "multi-crop form is not implemented (simclr, sce and byol have one)"))
     for group in ("weighting", "positives"):
         node = cfg.get(group)
         if node is not None and node.get("_target_"):
