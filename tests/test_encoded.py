@@ -397,3 +397,14 @@ def test_the_memory_check_knows_the_encoded_sizes(tree, store, tmp_path):
     ds, index_file = store  # built: the measured size
     index, _ = encoded.open_store(str(index_file))
     assert encoded.estimated_image_bytes(ds) == index["bytes"] // len(index["sizes"])
+
+
+def test_subsets_and_a_hold_out_of_an_encoded_set_are_views_of_the_same_bytes(store):
+    ds, index_file = store
+    sub = OmegaConf.merge(ds, {"val_size": 10, "train_size": 10, "test_size": 5})
+    data = encoded.load_dataset(sub)
+    assert (len(data.train_x), len(data.val_x), len(data.test_x)) == (10, 10, 5)
+    assert all(isinstance(x, encoded.EncodedSplit) for x in (data.train_x, data.val_x, data.test_x))
+    assert torch.bincount(data.val_y, minlength=CLASSES).tolist() == [1] * CLASSES  # class-balanced
+    assert not set(data.train_index.tolist()) & set(data.val_x.rows.tolist())  # the hold-out is left out
+    assert data.train_x.index_file == str(index_file)
