@@ -236,6 +236,7 @@ def test_bad_images_are_named_and_refused_or_skipped_and_nothing_half_built(tmp_
     capfd.readouterr()
     index_file = encoded.ensure_store(_ds(root, cache, on_bad="skip"))
     err = capfd.readouterr().err
+    assert "1 of 1 shards are already built" in err  # the refused build's work is reused
     assert f"skipped (dataset.encode.on_bad=skip): {bad}" in err and "notes.jpg" in err
     index, _ = encoded.open_store(str(index_file))
     assert len(index["labels"]) == CLASSES * 3 - 1 and len(index["skipped"]) == 2

@@ -75,7 +75,9 @@ class EncodeOptions:
                    str(enc.get("on_bad", DEFAULTS["on_bad"])))
 
     def key(self) -> str:
-        return f"q{self.quality}:s{self.short_side}:k{int(self.keep_original)}:{self.on_bad}"
+        # on_bad is left out: a store is the same under both settings, or (fail, with bad files) not
+        # published at all, and a rerun with on_bad=skip then resumes from the same shards.
+        return f"q{self.quality}:s{self.short_side}:k{int(self.keep_original)}"
 
 
 def is_encoded(ds) -> bool:
