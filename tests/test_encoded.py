@@ -132,7 +132,7 @@ def test_decoded_pixels_equal_pils_decode_of_the_same_file(tree, store, tmp_path
     keep = encoded.load_encoded(ds_keep)["train_x"]
     assert keep.blobs([0])[0].tobytes() == (small / "train" / "a" / "x.jpg").read_bytes()
     assert torch.equal(keep.decode([0], torch.device("cpu"))[0],
-                       torch.from_numpy(np.asarray(Image.open(small / "train" / "a" / "x.jpg"))).permute(2, 0, 1))
+                       torch.from_numpy(np.array(Image.open(small / "train" / "a" / "x.jpg"))).permute(2, 0, 1))
 
 
 def _tv_boxes(h: int, w: int, n: int, scale, ratio) -> np.ndarray:
