@@ -175,8 +175,9 @@ def linear_probe(backbone: nn.Module, train_x: torch.Tensor, train_y: torch.Tens
 
         rrc = Pipeline(flip=flip, jitter_p=0.0, grayscale=0.0)
         if hasattr(train_x, "augmented"):  # an encoded split: crops of each whole image
-            train = [extract_features(backbone, train_x.augmented(rrc, generator), normalize, normalize=False)
-                     for _ in range(copies)]
+            train = [extract_features(backbone, train_x.augmented(rrc, generator, (seed * 7907 + copy) * 1009
+                                                                  + distributed.rank()), normalize,
+                                      normalize=False) for copy in range(copies)]
         else:
             train = [extract_features(backbone, train_x, lambda x: normalize(augment(x, rrc, generator)),
                                       normalize=False) for _ in range(copies)]

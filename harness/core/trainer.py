@@ -210,7 +210,7 @@ class Training:
         cfg, info, tc, device = self.cfg, self.info, self.cfg.trainer, self.device
         self.model.train()
         # Augmentations are seeded per (run seed, epoch, rank): a resumed epoch repeats exactly.
-        self.views.generator.manual_seed((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank)
+        self.views.reseed((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank)
         # The same permutation on every rank (seeded by run seed and epoch); each takes its slice.
         order = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(int(cfg.seed) * 100003 + epoch))
         sums: dict[str, torch.Tensor] = {}
@@ -218,7 +218,7 @@ class Training:
         if epoch == self.start_epoch and self.start_step:
             first_step, sums = self.start_step, {k: v.to(device) for k, v in self.start_sums.items()}
             # The rest of an interrupted epoch gets fresh augmentations, seeded by where it stopped.
-            self.views.generator.manual_seed(((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank) * 7 + first_step)
+            self.views.reseed(((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank) * 7 + first_step)
         t0 = time.monotonic()
         steps = self.steps_per_epoch
         batches = self.batches.epoch(order, range(first_step, steps), self.batch_start, self.local_batch)

@@ -35,7 +35,7 @@ class Pipeline:
     grayscale: float = 0.2
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel: int = 13
+    blur_kernel: int | None = 13  # None: follows the view size (blur_kernel_for)
     solarize: float = 0.0
     size: int | None = None  # the view's side in pixels (None: the input's); multi-crop views differ
 
@@ -244,16 +244,18 @@ def augment(x_uint8: torch.Tensor, p: Pipeline, g: torch.Generator, out_size: in
     return photometric(x, p, g)
 
 
-def augment_images(images: list[torch.Tensor], p: Pipeline, g: torch.Generator, out_size: int) -> torch.Tensor:
+def augment_images(images: list[torch.Tensor], p: Pipeline, g: torch.Generator, out_size: int,
+                   boxes: torch.Generator | None = None) -> torch.Tensor:
     """One augmented view of whole images of different sizes (decoded JPEGs): each image's
     RandomResizedCrop is drawn on its own height and width and resized to out×out (bilinear,
     antialiased, as torchvision's tensor Resize), then the batch is flipped and coloured together.
+    The crop boxes are drawn from `boxes`, a CPU generator (default: `g`, when it is one): the host
+    needs them to slice each image, and drawing them on a GPU would wait for the GPU.
     Returns float N×3×out×out in [0, 1]."""
     n, dev = len(images), images[0].device
     hw = torch.tensor([tuple(x.shape[-2:]) for x in images], dtype=torch.float32)
-    # Drawn on the generator's device; the boxes come to the host once per view to slice the images.
     top, left, h, w = (t.long().tolist() for t in sample_crops(n, hw[:, 0], hw[:, 1], p.crop_scale, p.crop_ratio,
-                                                               g, g.device))
+                                                               boxes or g, torch.device("cpu")))
     flip = _coin(n, p.flip, g, dev).view(-1, 1, 1, 1)
     # One resize per image (sizes differ); a crop is a view of its decoded image, never a copy.
     x = torch.cat([F.interpolate(img[None, :, t:t + hh, l_:l_ + ww].float(), size=(out_size, out_size),
@@ -283,7 +285,13 @@ class ViewMaker:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.boxes = torch.Generator().manual_seed(seed)  # crop boxes of whole images: drawn on the host
         self.channels_last = channels_last
+
+    def reseed(self, seed: int) -> None:
+        """Seed every draw of the views (a resumed epoch repeats them)."""
+        self.generator.manual_seed(seed)
+        self.boxes.manual_seed(seed)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
@@ -291,7 +299,7 @@ class ViewMaker:
 
     def __call__(self, x) -> list[torch.Tensor]:
         if isinstance(x, list):  # whole decoded images of different sizes
-            return [self.normalize(augment_images(x, p, self.generator, p.size or self.view_size))
+            return [self.normalize(augment_images(x, p, self.generator, p.size or self.view_size, self.boxes))
                     for p in self.pipelines]
         return [self.normalize(augment(x, p, self.generator, p.size)) for p in self.pipelines]
 

@@ -503,23 +503,24 @@ class EncodedSplit:
     def batches(self, device: torch.device, size: int) -> EncodedBatches:
         return EncodedBatches(self, device)
 
-    def augmented(self, pipeline, generator: torch.Generator) -> AugmentedSplit:
-        """This split as views of `pipeline` (e.g. the linear probe's RandomResizedCrop + flip)."""
-        return AugmentedSplit(self, pipeline, generator)
+    def augmented(self, pipeline, generator: torch.Generator, seed: int = 0) -> AugmentedSplit:
+        """This split as views of `pipeline` (e.g. the linear probe's RandomResizedCrop + flip); crop boxes
+        from a CPU generator seeded `seed`, the rest from `generator`."""
+        return AugmentedSplit(self, pipeline, generator, torch.Generator().manual_seed(seed))
 
 
 class AugmentedSplit:
     """An encoded split whose slices are augmented views of the whole images (float N×3×size×size in
     [0, 1], made on the generator's device): what the linear probe's training features are taken of."""
 
-    def __init__(self, split: EncodedSplit, pipeline, generator: torch.Generator):
-        self.split, self.pipeline, self.generator = split, pipeline, generator
+    def __init__(self, split: EncodedSplit, pipeline, generator: torch.Generator, boxes: torch.Generator):
+        self.split, self.pipeline, self.generator, self.boxes = split, pipeline, generator, boxes
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, key: slice) -> AugmentedSplit:
-        return AugmentedSplit(self.split[key], self.pipeline, self.generator)
+        return AugmentedSplit(self.split[key], self.pipeline, self.generator, self.boxes)
 
     def to(self, device, non_blocking: bool = False) -> torch.Tensor:
         """Augmented views of every image of this split (float in [0, 1]), on the generator's device."""
@@ -528,7 +529,7 @@ class AugmentedSplit:
         if len(self.split) == 0:
             return torch.zeros(0, 3, self.split.size, self.split.size, device=self.generator.device)
         images = self.split.decode(torch.arange(len(self.split)), self.generator.device)
-        return augment_images(images, self.pipeline, self.generator, self.split.size)
+        return augment_images(images, self.pipeline, self.generator, self.split.size, self.boxes)
 
 
 class EncodedBatches:
