@@ -130,9 +130,10 @@ def main() -> None:
     parser.add_argument("--cifar", type=int, default=0, help="also N CIFAR-10 JPEGs from the archive (32 px views)")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
-    # The same cores for both: our decode threads and torch ops use `--workers` threads; each of the
-    # loader's `--workers` processes uses one (DataLoader sets that).
-    torch.set_num_threads(args.workers)
+    # Ours decodes on `--workers` threads and augments with ONE torch thread: intra-op threads on the
+    # per-image crops (small tensors) cost more than they give (measured: 2 threads made ours 0.1-0.5x
+    # of the 1-thread figure on a loaded 2-core machine). Each loader worker uses one (DataLoader sets it).
+    torch.set_num_threads(1)
     encoded.set_decode_threads(args.workers)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
