@@ -106,7 +106,7 @@ def test_a_method_without_multi_crop_refuses_it_in_one_line():
     with pytest.raises(ConfigError) as refused:
         validate(compose(["method=simsiam", *overrides]))
     lines = [line for line in str(refused.value).splitlines() if "augment.views" in line]
-    assert len(lines) == 1 and "two views of one size for method=simsiam" in lines[0]
+    assert len(lines) == 1 and "two views of one size for method=simsiam: solo-learn's SimSiam has none" in lines[0]
     # the pair add-ons refuse it too: ScoreCL scores, and CLSP extends, a pair of two views of one size
     with pytest.raises(ConfigError) as refused:
         validate(compose(["method=simclr", "weighting=scorecl_tiny", *overrides]))
@@ -147,3 +147,19 @@ def test_byol_multi_crop_loss_equals_a_slow_direct_evaluation():
                     p, z = preds[j][a].double(), targets[i][a].double()
                     slow[a] += 2 - 2 * float(p @ z) / (float(p.norm()) * float(z.norm()))
     assert torch.allclose(parts.pair.double(), slow, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,ref", [("nnclr", "NNCLR"), ("mocov2", "MoCo v2+"), ("vicreg", "VICReg")])
+def test_methods_whose_solo_learn_loss_takes_two_large_crops_refuse_multi_crop_saying_why(method, ref):
+    # solo-learn's training_step for these unpacks the two large crops' outputs only: small crops would
+    # be forwarded and left out of the loss, so there is no reference multi-crop form to reproduce.
+    from harness.errors import ConfigError
+    from harness.jobs.config import compose, validate
+
+    with pytest.raises(ConfigError) as refused:
+        validate(compose([f"method={method}", "augment=sce_imagenet_multicrop", "backbone=convnet",
+                          "dataset.train_size=100", "dataset.test_size=50", "trainer.batch_size=10"]))
+    lines = [line for line in str(refused.value).splitlines() if "augment.views" in line]
+    assert len(lines) == 1, str(refused.value)
+    assert f"two views of one size for method={method}: solo-learn's {ref} has none (its loss takes the two " \
+           "large crops only)" in lines[0]

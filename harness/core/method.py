@@ -65,7 +65,8 @@ def split_views(views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tor
 def multi_crop_errors(cfg, method_class: type) -> list:
     """A multi-crop recipe (more than two views, or views of different sizes) is refused, in one line,
     for a method whose reference has no multi-crop form here (class attribute ``multi_crop = True``
-    says it has one) and with the pair add-ons, which score or extend a two-view pair."""
+    says it has one; ``no_multi_crop``, a phrase, says why not) and with the pair add-ons, which
+    score or extend a two-view pair."""
     from harness.errors import ConfigError
 
     views = list(cfg.augment.views)
@@ -77,8 +78,10 @@ def multi_crop_errors(cfg, method_class: type) -> list:
         errors.append(ConfigError("augment.views", views, "the large views first, then the small ones"))
     name = cfg.method.get("name", method_class.__name__)
     if not getattr(method_class, "multi_crop", False):
-        errors.append(ConfigError("augment.views", views, f"two views of one size for method={name}: its "
-                                  "multi-crop form is not implemented (simclr, sce and byol have one)"))
+        # A method may say why its reference has no multi-crop form (class attribute no_multi_crop).
+        why = getattr(method_class, "no_multi_crop", "its multi-crop form is not implemented")
+        errors.append(ConfigError("augment.views", views, f"two views of one size for method={name}: {why} "
+                                  "(simclr, sce and byol have one)"))
     for group in ("weighting", "positives"):
         node = cfg.get(group)
         if node is not None and node.get("_target_"):
