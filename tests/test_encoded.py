@@ -339,12 +339,13 @@ def test_config_errors_for_the_encoded_store_are_one_line_each():
     from harness.jobs.config import compose, validate
 
     cfg = compose(["dataset=imagefolder", "dataset.root=/nonexistent", "+dataset.store=encoded",
-                   "+dataset.encode={quality: 0, short_side: 8, on_bad: maybe}"])
+                   "+dataset.encode={quality: 0, short_side: 8, on_bad: maybe}", "+dataset.recorded_as=imagenet22k"])
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     text = str(e.value)
     for line in ("dataset.encode.quality = 0 is not allowed: expected an integer from 1 to 100",
-                 "dataset.encode.short_side = 8 is not allowed", "dataset.encode.on_bad = 'maybe' is not allowed"):
+                 "dataset.encode.short_side = 8 is not allowed", "dataset.encode.on_bad = 'maybe' is not allowed",
+                 "dataset.recorded_as = 'imagenet22k' is not allowed: expected one of imagenet1k, imagenet100"):
         assert line in text
     assert math.isfinite(len(text))
 
@@ -366,6 +367,8 @@ def test_a_one_epoch_run_on_the_encoded_tree_records_knn_and_the_imagenet_linear
     protocols = {r["protocol"] for r in rows}
     assert protocols == {"knn:cosine:k=5:T=0.1", "linear:sgd:2ep:augment=rrc_flip:copies=2"}, rows
     assert all(0 <= r["top1"] <= 100 for r in rows)
+    # the preset's runs carry ImageNet-100's own name, which the leaderboard's references use
+    assert [r["dataset"] for r in Store(db).query("SELECT dataset FROM runs")] == ["imagenet100"]
 
 
 @pytest.mark.parametrize("sweep", ["sce_imagenet", "sce_imagenet_multicrop"])
