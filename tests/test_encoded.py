@@ -412,3 +412,53 @@ def test_subsets_and_a_hold_out_of_an_encoded_set_are_views_of_the_same_bytes(st
     assert torch.bincount(data.val_y, minlength=CLASSES).tolist() == [1] * CLASSES  # class-balanced
     assert not set(data.train_index.tolist()) & set(data.val_x.rows.tolist())  # the hold-out is left out
     assert data.train_x.index_file == str(index_file)
+
+
+def test_residency_of_encoded_bytes_is_chosen_by_their_size_and_every_choice_gives_the_same_batches(store):
+    """dataset.residency for an encoded set: auto weighs the JPEG bytes against the free device memory;
+    on the CPU every choice decodes the same images (the GPU paths, nvJPEG from pinned buffers filled
+    from device or mapped bytes, cannot run here: only their byte bookkeeping is checked below)."""
+    from harness.core.data import residency
+    from harness.core.data.datasets import SplitCounts
+    from harness.jobs.config import compose
+
+    ds, _ = store
+    split = encoded.load_encoded(ds)["train_x"]
+    jpeg = split.nbytes
+    assert jpeg == int(encoded.index_sizes(split).sum())  # what auto weighs: the JPEG bytes, not pixels
+    gpu = torch.device("cuda", 0)
+    assert residency.choose_for_free("auto", jpeg, 0.5, 2 * jpeg, gpu)[0] == "device"
+    host, why = residency.choose_for_free("auto", jpeg, 0.5, 2 * jpeg - 1, gpu)
+    assert host == "host" and "exceeds dataset.device_memory_fraction=0.5" in why
+    assert residency.choose_for_free("host", jpeg, 0.5, 10 * jpeg, gpu)[0] == "host"
+    cfg = OmegaConf.create({"dataset": {"residency": "auto"}, "positives": None, "weighting": None})
+    cpu = torch.device("cpu")
+    assert residency.resolve(cfg, split, cpu, [], False) == "device"  # the CPU: the mapped bytes are read
+
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    expected = split.decode(order[:8], cpu)
+    for chosen in ("device", "host"):
+        source = residency.batch_source(chosen, split, cpu, 8)
+        assert source.residency == chosen
+        [(_, idx, images)] = list(source.epoch(order, range(1), lambda s: s * 8, 8))
+        assert idx.tolist() == order[:8].tolist() and all(torch.equal(a, b) for a, b in zip(images, expected))
+    with pytest.raises(ValueError, match="dataset.residency = 'auto' for an encoded set: device or host"):
+        split.batches(cpu, 8, "auto")
+    # the bytes a step hands to nvJPEG: gathered from the mapped file (host) or from the split's bytes
+    # concatenated in split order (device, here on the CPU), each image's exactly
+    blobs = [torch.from_numpy(np.array(b)) for b in split.blobs(order[:8])]
+    batches = split.batches(cpu, 8, "host")
+    assert all(torch.equal(a, b) for a, b in zip(batches._pinned(order[:8]), blobs))
+    batches.on_device = batches._copy_to_device()
+    assert len(batches.on_device) == jpeg
+    assert all(torch.equal(a, b) for a, b in zip(batches._pinned(order[:8]), blobs))
+
+    # the memory check: device residency puts the training images' JPEG bytes on each GPU, host pins a step's
+    counts = SplitCounts([30] * 10, [10] * 10, "test")
+    for chosen, on_gpu in (("device", 300 * 1000), ("host", 0), ("auto", 0)):
+        cfg = compose(["dataset=imagenet100", f"dataset.root={ds.root}", f"dataset.residency={chosen}",
+                       "trainer.batch_size=16"])
+        needs = residency.memory_needs(cfg, counts, 1000, [], gpu)
+        assert (needs.device, needs.host_private, needs.residency) == (on_gpu, 2 * 16 * 1000,
+                                                                       "host" if chosen == "auto" else chosen)
+    assert residency.memory_needs(cfg, counts, 1000, [], cpu).device == 0

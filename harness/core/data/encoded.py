@@ -427,7 +427,8 @@ def decode_batch(blobs: list[np.ndarray], device: torch.device) -> list[torch.Te
     if device.type == "cuda" and _torchvision_decoder():
         from harness.core.tv import torchvision
 
-        tensors = [torch.from_numpy(np.array(b)) for b in blobs]
+        # a tensor is passed as it is (a slice of a pinned buffer); a view of the mapped file is copied
+        tensors = [b if isinstance(b, torch.Tensor) else torch.from_numpy(np.array(b)) for b in blobs]
         return torchvision.io.decode_jpeg(tensors, mode=torchvision.io.ImageReadMode.RGB, device=device)
     if _torchvision_decoder():
         from harness.core.tv import torchvision
@@ -500,8 +501,8 @@ class EncodedSplit:
         images = self.decode(torch.arange(len(self.rows)), torch.device(device))
         return centre_crops(images, self.eval_resize, self.size)
 
-    def batches(self, device: torch.device, size: int) -> EncodedBatches:
-        return EncodedBatches(self, device)
+    def batches(self, device: torch.device, size: int, residency: str = "host") -> EncodedBatches:
+        return EncodedBatches(self, device, residency)
 
     def augmented(self, pipeline, generator: torch.Generator, seed: int = 0) -> AugmentedSplit:
         """This split as views of `pipeline` (e.g. the linear probe's RandomResizedCrop + flip); crop boxes
@@ -534,13 +535,71 @@ class AugmentedSplit:
 
 class EncodedBatches:
     """The training batch source of an encoded split: each step's images decoded whole on the device,
-    the next step's decode started on a helper thread while the current step runs."""
+    the next step's bytes gathered and decoded on a helper thread while the current step runs.
 
-    residency = "host"  # the bytes stay memory-mapped in host memory; only decoded batches reach the device
+    Where the JPEG bytes live (``dataset.residency``, resolved by residency.resolve on the set's JPEG
+    bytes): on CUDA, ``device`` copies the split's bytes to the GPU once and ``host`` leaves them in
+    the mapped file (the node's page cache); either way each step's bytes are put in a pinned host
+    buffer before nvJPEG decodes them, since torchvision's decode_jpeg reads its input from host memory
+    whatever the output device (a batch is a few MB: 256 images at ~34 KB). What ``device`` buys is
+    independence from the host's page cache (no re-read from disk after an eviction). On the CPU the
+    mapped bytes are what is decoded, whatever the choice (the host is the device).
+    """
 
-    def __init__(self, split: EncodedSplit, device: torch.device):
-        self.split, self.device = split, device
+    def __init__(self, split: EncodedSplit, device: torch.device, residency: str = "host"):
+        if residency not in ("device", "host"):
+            raise ValueError(f"dataset.residency = {residency!r} for an encoded set: device or host (auto is "
+                             "resolved before the batches are made)")
+        self.split, self.device, self.residency = split, device, residency
+        self.cuda = device.type == "cuda"
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="encoded-batches")
+        sizes = index_sizes(split)
+        # where each image's bytes start in the split's own concatenation (device residency)
+        self.starts = torch.cumsum(sizes, 0) - sizes
+        self.sizes = sizes
+        self.on_device = self._copy_to_device() if self.cuda and residency == "device" else None
+        self.held: list[torch.Tensor] = []  # the last pinned buffers, kept while their decodes may run
+
+    def _copy_to_device(self) -> torch.Tensor:
+        """The split's JPEG bytes, concatenated in split order, in one uint8 tensor on the device
+        (copied in chunks: never the whole set in host memory at once)."""
+        out = torch.empty(int(self.sizes.sum()), dtype=torch.uint8, device=self.device)
+        chunk = 4096
+        for first in range(0, len(self.split), chunk):
+            idx = torch.arange(first, min(first + chunk, len(self.split)))
+            host = torch.from_numpy(np.concatenate(self.split.blobs(idx)))
+            start = int(self.starts[first])
+            out[start:start + len(host)].copy_(host)
+        return out
+
+    def _pinned(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """The JPEG bytes of images `idx` (positions in the split) as slices of one pinned host buffer."""
+        sizes = self.sizes[idx]
+        ends = torch.cumsum(sizes, 0)
+        # pinned on CUDA (nvJPEG's copies of it are then asynchronous); the same bookkeeping runs on the CPU
+        buffer = torch.empty(int(ends[-1]) if len(idx) else 0, dtype=torch.uint8, pin_memory=self.cuda)
+        bounds = list(zip((ends - sizes).tolist(), ends.tolist()))
+        if self.on_device is not None:
+            # on a stream of its own, so the step's work does not wait (None on the CPU: a no-op)
+            stream = torch.cuda.Stream(self.device) if self.cuda else None
+            with torch.cuda.stream(stream):
+                for (a, b), start in zip(bounds, self.starts[idx].tolist()):
+                    buffer[a:b].copy_(self.on_device[start:start + b - a], non_blocking=self.cuda)
+            if stream is not None:
+                stream.synchronize()
+        else:
+            view = buffer.numpy()
+            for (a, b), blob in zip(bounds, self.split.blobs(idx)):
+                view[a:b] = blob
+        # a decode of this buffer may still read it after the call returns: keep the last two alive
+        self.held = [*self.held[-1:], buffer]
+        return [buffer[a:b] for a, b in bounds]
+
+    def load(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Images `idx` (positions in the split) decoded whole on the device."""
+        if not self.cuda:
+            return self.split.decode(idx, self.device)
+        return decode_batch(self._pinned(idx), self.device)
 
     def epoch(self, order: torch.Tensor, steps: range, start, size: int):
         """(step, indices into the training set on the device, list of decoded images) for each step."""
@@ -548,7 +607,7 @@ class EncodedBatches:
         steps = list(steps)
 
         def load(step: int) -> list[torch.Tensor]:
-            return self.split.decode(order[start(step):][:size], self.device)
+            return self.load(order[start(step):][:size])
 
         pending = self.pool.submit(load, steps[0]) if steps else None
         for i, step in enumerate(steps):
@@ -556,6 +615,12 @@ class EncodedBatches:
             if i + 1 < len(steps):
                 pending = self.pool.submit(load, steps[i + 1])
             yield step, order[start(step):][:size].to(self.device, non_blocking=True), images
+
+
+def index_sizes(split: EncodedSplit) -> torch.Tensor:
+    """The JPEG size in bytes of every image of `split`, in split order (int64)."""
+    index, _ = open_store(split.index_file)
+    return index["sizes"][split.rows].to(torch.int64)
 
 
 def load_encoded(ds, lock_timeout_s: float | None = None) -> dict:
