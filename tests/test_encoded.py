@@ -451,7 +451,10 @@ def test_residency_of_encoded_bytes_is_chosen_by_their_size_and_every_choice_giv
     assert all(torch.equal(a, b) for a, b in zip(batches._pinned(order[:8]), blobs))
     batches.on_device = batches._copy_to_device()
     assert len(batches.on_device) == jpeg
-    assert all(torch.equal(a, b) for a, b in zip(batches._pinned(order[:8]), blobs))
+    gathered = batches._pinned(order[:8])
+    assert all(torch.equal(a, b) for a, b in zip(gathered, blobs))
+    # and the decoder takes those slices as they are
+    assert all(torch.equal(a, b) for a, b in zip(encoded.decode_batch(gathered, cpu), expected))
 
     # the memory check: device residency puts the training images' JPEG bytes on each GPU, host pins a step's
     counts = SplitCounts([30] * 10, [10] * 10, "test")

@@ -399,8 +399,8 @@ def _torchvision_decoder() -> bool:
     return _DECODER_CHECKED[0]
 
 
-def _pil_decode(data: np.ndarray, draft: tuple[int, int] | None = None) -> torch.Tensor:
-    img = Image.open(io.BytesIO(data.tobytes()))
+def _pil_decode(data: np.ndarray | torch.Tensor, draft: tuple[int, int] | None = None) -> torch.Tensor:
+    img = Image.open(io.BytesIO(np.asarray(data).tobytes()))  # a mapped view or a slice of a pinned buffer
     if draft:
         img.draft("RGB", draft)
     return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)  # a writable copy
@@ -434,7 +434,8 @@ def decode_batch(blobs: list[np.ndarray], device: torch.device) -> list[torch.Te
         from harness.core.tv import torchvision
 
         def one(b):
-            return torchvision.io.decode_jpeg(torch.from_numpy(np.array(b)), mode=torchvision.io.ImageReadMode.RGB)
+            b = b if isinstance(b, torch.Tensor) else torch.from_numpy(np.array(b))
+            return torchvision.io.decode_jpeg(b, mode=torchvision.io.ImageReadMode.RGB)
     else:
         one = _pil_decode
     images = list(_threads().map(one, blobs))
