@@ -183,14 +183,40 @@ def color_jitter(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tens
     hshift = torch.where(apply, _uniform(n, -p.hue, p.hue, g, dev), zeros)
     order = torch.argsort(torch.rand(n, 4, generator=g, device=dev), dim=1)  # a random permutation per image
     blend_factors = torch.stack([b, c, s, ones], dim=1)  # by operation: brightness, contrast, saturation, hue
+    pixels = x.shape[-1] * x.shape[-2]
+    if dev.type != "cpu" or pixels < CPU_CHUNK_PIXELS // 4:  # CIFAR's small images: the whole batch at once
+        return _jitter_steps(x, apply, order, blend_factors, hshift, p.hue > 0)
+    # On the CPU, large images a few at a time (about one 224 px image's pixels): their planes and the
+    # hue's temporaries stay in the core's cache, which the whole batch does not fit, and a step whose
+    # images all skip a blend or need no grey skips that work (twice as fast at 224 px). Every
+    # operation is per image, so the values are the whole batch's, bit for bit.
+    chunk = max(1, CPU_CHUNK_PIXELS // pixels)
+    return torch.cat([_jitter_steps(x[i:i + chunk], apply[i:i + chunk], order[i:i + chunk],
+                                    blend_factors[i:i + chunk], hshift[i:i + chunk], p.hue > 0)
+                      for i in range(0, n, chunk)])
+
+
+# Pixels per chunk of the CPU colour jitter: one 224 px image (0.6 MB as float; its temporaries fit in L2).
+CPU_CHUNK_PIXELS = 224 * 224
+
+
+def _jitter_steps(x: torch.Tensor, apply: torch.Tensor, order: torch.Tensor, blend_factors: torch.Tensor,
+                  hshift: torch.Tensor, hue_on: bool) -> torch.Tensor:
+    """color_jitter's four steps on a batch with its draws (see color_jitter)."""
+    dev = x.device
     for step in range(4):
         op = order[:, step]
         factor = blend_factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1)
-        gray = grayscale(x)
-        target = torch.where((op == 2).view(-1, 1, 1, 1), gray,
-                             torch.where((op == 1).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), 0.0))
-        x = (factor * x + (1 - factor) * target).clamp_(0, 1)
-        if p.hue > 0:
+        if dev.type == "cpu" and not bool((factor != 1).any()):
+            x = x.clamp(0, 1)  # every blend of this step is 1·x + 0·target: exactly x (clamped, as below)
+        elif dev.type == "cpu" and not bool(((op == 1) | (op == 2)).any()):
+            x = (factor * x).clamp_(0, 1)  # brightness only: its target 0 adds exactly nothing
+        else:
+            gray = grayscale(x)
+            target = torch.where((op == 2).view(-1, 1, 1, 1), gray, torch.where(
+                (op == 1).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), 0.0))
+            x = (factor * x + (1 - factor) * target).clamp_(0, 1)
+        if hue_on:
             hue = (op == 3) & apply
             if dev.type == "cpu":
                 chosen = hue.nonzero().squeeze(1)
