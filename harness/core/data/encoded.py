@@ -559,6 +559,8 @@ class EncodedBatches:
         self.starts = torch.cumsum(sizes, 0) - sizes
         self.sizes = sizes
         self.on_device = self._copy_to_device() if self.cuda and residency == "device" else None
+        # the device-to-host copies of a step's bytes run on a stream of their own: the step's work does not wait
+        self.stream = torch.cuda.Stream(device) if self.on_device is not None else None
         self.held: list[torch.Tensor] = []  # the last pinned buffers, kept while their decodes may run
 
     def _copy_to_device(self) -> torch.Tensor:
@@ -581,13 +583,11 @@ class EncodedBatches:
         buffer = torch.empty(int(ends[-1]) if len(idx) else 0, dtype=torch.uint8, pin_memory=self.cuda)
         bounds = list(zip((ends - sizes).tolist(), ends.tolist()))
         if self.on_device is not None:
-            # on a stream of its own, so the step's work does not wait (None on the CPU: a no-op)
-            stream = torch.cuda.Stream(self.device) if self.cuda else None
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(self.stream):  # None (a no-op) where the bytes were put on the CPU
                 for (a, b), start in zip(bounds, self.starts[idx].tolist()):
                     buffer[a:b].copy_(self.on_device[start:start + b - a], non_blocking=self.cuda)
-            if stream is not None:
-                stream.synchronize()
+            if self.stream is not None:
+                self.stream.synchronize()
         else:
             view = buffer.numpy()
             for (a, b), blob in zip(bounds, self.split.blobs(idx)):
