@@ -8,7 +8,11 @@
 (b) SimCLR ResNet-18 batch 512: seconds per epoch and MFU, eager vs compiled, fp32 vs bf16;
 (c) peak GPU memory per method (from the runs of a);
 (d) with the time left (at most 5 minutes), SimCLR ResNet-18 for as many epochs as fit, its k-NN
-    curve beside lightly's published 200-epoch point (84.8 at batch 512, docs/references.md).
+    curve beside lightly's published 200-epoch point (84.8 at batch 512, docs/references.md);
+(e) ImageNet-like input (issue 25): generated JPEGs of 200-600 px in the encoded store, decoded per
+    batch with nvJPEG and made into two 224 px views (augment=imagenet_symmetric) on the GPU, images/s
+    beside SimCLR ResNet-50's bf16 training rate (goal: input at least twice as fast), then a short
+    SimCLR ResNet-50 run on them (decode, crops of whole images, k-NN on centre crops).
 
 The CIFAR-10 archive, in this order: $HARNESS_CIFAR10_ARCHIVE; ../shared/data/cifar10-jpeg.tar.xz
 (the harness's default); ./shared/data/cifar10-jpeg.tar.xz. The device tool copies the working tree
@@ -249,6 +253,71 @@ def part_d(check: Check, epoch_s: float) -> None:
                   f"../shared/docs/references.md). Not the same schedule: ours decays over {epochs} epochs.")
 
 
+def part_e(check: Check) -> None:
+    """ImageNet-like input rate vs SimCLR ResNet-50 bf16 training rate, then a short run on that input."""
+    from benchmarks.imagenet_input import generated_folder
+    from harness.core.data import encoded
+    from harness.core.data.augment import ViewMaker
+
+    images, batch, size = (16, 8, 32) if check.dry else (2048, 128, 224)
+    with tempfile.TemporaryDirectory() as tmp:
+        generated_folder(Path(tmp) / "tree", images)
+        overrides = ["dataset=imagenet100", f"dataset.root={Path(tmp) / 'tree'}", f"dataset.cache_dir={tmp}/cache",
+                     f"dataset.image_size={size}", f"dataset.eval_resize={round(size / 0.875)}",
+                     "augment=imagenet_symmetric", f"augment.pipelines.base.size={size}", "method=simclr",
+                     "backbone=convnet" if check.dry else "backbone=resnet50", f"trainer.batch_size={batch}",
+                     "trainer.warmup_epochs=0", f"trainer.device={check.device.type}", "trainer.log_every=1000",
+                     "eval.knn=[{k: 20, T: 0.07}]"]
+        cfg = compose(overrides)
+        start = time.monotonic()
+        data = ImageData(**encoded.load_encoded(cfg.dataset), train_index=torch.arange(images))
+        build_s = time.monotonic() - start
+        split = data.train_x
+        views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, check.device, seed=0,
+                                  channels_last=True, view_size=size)
+        steps = len(split) // batch
+        rates = []
+        for _ in range(2):  # the first pass warms nvJPEG and the allocator
+            source = split.batches(check.device, batch)
+            check.synchronize()
+            start = time.monotonic()
+            for _, _, imgs in source.epoch(torch.randperm(len(split)), range(steps), lambda s: s * batch, batch):
+                views(imgs)
+            check.synchronize()
+            rates.append(steps * batch / (time.monotonic() - start))
+        rows = [{"what": f"decode + 2 views of {size} px (input)", "images_per_s": max(rates)}]
+        train_cfg = compose([*overrides, "trainer.epochs=2", "eval.every=0", "trainer.precision=bf16"])
+        n = batch * 4
+        fixed = ImageData(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8), torch.arange(n) % 10,
+                          data.test_x, data.test_y, data.classes, "random", train_index=torch.arange(n))
+        torch.manual_seed(0)
+        model = instantiate(train_cfg.method, instantiate(train_cfg.backbone))
+        run = trainer.Training(train_cfg, model, fixed, DistInfo(device=check.device), Path(tmp) / "ckpt.pt",
+                               lambda e, m: None, [])
+        run.resume()
+        run.train_epoch(0)
+        check.synchronize()
+        start = time.monotonic()
+        run.train_epoch(1)
+        check.synchronize()
+        train_rate = n / (time.monotonic() - start)
+        rows.append({"what": f"SimCLR {cfg.backbone.name} bf16 training step (uint8 batches already on the device)",
+                     "images_per_s": train_rate})
+        curve = []
+        short = compose([*overrides, "trainer.epochs=2", "eval.every=1"])
+        torch.manual_seed(0)
+        trainer.fit(short, instantiate(short.method, instantiate(short.backbone)), data,
+                    DistInfo(device=check.device), Path(tmp) / "short.pt",
+                    lambda e, m: curve.append({"epoch": e + 1, "loss": m["loss"], "knn_top1": m.get("knn_top1"),
+                                               "images_per_s": m["images_per_s"]}))
+    verdict = "meets" if rows[0]["images_per_s"] >= 2 * train_rate else "MISSES"
+    check.section(f"(e) ImageNet-like input: {images} generated JPEGs (200-600 px), batch {batch}", rows,
+                  ["what", "images_per_s"], f"Input {rows[0]['images_per_s'] / train_rate:.2f}x the training rate: "
+                  f"{verdict} the goal of 2x. Store built in {build_s:.0f} s.")
+    check.section("(e) short SimCLR run on the encoded ImageNet-like set", curve,
+                  ["epoch", "loss", "knn_top1", "images_per_s"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, ConvNet, random images, 1 step per part")
@@ -266,6 +335,7 @@ def main() -> int:
     part_a_and_c(check)
     epoch_s = part_b(check)
     part_d(check, epoch_s)
+    part_e(check)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     head = f"## gpu_check{' (dry run, CPU)' if args.dry_run else ''} — {when}\n\n{machine()}; {versions()}; " \
            f"{time.monotonic() - started:.0f} s; data: {check.data.source}\n"

@@ -2,7 +2,8 @@
 
 A claim is data: which paper, which method(s), which add-on, dataset and protocol family, what it
 claims and at what budget (epochs, backbone, training-set size, the artifact's training epochs and
-channel widths). `?` in a budget field means the source does not state it; an empty field means it
+channel widths, and the views: `2x224`, or SCE's multi-crop `2x224+192+160+128+96`, the view sizes
+of the run's augment recipe in order). `?` in a budget field means the source does not state it; an empty field means it
 does not apply (no artifact).
 
 Two kinds of claim:
@@ -41,11 +42,14 @@ from leaderboard.stats import t_halfwidth
 CLAIMS = Path(__file__).with_name("claims.csv")
 UNKNOWN = "?"
 # Training-split sizes when a run used all of it (dataset.train_size null).
-FULL_TRAIN = {"cifar10": 50000, "cifar100": 50000, "imagenet1k": 1281167}
+FULL_TRAIN = {"cifar10": 50000, "cifar100": 50000, "imagenet1k": 1281167, "imagenet100": 126689}
 VERDICTS = ("reproduced", "consistent but not significant", "contradicted", "not measured")
 FIELDS = ("id", "paper", "methods", "addon", "treatment", "dataset", "protocol", "kind", "claimed_min", "claimed",
-          "claim_text", "epochs", "backbone", "train_size", "artifact_epochs", "artifact_channels", "source")
-BUDGET = ("epochs", "backbone", "train_size", "artifact_epochs", "artifact_channels")
+          "claim_text", "epochs", "backbone", "train_size", "artifact_epochs", "artifact_channels", "source",
+          "views")
+BUDGET = ("epochs", "backbone", "train_size", "artifact_epochs", "artifact_channels", "views")
+# Columns a claims file may leave out (read as empty: does not apply): views came after the others.
+OPTIONAL = ("views",)
 TRANSFER_LOGREG = "transfer:logreg"  # a top1 claim on a transfer set (harness/jobs/transfer.py's logreg rows)
 
 
@@ -54,6 +58,8 @@ def load(path: Path = CLAIMS) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         claims = list(csv.DictReader(f))
     for line, c in enumerate(claims, 2):
+        for k in OPTIONAL:
+            c[k] = c.get(k) or ""
         missing = [k for k in FIELDS if c.get(k) is None]
         if missing:
             raise SystemExit(f"error: {path}:{line}: column(s) {', '.join(missing)} missing; "
@@ -111,7 +117,26 @@ def our_budget(identity: str | None, row: dict[str, Any], addon: str) -> dict[st
     return {"epochs": str(row["epochs"]), "backbone": str(row["backbone"]),
             "train_size": UNKNOWN if train is None else str(train),
             "artifact_epochs": UNKNOWN if artifact_epochs is None else str(artifact_epochs),
-            "artifact_channels": ";".join(str(c) for c in channels) if channels else UNKNOWN}
+            "artifact_channels": ";".join(str(c) for c in channels) if channels else UNKNOWN,
+            "views": view_sizes(tree)}
+
+
+def view_sizes(tree: dict[str, Any]) -> str:
+    """The run's views as `2x224+192+160+128+96`: each view's size in order (its pipeline's `size`, else
+    dataset.image_size), runs of one size counted; `?` when the config does not say."""
+    views, pipelines = _get(tree, "augment.views"), _get(tree, "augment.pipelines")
+    if not isinstance(views, list) or not isinstance(pipelines, dict):
+        return UNKNOWN
+    sizes = [_get(pipelines, f"{v}.size") or _get(tree, "dataset.image_size") for v in views]
+    if not sizes or any(size is None for size in sizes):
+        return UNKNOWN
+    runs: list[list] = []
+    for size in sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([size, 1])
+    return "+".join(f"{n}x{size}" if n > 1 else str(size) for size, n in runs)
 
 
 def compare_budget(claim: dict[str, str], ours: dict[str, str]) -> tuple[str, list[str]]:
@@ -135,7 +160,8 @@ def budget_words(ours: dict[str, str] | None) -> list[str]:
         return []
     artifact = "" if ours["artifact_epochs"] in ("", UNKNOWN) else \
         f", artifact {ours['artifact_epochs']} ep [{ours['artifact_channels']}]"
-    return [f"ours: {ours['epochs']} ep, {ours['backbone']}, {ours['train_size']} train images{artifact}"]
+    views = "" if ours.get("views", UNKNOWN) == UNKNOWN else f", views {ours['views']}"
+    return [f"ours: {ours['epochs']} ep, {ours['backbone']}, {ours['train_size']} train images{artifact}{views}"]
 
 
 def _identities(con: duckdb.DuckDBPyConnection) -> dict[str, str]:

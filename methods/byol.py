@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.core.method import LossParts, mlp
+from harness.core.method import LossParts, mlp, split_views
 from methods.common import momentum_copy, momentum_tau, update_momentum_encoder
 
 
@@ -22,7 +22,13 @@ def byol_pairs(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.T
 
 
 class BYOL(nn.Module):
-    """Projector feat→4096 (BN, ReLU)→256; predictor 256→4096 (BN, ReLU)→256; momentum 0.99→1 (cosine)."""
+    """Projector feat→4096 (BN, ReLU)→256; predictor 256→4096 (BN, ReLU)→256; momentum 0.99→1 (cosine).
+
+    Multi-crop (solo-learn's num_large_crops / num_small_crops): the momentum network sees the large
+    views only; every view's prediction regresses every OTHER large view's momentum projection, and
+    the terms are summed, as solo-learn's training_step does (two views: byol_pairs)."""
+
+    multi_crop = True
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 4096, proj_output_dim: int = 256,
                  pred_hidden_dim: int = 4096, momentum_base: float = 0.99, momentum_final: float = 1.0,
@@ -39,6 +45,15 @@ class BYOL(nn.Module):
         return F.normalize(self.predictor(self.projector(self.backbone(x))), dim=1)
 
     def forward(self, views: list[torch.Tensor]) -> LossParts:
+        large, small = split_views(views)
+        if len(views) > 2 or small:
+            feats = [self.backbone(v) for v in views]
+            preds = [self.predictor(self.projector(f)).float() for f in feats]
+            with torch.no_grad():
+                targets = [self.momentum_encoder(v).float() for v in large]
+            pair = sum(2 - 2 * F.cosine_similarity(preds[j], targets[i], dim=1)
+                       for i in range(len(large)) for j in range(len(views)) if j != i)
+            return LossParts(pair=pair, batch=pair.new_zeros(()), feats=torch.cat(feats[:len(large)]).detach())
         f1, f2 = self.backbone(views[0]), self.backbone(views[1])
         p1, p2 = (self.predictor(self.projector(f)).float() for f in (f1, f2))
         with torch.no_grad():

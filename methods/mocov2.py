@@ -26,6 +26,12 @@ from methods.common import (
 class MoCoV2(nn.Module):
     """Projector Linear(feat→2048)–ReLU–Linear(→256), no BN; momentum copies of backbone and projector."""
 
+    # solo-learn, the reference, has no multi-crop form for MoCo v2+: its training_step takes the two large
+    # crops' queries and keys only and forwards small crops through the backbone for nothing, and main_pretrain
+    # allows more than two large crops only for W-MSE and MAE. Accepting the recipe would train a
+    # two-view run at the cost of a multi-crop one, so it is refused.
+    no_multi_crop = "solo-learn's MoCo v2+ has none (its loss takes the two large crops only)"
+
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, proj_hidden_dim: int = 2048,
                  proj_output_dim: int = 256, queue_size: int = 32768, momentum_base: float = 0.99,
                  momentum_final: float = 0.999, momentum_schedule: str = "cosine"):

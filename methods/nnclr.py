@@ -28,6 +28,12 @@ def nnclr_pairs(pos1: torch.Tensor, pos2: torch.Tensor, p1: torch.Tensor, p2: to
 class NNCLR(nn.Module):
     """Projector feat→2048→2048→256 (BN on every layer); predictor 256→4096 (BN, ReLU)→256."""
 
+    # solo-learn, the reference, has no multi-crop form for NNCLR: its training_step takes the two large
+    # crops' z and p only and forwards small crops through the backbone for nothing, and main_pretrain
+    # allows more than two large crops only for W-MSE and MAE. Accepting the recipe would train a
+    # two-view run at the cost of a multi-crop one, so it is refused.
+    no_multi_crop = "solo-learn's NNCLR has none (its loss takes the two large crops only)"
+
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, proj_hidden_dim: int = 2048,
                  proj_output_dim: int = 256, pred_hidden_dim: int = 4096, queue_size: int = 65536):
         super().__init__()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core import distributed
-from harness.core.method import LossParts, mlp
+from harness.core.method import LossParts, mlp, split_views
 from methods.common import (
     Queue,
     forward_in_shuffled_groups,
@@ -78,13 +78,20 @@ def sce_pairs(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
 
 
 class SCE(nn.Module):
-    """Projector feat→512 (BN, ReLU)→128 (SCE's CIFAR trunk head); optional predictor; momentum copies."""
+    """Projector feat→512 (BN, ReLU)→128 (SCE's CIFAR trunk head); optional predictor; momentum copies.
+
+    Multi-crop (eztorch's num_global_crops / num_local_crops, its five-crop ImageNet run): keys come
+    from the large (global) views only. Symmetric: every view's query against every OTHER global
+    view's keys, averaged over the (views − 1) × globals pairs, and the keys of all global views are
+    enqueued; not symmetric: the first view's keys against the queries of all other views."""
+
+    multi_crop = True
 
     def __init__(self, backbone: nn.Module, temperature: float = 0.1, temperature_m: float = 0.05, lam: float = 0.5,
                  proj_hidden_dim: int = 512, proj_output_dim: int = 128, pred_hidden_dim: int | None = None,
                  queue_size: int = 4096, momentum_base: float = 0.99, momentum_final: float = 1.0,
                  momentum_schedule: str = "constant", symmetric: bool = False, shuffle_bn_groups: int = 8,
-                 use_keys: bool = False):
+                 use_keys: bool = False, proj_last_bn: bool = False):
         super().__init__()
         if not isinstance(use_keys, bool):
             raise ValueError(f"method.use_keys={use_keys!r} is not true or false")
@@ -93,7 +100,10 @@ class SCE(nn.Module):
         self.symmetric, self.shuffle_bn_groups, self.use_keys = symmetric, shuffle_bn_groups, use_keys
         self.momentum = (momentum_base, momentum_final, momentum_schedule)
         momentum_tau(0.0, *self.momentum)
-        self.projector = mlp([backbone.feat_dim, proj_hidden_dim, proj_output_dim])
+        # ImageNet's projector has two hidden layers and a BN without affine on its output (eztorch's
+        # projector_resnet50_mlp3_bn3): proj_hidden_dim may list the hidden widths.
+        hidden = [proj_hidden_dim] if isinstance(proj_hidden_dim, int) else list(proj_hidden_dim)
+        self.projector = mlp([backbone.feat_dim, *hidden, proj_output_dim], last_bn=proj_last_bn, last_affine=False)
         self.predictor = mlp([proj_output_dim, pred_hidden_dim, proj_output_dim]) if pred_hidden_dim else nn.Identity()
         self.momentum_encoder = momentum_copy(nn.Sequential(backbone, self.projector))
         self.queue = Queue(queue_size, proj_output_dim)
@@ -122,6 +132,8 @@ class SCE(nn.Module):
                          self.use_keys, batch_keys, offset)
 
     def forward(self, views: list[torch.Tensor]) -> LossParts:
+        if len(views) > 2 or split_views(views)[1]:
+            return self.forward_multi_crop(views)
         target_view, online_view = views[0], views[1]
         f_online = self.backbone(online_view)
         q = F.normalize(self.predictor(self.projector(f_online)), dim=1)
@@ -129,9 +141,22 @@ class SCE(nn.Module):
         pair = self._loss(q, k)
         if self.symmetric:  # each view also as the online view against the other's keys
             q_first = self.embed(target_view)
-            pair = (pair + self._loss(q_first, self.keys(online_view))) / 2
+            k_second = self.keys(online_view)
+            pair = (pair + self._loss(q_first, k_second)) / 2
+            k = torch.cat([k, k_second])  # eztorch enqueues the keys of both views when symmetric
         self.queue.stage(k)
         return LossParts(pair=pair, batch=pair.new_zeros(()), feats=f_online.detach())
+
+    def forward_multi_crop(self, views: list[torch.Tensor]) -> LossParts:
+        large, _ = split_views(views)
+        keyed = range(len(large)) if self.symmetric else range(1)
+        keys = {i: self.keys(views[i]) for i in keyed}
+        feats = {j: self.backbone(views[j]) for j in range(len(views)) if not (len(keyed) == 1 and j == 0)}
+        queries = {j: F.normalize(self.predictor(self.projector(f)), dim=1) for j, f in feats.items()}
+        losses = [self._loss(queries[j], keys[i]) for i in keyed for j in queries if j != i]
+        pair = torch.stack(losses).mean(dim=0)
+        self.queue.stage(torch.cat([keys[i] for i in keyed]))
+        return LossParts(pair=pair, batch=pair.new_zeros(()), feats=feats[min(feats)].detach())
 
     def after_step(self, progress: float) -> None:
         update_momentum_encoder(self, progress)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core import distributed
-from harness.core.method import LossParts, mlp
+from harness.core.method import LossParts, mlp, split_views
 from methods.common import full_precision
 
 
@@ -42,8 +42,34 @@ def nt_xent_pairs(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tor
     return (per_anchor[:n] + per_anchor[n:]) / 2
 
 
+@full_precision
+def nt_xent_multi_pairs(zs: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Per-image NT-Xent over V ≥ 2 views of different sizes (multi-crop), as solo-learn's
+    ``simclr_loss_func`` on every crop's embedding with the image index repeated per crop: each of
+    the V·n anchors has the image's V − 1 other views as positives; its loss is
+    −log(Σ_pos exp(s/τ) / Σ_not-self exp(s/τ)). Returns the mean over an image's V anchors."""
+    v, n = len(zs), zs[0].shape[0]
+    gathered = [distributed.gather(z) for z in zs]
+    m = gathered[0].shape[0]
+    dev = zs[0].device
+    logits = torch.cat(zs) @ torch.cat(gathered).T / temperature  # (V·n) × (V·M)
+    image_of_candidate = torch.arange(m, device=dev).repeat(v)
+    image_of_anchor = (torch.arange(n, device=dev) + distributed.rank() * n).repeat(v)
+    self_column = torch.arange(v, device=dev).repeat_interleave(n) * m + image_of_anchor
+    is_self = torch.arange(v * m, device=dev) == self_column[:, None]
+    positive = (image_of_candidate[None, :] == image_of_anchor[:, None]) & ~is_self
+    logits = logits.masked_fill(is_self, float("-inf"))
+    per_anchor = torch.logsumexp(logits, dim=1) - torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
+    return per_anchor.view(v, n).mean(dim=0)
+
+
 class SimCLR(nn.Module):
-    """Projector Linear(feat→hidden)–ReLU–Linear(hidden→out), no BN, as solo-learn's CIFAR setup."""
+    """Projector Linear(feat→hidden)–ReLU–Linear(hidden→out), no BN, as solo-learn's CIFAR setup.
+
+    Multi-crop (solo-learn's num_large_crops + num_small_crops): every crop, large or small, is an
+    anchor and a candidate (nt_xent_multi_pairs)."""
+
+    multi_crop = True
 
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, proj_hidden_dim: int = 2048,
                  proj_output_dim: int = 256):
@@ -56,6 +82,11 @@ class SimCLR(nn.Module):
         return F.normalize(self.projector(self.backbone(x)), dim=1)
 
     def forward(self, views: list[torch.Tensor]) -> LossParts:
+        large, small = split_views(views)
+        if len(views) > 2 or small:
+            feats = [self.backbone(v) for v in views]
+            pair = nt_xent_multi_pairs([F.normalize(self.projector(f), dim=1) for f in feats], self.temperature)
+            return LossParts(pair=pair, batch=pair.new_zeros(()), feats=torch.cat(feats[:len(large)]).detach())
         f1, f2 = (self.backbone(v) for v in views[:2])
         z1, z2 = (F.normalize(self.projector(f), dim=1) for f in (f1, f2))
         pair = nt_xent_pairs(z1, z2, self.temperature)

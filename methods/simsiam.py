@@ -27,6 +27,9 @@ class SimSiam(nn.Module):
     as in the SimSiam paper and solo-learn (`static_lr: True` on the predictor's group).
     """
 
+    # solo-learn's SimSiam, like its NNCLR, takes the two large crops' z and p only: no multi-crop form.
+    no_multi_crop = "solo-learn's SimSiam has none (its loss takes the two large crops only)"
+
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_output_dim: int = 2048,
                  pred_hidden_dim: int = 512, predictor_static_lr: bool = True):
         super().__init__()

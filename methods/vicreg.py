@@ -59,6 +59,12 @@ def vicreg_parts(z1: torch.Tensor, z2: torch.Tensor, sim_loss_weight: float = 25
 class VICReg(nn.Module):
     """Projector 3 layers: feat → hidden (BN, ReLU) → hidden (BN, ReLU) → out, as solo-learn's CIFAR setup."""
 
+    # solo-learn, the reference, has no multi-crop form for VICReg: its training_step takes the two large
+    # crops' z only and forwards small crops through the backbone for nothing, and main_pretrain
+    # allows more than two large crops only for W-MSE and MAE. Accepting the recipe would train a
+    # two-view run at the cost of a multi-crop one, so it is refused.
+    no_multi_crop = "solo-learn's VICReg has none (its loss takes the two large crops only)"
+
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_output_dim: int = 2048,
                  sim_loss_weight: float = 25.0, var_loss_weight: float = 25.0, cov_loss_weight: float = 1.0):
         super().__init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -80,3 +81,17 @@ def test_views_are_seeded_and_each_view_has_its_own_pipeline():
     w1, w2 = again(x)
     assert torch.equal(v1, w1) and torch.equal(v2, w2)
     assert torch.allclose(maker.plain(x), (x.float() / 255 - 0.5) / 0.25)
+
+
+@pytest.mark.parametrize("jitter_p", [1.0, 0.3])
+def test_the_cpu_jitter_of_large_images_a_few_at_a_time_equals_the_whole_batch_bit_for_bit(monkeypatch, jitter_p):
+    # 224 px images go through color_jitter one at a time on the CPU (cache-sized, skipping blends that
+    # are exactly the identity); a chunk as large as any batch gives the whole-batch computation
+    from harness.core.data import augment as aug
+
+    x = torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    p = Pipeline(jitter_p=jitter_p, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    chunked = aug.color_jitter(x.clone(), p, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(aug, "CPU_CHUNK_PIXELS", 10**12)
+    whole = aug.color_jitter(x.clone(), p, torch.Generator().manual_seed(1))
+    assert torch.equal(chunked, whole) and not torch.equal(whole, x)

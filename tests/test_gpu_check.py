@@ -16,7 +16,8 @@ def test_gpu_check_dry_run_writes_every_part(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    for part in ("(a, c) every method", "(b) SimCLR", "(d) SimCLR", "All methods ran without a host sync"):
+    for part in ("(a, c) every method", "(b) SimCLR", "(d) SimCLR", "(e) ImageNet-like input",
+                 "(e) short SimCLR run on the encoded", "All methods ran without a host sync"):
         assert part in text, part
     for method in ("simclr", "simsiam", "wmse", "vicreg", "byol", "mocov2", "sce", "nnclr", "all4one"):
         assert f"\n{method} " in text, method

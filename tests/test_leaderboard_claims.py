@@ -138,3 +138,44 @@ def test_a_variant_is_shown_by_its_own_name_and_checked_at_its_budget(tmp_path, 
                                                        "artifact_channels 16;32 vs 64;128;256;256"]
     assert main(["show", "--db", str(store.path)]) == 0
     assert "scorecl_tiny" in capsys.readouterr().out
+
+
+def test_sce_imagenet_preset_runs_meet_sces_claims_by_epochs_and_views(tmp_path, capsys):
+    """The rows the harness writes for sweep=sce_imagenet and sce_imagenet_multicrop (the presets' real
+    configs on a generated tree) record imagenet1k and their views: the CLI and the page match each run
+    to SCE's claim at its budget (72.1 at 100 epochs, 75.4 at 200 with multi-crop) and say where not."""
+    from harness.core.distributed import DistInfo
+    from harness.core.evaluate import linear_protocol
+    from harness.jobs.config import compose
+    from harness.jobs.run import run_row
+    from tests.test_encoded import make_tree
+
+    tree = make_tree(tmp_path / "tree", train=1, test=1)
+    store = Store(tmp_path / "r.duckdb")
+    for sweep, top1 in (("sce_imagenet", 72.5), ("sce_imagenet_multicrop", 75.0)):
+        cfg = compose([f"sweep={sweep}", f"dataset.root={tree}"])
+        row = run_row(cfg, f"k-{sweep}", sweep, DistInfo(), ["node0"])
+        assert row["dataset"] == "imagenet1k" and row["method"] == "sce" and row["backbone"] == "resnet50"
+        store.write("runs", [{**row, "status": "completed", "finished_at": row["started_at"],
+                              "epochs_done": row["epochs"], "objective": top1}])
+        store.write("evals", [{"run_id": sweep, "run_key": f"k-{sweep}", "protocol": linear_protocol(cfg.eval.linear),
+                               "split": "test", "top1": top1, "top5": 90.0, "epoch": row["epochs"]}])
+    results = verdicts(capsys, store.path, claims.CLAIMS)
+    by = {(r["claim"], r["our_budget"]["epochs"]): r for r in results if r["claim"].startswith("sce-imagenet")
+          and r["n"]}
+    assert by["sce-imagenet-100ep", "100"]["budget"] == "matches"
+    assert by["sce-imagenet-100ep", "100"]["mean"] == 72.5
+    assert by["sce-imagenet-200ep-multicrop", "200"]["budget"] == "matches"
+    assert by["sce-imagenet-200ep-multicrop", "200"]["our_budget"]["views"] == "2x224+192+160+128+96"
+    # the multi-crop run is not SCE's two-crop 200-epoch run: its views differ, and that is said
+    assert by["sce-imagenet-200ep", "200"]["budget"] == "differs"
+    assert by["sce-imagenet-200ep", "200"]["budget_notes"] == ["views 2x224+192+160+128+96 vs 2x224"]
+    assert by["sce-imagenet-200ep-multicrop", "100"]["budget_notes"] == ["epochs 100 vs 200",
+                                                                         "views 2x224 vs 2x224+192+160+128+96"]
+    # the page shows the same matches
+    out = tmp_path / "p.html"
+    assert main(["build", "--db", str(store.path), "--out", str(out), "--cdn"]) == 0
+    rows = [r for r in parse_dom(out.read_text()).tables["claims"] if r["claim"].startswith("sce-imagenet")]
+    matched = {r["claim"] for r in rows if r["budget"] == "budget matches"}
+    assert matched == {"sce-imagenet-100ep", "sce-imagenet-200ep-multicrop"}
+    assert any("views 2x224+192+160+128+96" in r["budgetnotes"] for r in rows)

@@ -125,7 +125,8 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, fl
 LINEAR_DEFAULTS = {"optimizer": "sgd", "lr": 1.0, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 256,
                    "schedule": "step", "milestones": [0.6, 0.8], "gamma": 0.1, "augment": "crop_flip",
                    "copies": 10}
-LINEAR_AUGMENTS = {"none": (0, 0.0), "flip": (0, 0.5), "crop_flip": (4, 0.5)}  # (padding, flip probability)
+LINEAR_AUGMENTS = {"none": (0, 0.0), "flip": (0, 0.5), "crop_flip": (4, 0.5),  # (padding, flip probability)
+                   "rrc_flip": (0, 0.5)}  # ImageNet's: RandomResizedCrop(0.08-1) + flip of the whole image
 
 
 def linear_protocol(lc) -> str:
@@ -169,6 +170,17 @@ def linear_probe(backbone: nn.Module, train_x: torch.Tensor, train_y: torch.Tens
     generator = torch.Generator(device=device).manual_seed(seed * 7907 + distributed.rank())
     if lc.augment == "none":
         train = [extract_features(backbone, train_x, lambda x: normalize(x.float().div(255)), normalize=False)]
+    elif lc.augment == "rrc_flip":  # ImageNet's train transform; the queries are centre crops (resize 256, crop 224)
+        from harness.core.data.augment import Pipeline, augment
+
+        rrc = Pipeline(flip=flip, jitter_p=0.0, grayscale=0.0)
+        if hasattr(train_x, "augmented"):  # an encoded split: crops of each whole image
+            train = [extract_features(backbone, train_x.augmented(rrc, generator, (seed * 7907 + copy) * 1009
+                                                                  + distributed.rank()), normalize,
+                                      normalize=False) for copy in range(copies)]
+        else:
+            train = [extract_features(backbone, train_x, lambda x: normalize(augment(x, rrc, generator)),
+                                      normalize=False) for _ in range(copies)]
     else:
         train = [extract_features(backbone, train_x, lambda x: normalize(pad_crop_flip(x, padding, flip, generator)),
                                   normalize=False) for _ in range(copies)]

@@ -52,3 +52,39 @@ def mlp(dims: list[int], *, bn: bool = True, last_bn: bool = False, last_affine:
         elif last_bn:
             layers.append(nn.BatchNorm1d(dims[i + 1], affine=last_affine))
     return nn.Sequential(*layers)
+
+
+def split_views(views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(large, small) views of a multi-crop step: the leading views of the first view's size, then
+    the rest (solo-learn's num_large_crops / num_small_crops, eztorch's global / local crops)."""
+    size = views[0].shape[-1]
+    n_large = next((i for i, v in enumerate(views) if v.shape[-1] != size), len(views))
+    return views[:n_large], views[n_large:]
+
+
+def multi_crop_errors(cfg, method_class: type) -> list:
+    """A multi-crop recipe (more than two views, or views of different sizes) is refused, in one line,
+    for a method whose reference has no multi-crop form here (class attribute ``multi_crop = True``
+    says it has one; ``no_multi_crop``, a phrase, says why not) and with the pair add-ons, which
+    score or extend a two-view pair."""
+    from harness.errors import ConfigError
+
+    views = list(cfg.augment.views)
+    sizes = [(cfg.augment.pipelines[v].get("size") if v in cfg.augment.pipelines else None) for v in views]
+    if len(views) <= 2 and len(set(sizes)) <= 1:
+        return []
+    errors = []
+    if len(set(sizes)) > 1 and sizes != sorted(sizes, key=lambda s: -(s or 0)):
+        errors.append(ConfigError("augment.views", views, "the large views first, then the small ones"))
+    name = cfg.method.get("name", method_class.__name__)
+    if not getattr(method_class, "multi_crop", False):
+        # A method may say why its reference has no multi-crop form (class attribute no_multi_crop).
+        why = getattr(method_class, "no_multi_crop", "its multi-crop form is not implemented")
+        errors.append(ConfigError("augment.views", views, f"two views of one size for method={name}: {why} "
+                                  "(simclr, sce and byol have one)"))
+    for group in ("weighting", "positives"):
+        node = cfg.get(group)
+        if node is not None and node.get("_target_"):
+            errors.append(ConfigError(group, node.get("name"), f"none with a multi-crop recipe: the {group} add-on "
+                                      "scores or extends a pair of two views of one size"))
+    return errors

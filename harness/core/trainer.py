@@ -142,7 +142,8 @@ class Training:
         self.batches = residency.batch_source(self.data.residency, images, device, self.local_batch)
         self.train_index = index.to(device)  # positions in the full training (or pretraining) split
         self.views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, device,
-                               seed=int(cfg.seed) * 1000 + info.rank, channels_last=True)
+                               seed=int(cfg.seed) * 1000 + info.rank, channels_last=True,
+                               view_size=cfg.dataset.get("image_size"))
         self.objective_split = "val" if self.data.val_x is not None else "test"
         self.final_queries = {"test": (self.data.test_x, self.data.test_y)}
         if self.data.val_x is not None:
@@ -212,7 +213,7 @@ class Training:
         cfg, info, tc, device = self.cfg, self.info, self.cfg.trainer, self.device
         self.model.train()
         # Augmentations are seeded per (run seed, epoch, rank): a resumed epoch repeats exactly.
-        self.views.generator.manual_seed((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank)
+        self.views.reseed((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank)
         # The same permutation on every rank (seeded by run seed and epoch); each takes its slice.
         order = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(int(cfg.seed) * 100003 + epoch))
         sums: dict[str, torch.Tensor] = {}
@@ -220,7 +221,7 @@ class Training:
         if epoch == self.start_epoch and self.start_step:
             first_step, sums = self.start_step, {k: v.to(device) for k, v in self.start_sums.items()}
             # The rest of an interrupted epoch gets fresh augmentations, seeded by where it stopped.
-            self.views.generator.manual_seed(((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank) * 7 + first_step)
+            self.views.reseed(((int(cfg.seed) * 1_000_003 + epoch) * 1009 + info.rank) * 7 + first_step)
         t0 = time.monotonic()
         steps = self.steps_per_epoch
         batches = self.batches.epoch(order, range(first_step, steps), self.batch_start, self.local_batch)

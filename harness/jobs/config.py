@@ -134,6 +134,10 @@ OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")  # harness/core/device_path.py (which needs torch; this module does not)
 DATASETS = ("cifar10", "cifar100", "imagefolder", "stl10", "tinyimagenet")
+# dataset.recorded_as: the name an image folder's runs record (the runs table's dataset column), so that
+# the leaderboard's references and claims (leaderboard/claims.csv names imagenet1k) match them; the
+# presets dataset=imagenet and imagenet100 set it. dataset.name stays the loader (imagefolder).
+RECORDED_AS = ("imagenet1k", "imagenet100")
 LR_SCALING = ("linear", "sqrt", "none")
 # runs.seed is a 32-bit INTEGER column: a larger seed would make every later ingest fail.
 MAX_SEED = 2**31 - 1
@@ -170,6 +174,15 @@ def _storage_errors(cfg: DictConfig) -> list[ConfigError | None]:
     return errors
 
 
+def _recorded_as_error(cfg: DictConfig) -> ConfigError | None:
+    value = OmegaConf.select(cfg, "dataset.recorded_as", default=None)
+    if value is None:
+        return None
+    if OmegaConf.select(cfg, "dataset.name") != "imagefolder":
+        return ConfigError("dataset.recorded_as", value, "null unless dataset.name=imagefolder")
+    return _choice(cfg, "dataset.recorded_as", RECORDED_AS)
+
+
 def _dataset_extras_errors(cfg: DictConfig) -> list[ConfigError | None]:
     """dataset.mean/std (auto or 3 numbers) and eval.transfer's entries."""
     from harness.core.data.normalization import mean_std_errors
@@ -197,6 +210,7 @@ def validate(cfg: DictConfig) -> None:
         _flag(cfg, "trainer.compile"),
         _flag(cfg, "trainer.sync_bn"),
         _choice(cfg, "dataset.name", DATASETS),
+        _recorded_as_error(cfg),
         _number(cfg, "dataset.train_size", low=1, integer=True, optional=True),
         _number(cfg, "dataset.test_size", low=1, integer=True, optional=True),
         _number(cfg, "dataset.val_size", low=0, integer=True, optional=True),
@@ -211,6 +225,9 @@ def validate(cfg: DictConfig) -> None:
     errors += _storage_errors(cfg)
     errors += _dataset_extras_errors(cfg)
     errors += loggers.config_errors(cfg)  # optional TensorBoard / W&B views of the metrics
+    from harness.core.data import encoded
+
+    errors += encoded.config_errors(cfg)  # dataset.store=encoded and its options
     if OmegaConf.select(cfg, "eval.linear.enabled", default=False):
         errors += [
             _number(cfg, "eval.linear.epochs", low=1, integer=True),
@@ -222,7 +239,7 @@ def validate(cfg: DictConfig) -> None:
             _number(cfg, "eval.linear.copies", low=1, integer=True),
             _choice(cfg, "eval.linear.optimizer", ("sgd", "adam")),
             _choice(cfg, "eval.linear.schedule", ("step", "cosine", "constant")),
-            _choice(cfg, "eval.linear.augment", ("none", "flip", "crop_flip")),
+            _choice(cfg, "eval.linear.augment", ("none", "flip", "crop_flip", "rrc_flip")),
         ]
         for i, _ in enumerate(OmegaConf.select(cfg, "eval.linear.milestones", default=[]) or []):
             errors.append(_number(cfg, f"eval.linear.milestones.{i}", low=0, high=1))
@@ -248,6 +265,10 @@ def validate(cfg: DictConfig) -> None:
         else:  # a class checks its own settings against the rest of the job (W-MSE's sub-batch size, an
                # add-on's fields): the core knows no method's or paper's fields
             errors.extend(getattr(found_class, "check_config", lambda _: [])(cfg))
+            if group == "method" and cfg.get("augment") is not None:
+                from harness.core.method import multi_crop_errors
+
+                errors.extend(multi_crop_errors(cfg, found_class))
     if OmegaConf.select(cfg, "dataset.residency", default=None) is not None:
         from harness.core.data.residency import RESIDENCIES
 

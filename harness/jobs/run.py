@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.atomic import write_text_atomic
 from harness.core import distributed, preempt
 from harness.core.checkpoint import has_checkpoint, remove_checkpoints
-from harness.core.data.datasets import load_dataset
+from harness.core.data.encoded import load_dataset
 from harness.core.data.normalization import resolve_normalization
 from harness.core.evaluate import knn_protocol
 from harness.core.optim import scaled_lr
@@ -102,7 +102,8 @@ def run_row(cfg: DictConfig, key: str, run_id: str, info: distributed.DistInfo, 
         "name": cfg.get("name"),
         "status": "running",
         "method": cfg.method.name,
-        "dataset": cfg.dataset.name,
+        # an image folder preset (dataset=imagenet) records the data set's own name (dataset.recorded_as)
+        "dataset": OmegaConf.select(cfg, "dataset.recorded_as", default=None) or cfg.dataset.name,
         "backbone": cfg.backbone.name,
         "weighting": weighting,
         "positives": positives,

@@ -79,10 +79,15 @@ class Stage:
 def decode_dataset(ds: DictConfig, timeout_s: float | None = None) -> None:
     """The dataset stage's build: decode into the cache once (harness.core.data.datasets.ensure_cache).
 
-    A job that finds another decoding waits for it at most `timeout_s`, saying so."""
+    A job that finds another decoding waits for it at most `timeout_s`, saying so. An encoded image
+    folder (dataset.store=encoded) builds its JPEG store instead (harness/core/data/encoded.py)."""
+    from harness.core.data import encoded
     from harness.core.data.datasets import ensure_cache
 
-    ensure_cache(ds, timeout_s)
+    if encoded.is_encoded(ds):
+        encoded.ensure_store(ds, timeout_s)
+    else:
+        ensure_cache(ds, timeout_s)
 
 
 def _never() -> bool:
@@ -90,11 +95,12 @@ def _never() -> bool:
 
 
 def dataset_stage(cfg: DictConfig) -> Stage:
+    from harness.core.data import encoded
     from harness.core.data.datasets import cache_file
 
     ds = cfg.dataset
     source = {k: ds.get(k) for k in ("name", "root", "archive", "download", "cache_dir", "image_size")}
-    cache = cache_file(ds)
+    cache = encoded.store_paths(ds)[1] if encoded.is_encoded(ds) else cache_file(ds)
     done = cache.exists if cache is not None else _never  # a download: ensure_cache finds out
     return Stage(name="dataset-cache", key=f"dataset:{cache or config_hash(source)}",
                  build=partial(decode_dataset, ds, lock_timeout_s(cfg)), done=done,

@@ -35,8 +35,9 @@ class Pipeline:
     grayscale: float = 0.2
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel: int = 13
+    blur_kernel: int | None = 13  # None: follows the view size (blur_kernel_for)
     solarize: float = 0.0
+    size: int | None = None  # the view's side in pixels (None: the input's); multi-crop views differ
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> Pipeline:
@@ -54,9 +55,18 @@ class Pipeline:
             grayscale=float(cfg.get("grayscale", d.grayscale)),
             blur_p=float(blur.get("p", d.blur_p)),
             blur_sigma=tuple(blur.get("sigma", d.blur_sigma)),
-            blur_kernel=int(blur.get("kernel_size", d.blur_kernel)),
+            # Unset: the kernel follows the view size (blur_kernel_for); CIFAR's recipes set 13.
+            blur_kernel=int(blur["kernel_size"]) if blur.get("kernel_size") else None,
             solarize=float(cfg.get("solarize", d.solarize)),
+            size=int(cfg["size"]) if cfg.get("size") else None,
         )
+
+
+def blur_kernel_for(size: int) -> int:
+    """The blur kernel of a `size` px view when the recipe sets none: the odd size nearest 10% of the
+    view, as SimCLR's and the ImageNet recipes' 23 at 224 (9 at 96)."""
+    k = int(0.1 * size)
+    return k + 1 if k % 2 == 0 else k
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
@@ -67,12 +77,17 @@ def _coin(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=g, device=device) < p
 
 
-def sample_crops(n: int, height: int, width: int, scale, ratio, g: torch.Generator, device, attempts: int = 10):
+def sample_crops(n: int, height, width, scale, ratio, g: torch.Generator, device, attempts: int = 10):
     """RandomResizedCrop's parameters for n images: (top, left, h, w) as float tensors.
 
     Like torchvision: up to 10 tries of (area, log-uniform aspect); the first that fits wins;
-    if none fits, a centre crop with the aspect clamped to `ratio`.
+    if none fits, a centre crop with the aspect clamped to `ratio`. `height` and `width` are one
+    size for the whole batch (ints) or each image's own (tensors of n): crops of whole images of
+    different sizes follow the same rule on each image's own size.
     """
+    per_image = isinstance(height, torch.Tensor)
+    if per_image:
+        height, width = height.to(device).float().view(n, 1), width.to(device).float().view(n, 1)
     area = height * width
     target = area * _uniform(n * attempts, scale[0], scale[1], g, device).view(n, attempts)
     log_r = _uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), g, device).view(n, attempts)
@@ -84,20 +99,27 @@ def sample_crops(n: int, height: int, width: int, scale, ratio, g: torch.Generat
     rows = torch.arange(n, device=device)
     w, h, found = w[rows, first], h[rows, first], fits.any(dim=1)
     # Fallback: the whole image cropped to the nearest allowed aspect, centred.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fh, fw = height, round(height * ratio[1])
+    if per_image:
+        height, width = height.view(n), width.view(n)
+        in_ratio = width / height
+        fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+        fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
     else:
-        fw, fh = width, height
-    w = torch.where(found, w, torch.full_like(w, fw))
-    h = torch.where(found, h, torch.full_like(h, fh))
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            fw, fh = width, round(width / ratio[0])
+        elif in_ratio > ratio[1]:
+            fh, fw = height, round(height * ratio[1])
+        else:
+            fw, fh = width, height
+        fw, fh = torch.full_like(w, fw), torch.full_like(h, fh)
+    w = torch.where(found, w, fw)
+    h = torch.where(found, h, fh)
     # torch.randint(0, H - h + 1) per image: floor(U * (H - h + 1)).
     top = torch.floor(torch.rand(n, generator=g, device=device) * (height - h + 1))
     left = torch.floor(torch.rand(n, generator=g, device=device) * (width - w + 1))
-    top = torch.where(found, top, (height - h) // 2)
-    left = torch.where(found, left, (width - w) // 2)
+    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
     return top, left, h, w
 
 
@@ -161,14 +183,40 @@ def color_jitter(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tens
     hshift = torch.where(apply, _uniform(n, -p.hue, p.hue, g, dev), zeros)
     order = torch.argsort(torch.rand(n, 4, generator=g, device=dev), dim=1)  # a random permutation per image
     blend_factors = torch.stack([b, c, s, ones], dim=1)  # by operation: brightness, contrast, saturation, hue
+    pixels = x.shape[-1] * x.shape[-2]
+    if dev.type != "cpu" or pixels < CPU_CHUNK_PIXELS // 4:  # CIFAR's small images: the whole batch at once
+        return _jitter_steps(x, apply, order, blend_factors, hshift, p.hue > 0)
+    # On the CPU, large images a few at a time (about one 224 px image's pixels): their planes and the
+    # hue's temporaries stay in the core's cache, which the whole batch does not fit, and a step whose
+    # images all skip a blend or need no grey skips that work (twice as fast at 224 px). Every
+    # operation is per image, so the values are the whole batch's, bit for bit.
+    chunk = max(1, CPU_CHUNK_PIXELS // pixels)
+    return torch.cat([_jitter_steps(x[i:i + chunk], apply[i:i + chunk], order[i:i + chunk],
+                                    blend_factors[i:i + chunk], hshift[i:i + chunk], p.hue > 0)
+                      for i in range(0, n, chunk)])
+
+
+# Pixels per chunk of the CPU colour jitter: one 224 px image (0.6 MB as float; its temporaries fit in L2).
+CPU_CHUNK_PIXELS = 224 * 224
+
+
+def _jitter_steps(x: torch.Tensor, apply: torch.Tensor, order: torch.Tensor, blend_factors: torch.Tensor,
+                  hshift: torch.Tensor, hue_on: bool) -> torch.Tensor:
+    """color_jitter's four steps on a batch with its draws (see color_jitter)."""
+    dev = x.device
     for step in range(4):
         op = order[:, step]
         factor = blend_factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1)
-        gray = grayscale(x)
-        target = torch.where((op == 2).view(-1, 1, 1, 1), gray,
-                             torch.where((op == 1).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), 0.0))
-        x = (factor * x + (1 - factor) * target).clamp_(0, 1)
-        if p.hue > 0:
+        if dev.type == "cpu" and not bool((factor != 1).any()):
+            x = x.clamp(0, 1)  # every blend of this step is 1·x + 0·target: exactly x (clamped, as below)
+        elif dev.type == "cpu" and not bool(((op == 1) | (op == 2)).any()):
+            x = (factor * x).clamp_(0, 1)  # brightness only: its target 0 adds exactly nothing
+        else:
+            gray = grayscale(x)
+            target = torch.where((op == 2).view(-1, 1, 1, 1), gray, torch.where(
+                (op == 1).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), 0.0))
+            x = (factor * x + (1 - factor) * target).clamp_(0, 1)
+        if hue_on:
             hue = (op == 3) & apply
             if dev.type == "cpu":
                 chosen = hue.nonzero().squeeze(1)
@@ -193,14 +241,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     return y.view(n, ch, hgt, wid)
 
 
-def augment(x_uint8: torch.Tensor, p: Pipeline, g: torch.Generator, out_size: int | None = None) -> torch.Tensor:
-    """One augmented view of a batch: uint8 N×3×H×W in, float N×3×out×out in [0, 1] out."""
-    n, _, height, width = x_uint8.shape
-    dev = x_uint8.device
-    x = x_uint8.float().div_(255)
-    top, left, h, w = sample_crops(n, height, width, p.crop_scale, p.crop_ratio, g, dev)
-    flip = _coin(n, p.flip, g, dev)
-    x = crop_flip_resize(x, top, left, h, w, flip, out_size or height)
+def photometric(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tensor:
+    """Colour jitter, grayscale, blur and solarize of a float batch in [0, 1] (after its crop)."""
+    n, dev = x.shape[0], x.device
     if p.jitter_p > 0:
         x = color_jitter(x, p, g)
     if p.grayscale > 0:
@@ -209,37 +252,91 @@ def augment(x_uint8: torch.Tensor, p: Pipeline, g: torch.Generator, out_size: in
     if p.blur_p > 0:
         blur = _coin(n, p.blur_p, g, dev).view(-1, 1, 1, 1)
         sigma = _uniform(n, p.blur_sigma[0], p.blur_sigma[1], g, dev)
-        x = torch.where(blur, gaussian_blur(x, sigma, p.blur_kernel), x)
+        x = torch.where(blur, gaussian_blur(x, sigma, p.blur_kernel or blur_kernel_for(x.shape[-1])), x)
     if p.solarize > 0:
         sol = _coin(n, p.solarize, g, dev).view(-1, 1, 1, 1)
         x = torch.where(sol & (x >= 0.5), 1.0 - x, x)
     return x
 
 
-class ViewMaker:
-    """Makes a method's views of a uint8 batch: one pipeline per view, then normalisation."""
+def augment(x_uint8: torch.Tensor, p: Pipeline, g: torch.Generator, out_size: int | None = None) -> torch.Tensor:
+    """One augmented view of a batch: uint8 N×3×H×W in, float N×3×out×out in [0, 1] out."""
+    n, _, height, width = x_uint8.shape
+    dev = x_uint8.device
+    x = x_uint8.float().div_(255)
+    top, left, h, w = sample_crops(n, height, width, p.crop_scale, p.crop_ratio, g, dev)
+    flip = _coin(n, p.flip, g, dev)
+    x = crop_flip_resize(x, top, left, h, w, flip, out_size or height)
+    return photometric(x, p, g)
 
-    def __init__(self, augment_cfg: Mapping, mean, std, device, seed: int, channels_last: bool = False):
+
+def augment_images(images: list[torch.Tensor], p: Pipeline, g: torch.Generator, out_size: int,
+                   boxes: torch.Generator | None = None) -> torch.Tensor:
+    """One augmented view of whole images of different sizes (decoded JPEGs): each image's
+    RandomResizedCrop is drawn on its own height and width and resized to out×out (bilinear,
+    antialiased, as torchvision's tensor Resize), then the batch is flipped and coloured together.
+    The crop boxes are drawn from `boxes`, a CPU generator (default: `g`, when it is one): the host
+    needs them to slice each image, and drawing them on a GPU would wait for the GPU.
+    Returns float N×3×out×out in [0, 1]."""
+    n, dev = len(images), images[0].device
+    hw = torch.tensor([tuple(x.shape[-2:]) for x in images], dtype=torch.float32)
+    top, left, h, w = (t.long().tolist() for t in sample_crops(n, hw[:, 0], hw[:, 1], p.crop_scale, p.crop_ratio,
+                                                               boxes or g, torch.device("cpu")))
+    flip = _coin(n, p.flip, g, dev).view(-1, 1, 1, 1)
+    # One resize per image (sizes differ); a crop is a view of its decoded image, never a copy.
+    x = torch.cat([F.interpolate(img[None, :, t:t + hh, l_:l_ + ww].float(), size=(out_size, out_size),
+                                 mode="bilinear", antialias=True, align_corners=False)
+                   for img, t, l_, hh, ww in zip(images, top, left, h, w)]).div_(255).clamp_(0, 1)
+    x = torch.where(flip, x.flip(-1), x)
+    return photometric(x, p, g)
+
+
+class ViewMaker:
+    """Makes a method's views of a batch: one pipeline per view, then normalisation.
+
+    The batch is a uint8 N×3×H×W tensor (decoded sets: views are crops of it) or a list of whole
+    decoded images of any size (encoded sets: each view is cropped from its image's full extent).
+    A view's size is its pipeline's `size` (multi-crop: e.g. 2 × 224 then 4 × 96), else the
+    input's side, else `view_size`; views are made in the order augment.views lists them.
+    """
+
+    def __init__(self, augment_cfg: Mapping, mean, std, device, seed: int, channels_last: bool = False,
+                 view_size: int | None = None):
         pipelines = {name: Pipeline.from_config(c) for name, c in augment_cfg["pipelines"].items()}
         unknown = [v for v in augment_cfg["views"] if v not in pipelines]
         if unknown:
             raise ValueError(f"augment.views names {unknown}, not among augment.pipelines {sorted(pipelines)}")
         self.pipelines = [pipelines[v] for v in augment_cfg["views"]]
+        self.view_size = view_size
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.boxes = torch.Generator().manual_seed(seed)  # crop boxes of whole images: drawn on the host
         self.channels_last = channels_last
+
+    def reseed(self, seed: int) -> None:
+        """Seed every draw of the views (a resumed epoch repeats them)."""
+        self.generator.manual_seed(seed)
+        self.boxes.manual_seed(seed)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def __call__(self, x_uint8: torch.Tensor) -> list[torch.Tensor]:
-        return [self.normalize(augment(x_uint8, p, self.generator)) for p in self.pipelines]
+    def __call__(self, x) -> list[torch.Tensor]:
+        if isinstance(x, list):  # whole decoded images of different sizes
+            return [self.normalize(augment_images(x, p, self.generator, p.size or self.view_size, self.boxes))
+                    for p in self.pipelines]
+        return [self.normalize(augment(x, p, self.generator, p.size)) for p in self.pipelines]
 
     def plain(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """The un-augmented, normalised images (for evaluation)."""
         return self.normalize(x_uint8.float().div(255))
+
+
+def view_sizes(augment_cfg: Mapping) -> list[int | None]:
+    """Each view's configured size (None: the input's), in augment.views order."""
+    return [augment_cfg["pipelines"][v].get("size") for v in augment_cfg["views"]]
 
 
 def pad_crop_flip(x_uint8: torch.Tensor, padding: int, flip: float, g: torch.Generator) -> torch.Tensor:

@@ -561,16 +561,25 @@ def balanced_subset(labels: torch.Tensor, size: int, seed: int, exclude: torch.T
     return torch.sort(torch.cat(chosen)).values
 
 
+def _rows(images, idx: torch.Tensor):
+    """A subset of a split: a copy of those rows, or for an encoded split a view of the same bytes."""
+    return images.take_rows(idx) if hasattr(images, "take_rows") else images[idx]
+
+
 def load_dataset(ds) -> ImageData:
     """The dataset of config `ds` with its validation hold-out and train/test subsets applied."""
-    data = load_full(ds)
+    return with_subsets(load_full(ds), ds)
+
+
+def with_subsets(data: ImageData, ds) -> ImageData:
+    """`data` (a whole dataset) with the hold-out and subsets of config `ds` applied."""
     labelled = len(data.train_y)
     seed = int(ds.get("subset_seed", 0))
     val_size = int(ds.get("val_size") or 0)
     train_idx = torch.arange(len(data.train_y))
     if val_size:
         val_idx = balanced_subset(data.train_y, val_size, seed + 1)
-        data.val_x, data.val_y = data.train_x[val_idx], data.train_y[val_idx]
+        data.val_x, data.val_y = _rows(data.train_x, val_idx), data.train_y[val_idx]
         keep = torch.ones(len(data.train_y), dtype=torch.bool)
         keep[val_idx] = False
         train_idx = torch.nonzero(keep).flatten()
@@ -578,7 +587,7 @@ def load_dataset(ds) -> ImageData:
         sub = balanced_subset(data.train_y[train_idx], int(ds.train_size), seed)
         train_idx = train_idx[sub]
     if len(train_idx) < len(data.train_y):  # a subset is copied into this process's memory
-        data.train_x, data.train_y = data.train_x[train_idx], data.train_y[train_idx]
+        data.train_x, data.train_y = _rows(data.train_x, train_idx), data.train_y[train_idx]
     data.train_index = train_idx  # the whole split stays memory-mapped (shared by the node's processes)
     if data.pretrain_x is not None and len(train_idx) < labelled:
         # A hold-out or subset of the labelled split leaves its other images out of pretraining too.
@@ -586,7 +595,7 @@ def load_dataset(ds) -> ImageData:
         data.pretrain_index = torch.cat([train_idx, torch.arange(labelled, len(data.pretrain_index))])
     if ds.get("test_size"):
         test_idx = balanced_subset(data.test_y, int(ds.test_size), seed)
-        data.test_x, data.test_y = data.test_x[test_idx], data.test_y[test_idx]
+        data.test_x, data.test_y = _rows(data.test_x, test_idx), data.test_y[test_idx]
     return data
 
 

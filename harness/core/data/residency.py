@@ -51,12 +51,19 @@ def free_device_memory(device: torch.device) -> int | None:
 
 
 def choose(wanted: str, device: torch.device, set_bytes: int, fraction: float) -> tuple[str, str]:
-    """(residency, why) for a training set of `set_bytes` (with the add-ons' copies) on `device`."""
+    """(residency, why) for a training set of `set_bytes` (with the add-ons' copies) on `device`
+    (an encoded set's `set_bytes` are its JPEG bytes)."""
+    free = free_device_memory(device) if wanted == "auto" else None  # None on the CPU
+    return choose_for_free(wanted, set_bytes, fraction, free, device)
+
+
+def choose_for_free(wanted: str, set_bytes: int, fraction: float, free: int | None,
+                    device: torch.device) -> tuple[str, str]:
+    """choose's rule, given the device's free bytes (None: training on the CPU)."""
     if wanted != "auto":
         return wanted, f"dataset.residency={wanted}"
-    if device.type != "cuda":
+    if free is None:
         return "device", "training on the CPU: the host copy is the one the steps read"
-    free = free_device_memory(device)
     if set_bytes <= fraction * free:
         return "device", (f"the set ({gb(set_bytes)}) fits within dataset.device_memory_fraction={fraction:g} of "
                           f"the {gb(free)} free on {device}")
@@ -77,6 +84,10 @@ class MemoryNeeds:
 
 
 def _image_bytes(ds) -> int | None:
+    if ds.get("store") == "encoded":  # JPEG bytes (harness/core/data/encoded.py)
+        from harness.core.data.encoded import estimated_image_bytes
+
+        return estimated_image_bytes(ds)
     if ds.name in ("cifar10", "cifar100"):
         return 3 * 32 * 32
     size = ds.get("image_size")
@@ -150,6 +161,15 @@ def memory_needs(cfg, counts, image: int, addon_classes: list[type], device: tor
     """Bytes one rank holds for the data (see MemoryNeeds), from the config and the split's counts."""
     ds = cfg.dataset
     n_train_split, n_test_split = sum(counts.train), sum(counts.test)
+    if ds.get("store") == "encoded":  # the mapped JPEG bytes, shared by the node; subsets are views of them,
+        # and only each step's batch is decoded (on the device). residency=device also copies the training
+        # images' bytes to each GPU; auto is counted as host, as below.
+        residency = ds.get("residency", "auto") if device.type == "cuda" else "device"
+        residency = "host" if residency == "auto" else residency
+        n_train = int(ds.get("train_size") or (n_train_split - int(ds.get("val_size") or 0)))
+        on_device = n_train * image if residency == "device" and device.type == "cuda" else 0
+        pinned = 2 * int(cfg.trainer.batch_size) * image if device.type == "cuda" else 0  # a step's bytes, twice
+        return MemoryNeeds(on_device, pinned, (n_train_split + n_test_split) * image, residency)
     val = int(ds.get("val_size") or 0)
     n_train = int(ds.get("train_size") or (n_train_split - val))
     n_test = int(ds.get("test_size") or n_test_split)
@@ -248,7 +268,7 @@ def resolve(cfg, images: torch.Tensor, device: torch.device, addons: list, verbo
     wanted = ds.get("residency", "auto") or "auto"
     fraction = float(ds.get("device_memory_fraction", DEFAULT_DEVICE_FRACTION))
     copies = addon_copies(cfg, [type(a) for a in addons])
-    set_bytes = int(images.numel() * images.element_size() * (1 + copies))
+    set_bytes = int(images.nbytes * (1 + copies))  # an encoded split's nbytes: its JPEG bytes
     residency, why = choose(wanted, device, set_bytes, fraction)
     if verbose:
         print(f"[data] residency={residency}: {why}", file=sys.stderr, flush=True)
@@ -257,7 +277,10 @@ def resolve(cfg, images: torch.Tensor, device: torch.device, addons: list, verbo
 
 def batch_source(residency: str, images: torch.Tensor, device: torch.device,
                  local_batch: int) -> DeviceBatches | HostBatches:
-    """The training set placed as `residency` says."""
+    """The training set placed as `residency` says (an encoded split brings its own source, which places
+    its JPEG bytes as `residency` says and decodes each step's batch on the device)."""
+    if hasattr(images, "batches"):
+        return images.batches(device, local_batch, residency)
     if residency == "host":
         return HostBatches(images, device, local_batch)
     return DeviceBatches(images, device)
