@@ -40,6 +40,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -61,7 +62,8 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
             "run_id": "VARCHAR",
             "run_key": "VARCHAR",
             "name": "VARCHAR",
-            "status": "VARCHAR",  # running | completed | failed | diverged | pruned | requeued
+            # running | completed | failed | diverged | pruned | requeued | lost (no heartbeat: see mark_lost)
+            "status": "VARCHAR",
             "method": "VARCHAR",
             "dataset": "VARCHAR",
             "backbone": "VARCHAR",
@@ -210,6 +212,8 @@ SCHEMA_VERSION = hashlib.sha1(json.dumps([TABLES, sorted(MIGRATIONS), ROW_FORMAT
                               .encode()).hexdigest()[:16]
 
 DONE_MARKER = "done.json"
+# Written by a running job's main process at least every store.heartbeat_s seconds (harness.store.Heartbeat).
+HEARTBEAT = "heartbeat.json"
 ROWS_DIR = "rows"
 # Run folders re-read per transaction, so a rebuild of many runs never holds every file list at once.
 FILES_PER_LOAD = 4000
@@ -271,6 +275,79 @@ def last_row(folder: Path, table: str) -> dict[str, Any] | None:
             row.pop("_format", None)
             return row
     return None
+
+
+class Heartbeat:
+    """A timer thread that rewrites `<run folder>/heartbeat.json` every `every_s` seconds while a run lives.
+
+    From a thread, not only at epoch ends: an epoch (or a final evaluation) may take longer than the
+    time after which an ingester calls a silent run lost. The file carries the run's own
+    `lost_after_s`, so every ingester (the leaderboard's too) judges the run by its config.
+    """
+
+    def __init__(self, folder: Path, run_id: str, every_s: float, lost_after_s: float):
+        self.path = Path(folder) / HEARTBEAT
+        self.run_id, self.every_s, self.lost_after_s = run_id, float(every_s), float(lost_after_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="harness-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        write_text_atomic(self.path, json.dumps({"run_id": self.run_id, "at": utcnow(), "pid": os.getpid(),
+                                                 "host": socket.gethostname(),
+                                                 "lost_after_s": self.lost_after_s}) + "\n")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.beat()
+            except OSError as e:  # a full disk: the run itself will say so; a missed beat only ages the file
+                print(f"[store] heartbeat not written ({_first_line(e)})", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.beat()  # at once: the first beat must not wait a whole period
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def read_heartbeat(folder: Path) -> dict[str, Any] | None:
+    """The heartbeat of the run in `folder`, or None (never written, or unreadable)."""
+    try:
+        beat = json.loads((Path(folder) / HEARTBEAT).read_text())
+    except (OSError, ValueError):
+        return None
+    return beat if isinstance(beat, dict) and beat.get("run_id") and beat.get("at") else None
+
+
+def heartbeat_age(beat: dict[str, Any]) -> float:
+    """Seconds since `beat` was written (its own UTC time, so hosts with other time zones agree)."""
+    return (datetime.fromisoformat(utcnow()) - datetime.fromisoformat(beat["at"])).total_seconds()
+
+
+def mark_lost(store: Store, folder: Path, run_id: str, why: str, silent_for_s: float | None = None) -> bool:
+    """Record the running run `run_id` in `folder` as lost: its process is gone without a word.
+
+    Written like any row (its run folder and the spool), from the folder's last runs row, so the
+    attempts and wall-clock it had stay, and `finished_at` is the last heartbeat (the last moment it
+    was known alive). The same command resumes it from its checkpoint. False when the folder's
+    last row is not that run running (it ended, or a new attempt started meanwhile), or when
+    `silent_for_s` is given and the heartbeat, read again now, is younger than that (a resumed attempt
+    of the same run id began since the caller looked).
+    """
+    row = last_row(folder, "runs")
+    if row is None or row.get("run_id") != run_id or row.get("status") not in ("running", "requeued"):
+        return False
+    beat = read_heartbeat(folder)
+    if silent_for_s is not None and beat is not None and heartbeat_age(beat) <= silent_for_s:
+        return False
+    seen = beat["at"] if beat is not None and beat["run_id"] == run_id else row.get("started_at")
+    store.write("runs", [{**row, "status": "lost", "finished_at": seen,
+                          "error": f"lost: {why}; last heartbeat {seen} UTC; the same command resumes it"}],
+                keep_in=folder)
+    return True
 
 
 class Store:
@@ -338,6 +415,8 @@ class Store:
                         self._write_missing_markers(con)
                     self._ingest(con)
                     self._reingest_finished_runs(con)
+                    if self._mark_silent_runs_lost(con):
+                        self._ingest(con)
                     yield con
                 finally:
                     con.close()
@@ -518,6 +597,22 @@ class Store:
         print(f"[store] re-ingested {len(missing)} finished run(s) the database lacked, from their run folders "
               f"under {self.runs}", file=sys.stderr)
         return count
+
+    def _mark_silent_runs_lost(self, con: duckdb.DuckDBPyConnection) -> int:
+        """Mark lost every running run whose heartbeat is older than its lost_after_s; returns how many."""
+        lost = 0
+        for run_id, key in con.execute("SELECT run_id, run_key FROM runs WHERE status = 'running'").fetchall():
+            folder = self.runs / str(key)
+            beat = read_heartbeat(folder)
+            # No heartbeat (a run from before heartbeats) or another attempt's: nothing to judge by.
+            if beat is None or beat["run_id"] != run_id:
+                continue
+            age = heartbeat_age(beat)
+            limit = float(beat.get("lost_after_s") or 900)
+            if age > limit and mark_lost(self, folder, run_id,
+                                          f"no heartbeat for {age:.0f} s (store.lost_after_s={limit:g})", limit):
+                lost += 1
+        return lost
 
     def ingest(self, timeout: float = 120.0) -> None:
         """Move everything spooled (and any finished run the database lacks) into the database now."""

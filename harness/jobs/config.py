@@ -132,6 +132,7 @@ SIZE_FIELDS = ("trainer.batch_size", "dataset.train_size", "dataset.test_size", 
                "dataset.subset_seed")
 OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
+KEEP_CHECKPOINTS = ("all", "last", "weights")  # what a completed run keeps (harness/jobs/run.py)
 PRECISIONS = ("auto", "fp32", "bf16")  # harness/core/device_path.py (which needs torch; this module does not)
 DATASETS = ("cifar10", "cifar100", "imagefolder")
 LR_SCALING = ("linear", "sqrt", "none")
@@ -207,6 +208,10 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "positives.ratio", low=0, high=1, optional=True),
         _number(cfg, "trainer.classifier_lr", low=0, strict_low=True, optional=True),
         _number(cfg, "trainer.classifier_weight_decay", low=0, optional=True),
+        _number(cfg, "store.heartbeat_s", low=0, strict_low=True, optional=True),
+        _number(cfg, "store.lost_after_s", low=0, strict_low=True, optional=True),
+        _choice(cfg, "store.keep_checkpoints", KEEP_CHECKPOINTS) if OmegaConf.select(
+            cfg, "store.keep_checkpoints", default=None) is not None else None,
     ]
     errors += _storage_errors(cfg)
     errors += _dataset_extras_errors(cfg)

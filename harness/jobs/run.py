@@ -7,6 +7,7 @@ held out, else on the test split) so a sweeper can use it, also for runs skipped
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -26,18 +27,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.atomic import write_text_atomic
 from harness.core import distributed, preempt
-from harness.core.checkpoint import has_checkpoint, remove_checkpoints
+from harness.core.checkpoint import has_checkpoint, previous_path, remove_checkpoints
 from harness.core.data.datasets import load_dataset
 from harness.core.data.normalization import resolve_normalization
 from harness.core.evaluate import knn_protocol
 from harness.core.optim import scaled_lr
 from harness.core.trainer import Diverged, fit, knn_settings
+from harness.export import torchvision_weights, write_weights
 from harness.jobs import tuning
 from harness.jobs.config import build_addons, experiment_config, instantiate, run_key, validate
 from harness.jobs.loggers import RunLoggers
+from harness.jobs.saved import WEIGHTS
 from harness.jobs.stages import run_in_job
 from harness.jobs.transfer import run_transfer
-from harness.store import DONE_MARKER, SWEEP_ENV, Store, StoreBusy, last_row, read_done, utcnow, write_done
+from harness.store import DONE_MARKER, SWEEP_ENV, Heartbeat, Store, StoreBusy, last_row, read_done, utcnow, write_done
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -255,7 +258,7 @@ def _close_abandoned_attempt(store: Store, folder: Path) -> None:
     of its rows: a job never reads the database.
     """
     row = last_row(folder, "runs")
-    if row is not None and row.get("status") in ("running", "requeued"):
+    if row is not None and row.get("status") in ("running", "requeued", "lost"):
         store.write("runs", [{**row, "status": "failed", "finished_at": utcnow(),
                               "error": "killed before its first checkpoint (no end was recorded)"}], keep_in=folder)
 
@@ -314,7 +317,26 @@ def earlier_attempts(folder: Path, run_id: str) -> tuple[float, int]:
     return float(row.get("wall_seconds") or 0.0), int(row.get("attempts") or 1)
 
 
+def trim_checkpoints(checkpoint: Path, keep: str) -> None:
+    """What a completed run keeps (store.keep_checkpoints): `all`, `last` (not the one before it) or
+    `weights` (neither: the backbone's weights, written before the done marker, are what stays)."""
+    if keep in ("last", "weights"):
+        previous_path(checkpoint).unlink(missing_ok=True)
+    if keep == "weights":
+        checkpoint.unlink(missing_ok=True)
+
+
 def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, outcome: dict) -> float | None:
+    """Train, evaluate and record this attempt of run `run_id`, under its heartbeat."""
+    # While this attempt lives its folder says so; a process killed without a word stops beating and
+    # an ingester marks the run lost (harness.store.mark_lost).
+    heartbeat = (Heartbeat(checkpoint.parent, run_id, float(cfg.store.get("heartbeat_s", 60)),
+                           float(cfg.store.get("lost_after_s", 900))) if info.is_main else contextlib.nullcontext())
+    with heartbeat:
+        return _attempt(cfg, key, run_id, info, store, checkpoint, outcome)
+
+
+def _attempt(cfg, key, run_id, info, store: Store, checkpoint: Path, outcome: dict) -> float | None:
     torch.manual_seed(int(cfg.seed) * 7919 + info.rank)
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
@@ -401,10 +423,14 @@ def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, ou
             for split, by_protocol in result.evals.items() for protocol, (t1, t5) in by_protocol.items()
         ] + [{"run_id": run_id, "run_key": key, "epoch": int(cfg.trainer.epochs), **row} for row in transfer],
             keep_in=checkpoint.parent)
+    keep = str(cfg.store.get("keep_checkpoints", "weights"))
+    if info.is_main and keep == "weights":  # before "done": a completed run always has its weights
+        write_weights(torchvision_weights(cfg, model.backbone.state_dict())[0], checkpoint.parent / WEIGHTS)
     record(status="completed", finished_at=utcnow(), objective=objective, epochs_done=int(cfg.trainer.epochs),
            residency=result.residency)
     if info.is_main:
         write_done(checkpoint.parent, run_id, objective)  # after its rows: "done" implies they are on disk
+        trim_checkpoints(checkpoint, keep)
     outcome.update(status="completed", objective=objective)
     if info.is_main:
         print(f"[harness] run {key} completed: {primary} on {result.objective_split} = {objective:.2f}%",

@@ -59,10 +59,21 @@ def run_config(folder: Path) -> DictConfig:
     return OmegaConf.load(path)  # type: ignore[return-value]
 
 
-def backbone_state(folder: Path) -> dict[str, Any]:
-    """The backbone's weights from the run's checkpoint (its keys without the ``backbone.`` prefix)."""
-    from harness.core.checkpoint import load_checkpoint
+WEIGHTS = "backbone.pt"  # what a completed run keeps under store.keep_checkpoints=weights (harness/jobs/run.py)
 
+
+def backbone_state(folder: Path) -> dict[str, Any]:
+    """The backbone's weights from the run's checkpoint (its keys without the ``backbone.`` prefix), or
+    from the exported weights a completed run kept instead of its checkpoint (store.keep_checkpoints)."""
+    import torch
+
+    from harness.core.checkpoint import has_checkpoint, load_checkpoint
+
+    if not has_checkpoint(folder / "checkpoint.pt") and (folder / WEIGHTS).exists():
+        weights = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+        if str(run_config(folder).backbone._target_).endswith(".ResNet"):  # torchvision's keys: back under .net
+            weights = {f"net.{k}": v for k, v in weights.items()}
+        return weights
     # main=False: read only; never move or delete anything in a run folder another job may use.
     state = load_checkpoint(folder / "checkpoint.pt", "cpu", "[export]", main=False, required=("model",))
     if state is None:
