@@ -52,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     reg = commands.add_parser("regress", help="did any configuration get worse? (exit 0 no, 1 yes, 2 cannot compare)",
                               formatter_class=argparse.RawDescriptionHelpFormatter, description=regress.__doc__)
     reg.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
-    reg.add_argument("--baseline", required=True, help="a git commit (prefix ok) or a baseline file")
-    reg.add_argument("--candidate", help="a git commit (prefix ok); default: the newest other commit in the store")
+    reg.add_argument("--baseline", required=True,
+                     help="a git commit (prefix ok), any name git rev-parse knows here (HEAD~1, main, a tag), "
+                     "or a baseline file")
+    reg.add_argument("--candidate",
+                     help="a git commit (prefix ok) or any name git rev-parse knows here (HEAD, a branch, a tag); "
+                     "default: the newest other commit in the store")
     reg.add_argument("--json", type=Path, help="write the verdicts as JSON here")
     reg.add_argument("--alpha", type=float, default=0.05, help="one-sided level of Welch's test (default 0.05)")
     reg.add_argument("--min-effect", type=float, default=0.5,
