@@ -424,7 +424,7 @@ def _attempt(cfg, key, run_id, info, store: Store, checkpoint: Path, outcome: di
         ] + [{"run_id": run_id, "run_key": key, "epoch": int(cfg.trainer.epochs), **row} for row in transfer],
             keep_in=checkpoint.parent)
     keep = str(cfg.store.get("keep_checkpoints", "weights"))
-    if info.is_main and keep == "weights":  # before "done": a completed run always has its weights
+    if info.is_main:  # before "done": a completed run always has its weights, whatever else it keeps
         write_weights(torchvision_weights(cfg, model.backbone.state_dict())[0], checkpoint.parent / WEIGHTS)
     record(status="completed", finished_at=utcnow(), objective=objective, epochs_done=int(cfg.trainer.epochs),
            residency=result.residency)

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.store import DONE_MARKER, ROWS_DIR, Store, read_done
+from harness.store import DONE_MARKER, ROWS_DIR, Store, merged_sources, read_done
 
 
 class RunNotFound(ValueError):
@@ -26,11 +26,13 @@ def default_store(db: Path | None, runs: Path | None) -> Store:
 
 def find_run(ref: str, store: Store) -> Path:
     """The folder of the run named by `ref`: its run key (a folder name), or a run id."""
-    if not store.runs.is_dir():
+    roots = [r for r in (store.runs, *merged_sources(store)) if r.is_dir()]  # merged runs stay in their folders
+    if not roots:
         raise RunNotFound(f"no run folders at {store.runs} (pass --db, or --runs for store.runs_dir)")
-    if ref and "/" not in ref and (store.runs / ref).is_dir():
-        return store.runs / ref
-    for marker in store.runs.glob("*/run_id"):  # the current attempt of every run
+    for root in roots:
+        if ref and "/" not in ref and (root / ref).is_dir():
+            return root / ref
+    for marker in (m for root in roots for m in root.glob("*/run_id")):  # the current attempt of every run
         try:
             if marker.read_text().strip() == ref:
                 return marker.parent
