@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -820,6 +820,19 @@ def _prune(store: Store, older_than: float | None, apply: bool) -> None:
           + ("" if apply else "; nothing was deleted: add --apply to delete them"))
 
 
+def quiet_broken_pipe(main: Callable[[], int | None]) -> int | None:
+    """Run a command's `main`; when its reader went away (`... | head`), end quietly instead of with a
+    BrokenPipeError traceback (the reader has what it wanted)."""
+    try:
+        result = main()
+        sys.stdout.flush()  # inside: a write still buffered would fail at exit, outside this guard
+        return result
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.store",
                                      description="Ingest the spool, rebuild the database from the run folders, "
@@ -887,4 +900,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_broken_pipe(main))

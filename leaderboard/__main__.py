@@ -89,4 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from harness.store import quiet_broken_pipe
+
+    sys.exit(quiet_broken_pipe(main))

@@ -282,10 +282,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(*found[0].problems[0], more=found[1:])
 
 
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The job config `python -m harness OVERRIDES` would run, composed without running it."""
-    from pathlib import Path
-
+def compose(overrides: list[str] | tuple[str, ...] = (), config_dirs: list[Path] | tuple[Path, ...] = (),
+            with_hydra: bool = False) -> DictConfig:
+    """The job config `python -m harness OVERRIDES` would run, composed without running it (`config_dirs`:
+    its `--config-dir` folders; `with_hydra`: keep the `hydra` node, e.g. a preset's sweeper params)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -293,8 +293,63 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
     register_sweeps()
     conf_dir = Path(__file__).resolve().parents[1] / "conf"
+    search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).absolute()) for d in config_dirs)}]"]
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose("config", overrides=list(overrides) + (search if config_dirs else []),
+                             return_hydra_config=with_hydra)
+
+
+def mistyped_keys(overrides: list[str], config_dirs: list[Path] | tuple[Path, ...] = ()) -> list[str]:
+    """One line per `a.b=value` override whose key the composed config does not have, naming the closest
+    key that exists (`trainer.epoch=3` -> did you mean trainer.epochs?). Hydra would refuse the same
+    key in seven lines; this says it in one, before anything loads.
+
+    Keys under a group the command (or its sweep preset) sweeps over several options are not checked:
+    another option may define them. `+key=value` adds a key on purpose and is left to Hydra.
+    """
+    import difflib
+
+    from harness.jobs.sweeps import group_options
+
+    groups = group_options(config_dirs)
+    chosen, swept, keys = [], set(), []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or key.startswith(("+", "~", "hydra")):
+            continue
+        if key in groups:
+            if any(c in value for c in ",()["):
+                swept.add(key)
+            else:
+                chosen.append(override)
+        else:
+            keys.append((key, value))
+    if not keys:
+        return []
+    cfg = compose(chosen, config_dirs, with_hydra=True)
+    swept |= {str(k).split(".")[0] for k in (OmegaConf.select(cfg, "hydra.sweeper.params") or {})}
+    known = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
+    missing = object()
+    lines = []
+    for key, value in keys:
+        if key.split(".")[0] in swept or OmegaConf.select(cfg, key, default=missing) is not missing:
+            continue
+        close = difflib.get_close_matches(key, [k for k in known if not k.startswith("hydra.")], n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see `python -m harness --cfg job` for every key"
+        lines.append(f"{key}={value}: {key} is not a config key; {hint}")
+    return lines
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every key of a nested config as a dotted name (groups and leaves)."""
+    if not isinstance(node, dict):
+        return []
+    out = []
+    for k, v in node.items():
+        name = f"{prefix}{k}"
+        out.append(name)
+        out += _dotted_keys(v, name + ".")
+    return out
 
 
 def build_addons(cfg: DictConfig, feat_dim: int | None = None) -> list:

@@ -57,11 +57,14 @@ def job_config(cfg: DictConfig) -> DictConfig:
 
 def compose_points(launcher: Launcher, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
     from harness.errors import ConfigError
-    from harness.jobs.sweeps import unknown_options
+    from harness.jobs.sweeps import split_argv, unknown_options
 
     # An unknown group option in the sweep's grid (hydra.sweeper.params): one line each, exit 2, as for
-    # any bad value; Hydra would stop at the first with a multi-line message.
-    found = list(dict.fromkeys(p for overrides in job_overrides for p in unknown_options(list(overrides))))
+    # any bad value; Hydra would stop at the first with a multi-line message. Options of the command's
+    # --config-dir folders count.
+    config_dirs = split_argv(sys.argv[1:])[1]
+    found = list(dict.fromkeys(p for overrides in job_overrides
+                               for p in unknown_options(list(overrides), config_dirs)))
     if found:
         print(f"error: sweep refused, nothing was run or submitted: "
               f"{ConfigError(*found[0], more=[ConfigError(*p) for p in found[1:]])}", file=sys.stderr)
@@ -237,7 +240,9 @@ class LocalLauncher(Launcher):
         points = compose_points(self, job_overrides)
         refuse_bad_points(points, job_overrides)
         if any(p.get("dry_run") for p in points):
-            return preview(points, job_overrides, asked)
+            from harness.store import quiet_broken_pipe
+
+            return quiet_broken_pipe(lambda: preview(points, job_overrides, asked))  # `| head` ends quietly
         # Each shared artifact once, before the points (one that fails fails only the points that need it).
         run_here(sweep_stages(points)[0], "sweep driver", keep_going=True)
         results = list(self._basic.launch(job_overrides, initial_job_idx))
@@ -416,7 +421,9 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         cluster = _sinfo()
         refuse_bad_points(points, job_overrides, extra_check=lambda cfg: check_slurm(cfg, cluster))
         if any(p.get("dry_run") for p in points):
-            return preview(points, job_overrides, asked)
+            from harness.store import quiet_broken_pipe
+
+            return quiet_broken_pipe(lambda: preview(points, job_overrides, asked))  # `| head` ends quietly
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
