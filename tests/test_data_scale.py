@@ -6,10 +6,14 @@ Every folder here is generated under tmp_path (small, so the tests take seconds)
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +238,48 @@ def test_a_set_larger_than_the_gpu_is_refused_with_residency_device(tmp_path):
     with pytest.raises(ConfigError, match=r"dataset.residency = 'device'.*host or auto.*GB on each GPU"):
         validate(compose([*base, "dataset.residency=device"]))
     validate(compose([*base, "dataset.residency=auto"]))  # auto keeps the set on the host
+
+
+def _grandchildren() -> list[int]:
+    """Processes whose parent is a child of this one (the decode workers, forked by the fork server)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    children = {pid for pid, ppid in parents.items() if ppid == os.getpid()}
+    return [pid for pid, ppid in parents.items() if ppid in children]
+
+
+def test_a_decode_worker_killed_mid_decode_fails_the_decode_in_one_line(tmp_path):
+    from harness.core.data.datasets import DecodeFailed
+
+    root = tmp_path / "imgs"
+    jpeg_tree(root, per_class=50)
+    cfg = folder_cfg(tmp_path, root, decode_workers=2)
+    outcome: dict[str, BaseException | None] = {}
+
+    def decode() -> None:
+        try:
+            ensure_cache(cfg)
+            outcome["error"] = None
+        except BaseException as e:  # noqa: BLE001 - what the decode raised is the result
+            outcome["error"] = e
+
+    thread = threading.Thread(target=decode, daemon=True)
+    thread.start()
+    # The event: a worker exists (it then has 220 images to share with the other); kill it, as the OOM killer
+    # would.
+    deadline = time.monotonic() + 120
+    while not (workers := _grandchildren()) and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert workers, "no decode worker appeared"
+    os.kill(workers[0], signal.SIGKILL)
+    thread.join(timeout=120)  # a hang guard only: the pool notices the death at once
+    assert not thread.is_alive(), "the decode hung after its worker was killed"
+    error = outcome["error"]
+    assert isinstance(error, DecodeFailed), repr(error)
+    assert "\n" not in str(error) and "a decode worker died" in str(error)
+    assert not list((tmp_path / "cache").glob("*.pt")) and not list((tmp_path / "cache").glob("*.decoding"))

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.atomic import write_text_atomic
 from harness.core import distributed, preempt
 from harness.core.checkpoint import has_checkpoint, previous_path, remove_checkpoints
-from harness.core.data.datasets import load_dataset
+from harness.core.data.datasets import DecodeFailed, load_dataset
 from harness.core.data.normalization import resolve_normalization
 from harness.core.evaluate import knn_protocol
 from harness.core.optim import scaled_lr
@@ -397,10 +397,10 @@ def _attempt(cfg, key, run_id, info, store: Store, checkpoint: Path, outcome: di
         record(status="requeued", error=str(e))
         raise
     except BaseException as e:
-        if isinstance(e, OSError) and e.errno in WRITE_FAILURES:
-            # A full disk (or quota) while checkpointing or spooling: one line, not a chained
-            # traceback; the temporary files are already gone (harness.atomic).
-            message = f"run {key} failed: {describe_os_error(e)}"
+        if isinstance(e, DecodeFailed) or (isinstance(e, OSError) and e.errno in WRITE_FAILURES):
+            # A full disk (or quota) while checkpointing or spooling, a decode worker killed: one line, not a
+            # chained traceback; the temporary files are already gone (harness.atomic).
+            message = f"run {key} failed: {describe_os_error(e) if isinstance(e, OSError) else e}"
             try:
                 record(status="failed", error=message, finished_at=utcnow())
             except OSError as again:

@@ -22,6 +22,7 @@ import shutil
 import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -216,6 +217,10 @@ IMAGES_PER_PROCESS = 1000
 _OPEN_OUTPUTS: dict[str, np.ndarray] = {}  # per worker process: the output arrays it has opened
 
 
+class DecodeFailed(RuntimeError):
+    """Decoding a dataset stopped for a reason its one-line message says (a worker process died)."""
+
+
 def _decode_chunk(task: tuple[dict[str, str], list[tuple[str, int, bytes | str]], int | None]) -> list[str]:
     """Decode a chunk of (split, row, source) into row `row` of the split's preallocated .npy array
     (opened memory-mapped, so each worker writes its rows in place). Returns the images whose size
@@ -292,12 +297,17 @@ def _collect(items: list[tuple[str, str, bytes | str]], size: int | None, what: 
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
         pool = ProcessPoolExecutor(workers, mp_context=context)
-        results = pool.map(_decode_chunk, chunks)
     try:
+        if pool is not None:  # inside: a worker may die while the chunks are handed out
+            results = pool.map(_decode_chunk, chunks)
         for chunk, bad in zip(chunks, results):
             done += len(chunk[1])
             mismatched += bad
             progress.update(done, f"{done}/{total} images", final=done == total)
+    except BrokenProcessPool as e:
+        raise DecodeFailed(f"{what}: a decode worker died (killed, or out of memory) after {done} of {total} "
+                           "images; nothing was cached. Run again (with fewer dataset.decode_workers if memory "
+                           "is short)") from e
     finally:
         _OPEN_OUTPUTS.clear()
         if pool is not None:
