@@ -195,6 +195,8 @@ def test_host_residency_trains_exactly_as_device_residency(tmp_path):
     for name, value in device_state.items():
         assert torch.allclose(host_state[name].float(), value.float(), rtol=1e-5, atol=1e-6), name
     assert residency == "host"
+    # The helper thread that gathered the host batches ended with its run.
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("host-batches")]
 
 
 def _blank_tree(root: Path, per_class: int) -> Path:

@@ -88,14 +88,17 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     see harness/core/addons.py).
     """
     run = Training(cfg, model, data, info, checkpoint, log_epoch, list(addons or []))
-    run.resume()
-    preempt.defer(True)  # a signal in the loop waits for its next sync point (harness/core/preempt.py)
-    for epoch in range(run.start_epoch, run.epochs):
-        sums, first_step, lr, epoch_time = run.train_epoch(epoch)
-        run.end_epoch(epoch, sums, first_step, lr, epoch_time)
-    preempt.defer(False, where="after training")  # when no epoch was left (the loop ends it before)
-    if set(run.evals) != set(run.final_queries):  # resumed after the last epoch's checkpoint: evaluate again
-        run.final_evaluation(run.epochs - 1, run.pending_metrics)
+    try:
+        run.resume()
+        preempt.defer(True)  # a signal in the loop waits for its next sync point (harness/core/preempt.py)
+        for epoch in range(run.start_epoch, run.epochs):
+            sums, first_step, lr, epoch_time = run.train_epoch(epoch)
+            run.end_epoch(epoch, sums, first_step, lr, epoch_time)
+        preempt.defer(False, where="after training")  # when no epoch was left (the loop ends it before)
+        if set(run.evals) != set(run.final_queries):  # resumed after the last epoch's checkpoint: evaluate again
+            run.final_evaluation(run.epochs - 1, run.pending_metrics)
+    finally:
+        run.batches.close()  # the host batches' helper thread ends with the run, however it ends
     return TrainResult(evals=run.evals, objective_split=run.objective_split, residency=run.batches.residency)
 
 

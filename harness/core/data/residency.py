@@ -180,6 +180,9 @@ class DeviceBatches:
     def __init__(self, images: torch.Tensor, device: torch.device):
         self.images, self.device = images.to(device), device
 
+    def close(self) -> None:
+        """Nothing to stop: the device batches need no helper."""
+
     def epoch(self, order: torch.Tensor, steps: range, start: Callable[[int], int],
               size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(step, indices into the training set on the device, uint8 batch on the device) for each step."""
@@ -204,6 +207,10 @@ class HostBatches:
         self.copied: list[torch.cuda.Event | None] = [None, None]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="host-batches")
+
+    def close(self) -> None:
+        """Stop the helper thread (the run ends, or fails): a batch it still gathers is dropped."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _gather(self, slot: int, idx: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
