@@ -490,6 +490,27 @@ def load_full(ds) -> ImageData:
     return ImageData(**torch.load(ensure_cache(ds), weights_only=True, mmap=True))
 
 
+SUBSET_LOCK_TIMEOUT_S = 600.0  # writing a subset file takes as long as reading its images once
+
+
+def mapped_subset(cache: Path, images: torch.Tensor, idx: torch.Tensor, split: str) -> torch.Tensor:
+    """`images[idx]` as a file beside the cache, memory-mapped: written once (the first process of a
+    node, under a lock) and then shared by every rank through the page cache, instead of one copy in
+    each rank's memory. Its name is the cache's plus a hash of the index, so a subset is one file."""
+    digest = hashlib.sha1(idx.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    path = cache.with_name(f"{cache.name}.{split}-{digest}.pt")
+    if not path.exists():
+        lock = lock_or_wait(str(path) + ".lock", f"[data] another process writes the {split} subset {path}; "
+                            "waiting for it", SUBSET_LOCK_TIMEOUT_S)
+        try:
+            if not path.exists():
+                with atomic_file(path) as f:  # a reader sees the whole file or none
+                    torch.save({"images": images[idx].contiguous()}, f)
+        finally:
+            lock.release()
+    return torch.load(path, weights_only=True, mmap=True)["images"]
+
+
 def class_quota(num_classes: int, size: int, gen: torch.Generator) -> list[int]:
     """How many of `size` items each class gives to a balanced subset: size // C, and one more for the
     first size % C classes of a permutation drawn from `gen`."""
@@ -519,26 +540,28 @@ def balanced_subset(labels: torch.Tensor, size: int, seed: int, exclude: torch.T
 
 
 def load_dataset(ds) -> ImageData:
-    """The dataset of config `ds` with its validation hold-out and train/test subsets applied."""
-    data = load_full(ds)
+    """The dataset of config `ds` with its validation hold-out and train/test subsets applied; subsets
+    stay memory-mapped and shared by the node's processes (`mapped_subset`)."""
+    cache = ensure_cache(ds)
+    data = ImageData(**torch.load(cache, weights_only=True, mmap=True))
     seed = int(ds.get("subset_seed", 0))
     val_size = int(ds.get("val_size") or 0)
     train_idx = torch.arange(len(data.train_y))
     if val_size:
         val_idx = balanced_subset(data.train_y, val_size, seed + 1)
-        data.val_x, data.val_y = data.train_x[val_idx], data.train_y[val_idx]
+        data.val_x, data.val_y = mapped_subset(cache, data.train_x, val_idx, "val"), data.train_y[val_idx]
         keep = torch.ones(len(data.train_y), dtype=torch.bool)
         keep[val_idx] = False
         train_idx = torch.nonzero(keep).flatten()
     if ds.get("train_size"):
         sub = balanced_subset(data.train_y[train_idx], int(ds.train_size), seed)
         train_idx = train_idx[sub]
-    if len(train_idx) < len(data.train_y):  # a subset is copied into this process's memory
-        data.train_x, data.train_y = data.train_x[train_idx], data.train_y[train_idx]
+    if len(train_idx) < len(data.train_y):
+        data.train_x, data.train_y = mapped_subset(cache, data.train_x, train_idx, "train"), data.train_y[train_idx]
     data.train_index = train_idx  # the whole split stays memory-mapped (shared by the node's processes)
     if ds.get("test_size"):
         test_idx = balanced_subset(data.test_y, int(ds.test_size), seed)
-        data.test_x, data.test_y = data.test_x[test_idx], data.test_y[test_idx]
+        data.test_x, data.test_y = mapped_subset(cache, data.test_x, test_idx, "test"), data.test_y[test_idx]
     return data
 
 
