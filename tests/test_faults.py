@@ -37,7 +37,7 @@ def finished_run(tmp_path_factory, cifar10_cached) -> FinishedRun:
     """One uninterrupted 3-epoch run (seed=1): the reference the faulted runs are compared with."""
     db = tmp_path_factory.mktemp("reference") / "r.duckdb"
     start = time.monotonic()
-    run_harness(*ARGS, "seed=1", f"store.path={db}")
+    run_harness(*ARGS, "seed=1", f"store.path={db}", "store.keep_checkpoints=all")  # the tests copy them
     seconds = time.monotonic() - start
     (folder,) = Path(str(db) + ".runs").iterdir()
     return FinishedRun(db, folder, seconds)
