@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter, description=show.__doc__)
     show_cmd.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
     show_cmd.add_argument("--runs", action="store_true", help="one row per run and protocol, not per configuration")
-    show_cmd.add_argument("--all", action="store_true", help="with --runs: include running, failed and diverged runs")
+    show_cmd.add_argument("--all", action="store_true",
+                          help="with --runs: include running, lost, failed and diverged runs")
     show_cmd.add_argument("--dataset", help="only this dataset (e.g. cifar10)")
     show_cmd.add_argument("--method", help="only this method (e.g. simclr)")
     show_cmd.add_argument("--protocol", help="only protocols starting with this (e.g. knn, linear)")
