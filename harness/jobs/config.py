@@ -180,9 +180,9 @@ def _dataset_extras_errors(cfg: DictConfig) -> list[ConfigError | None]:
     return errors + transfer_errors(OmegaConf.select(cfg, "eval.transfer", default=None))
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise one ConfigError listing every problem in `cfg`, or return if there is none."""
-    errors: list[ConfigError | None] = [
+def _field_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """Each plain field against its range or its allowed values."""
+    return [
         _number(cfg, "seed", low=0, high=MAX_SEED, integer=True),
         _number(cfg, "trainer.epochs", low=0, integer=True),  # 0: evaluate the untrained backbone (the floor)
         _number(cfg, "trainer.batch_size", low=2, integer=True),
@@ -213,28 +213,35 @@ def validate(cfg: DictConfig) -> None:
         _choice(cfg, "store.keep_checkpoints", KEEP_CHECKPOINTS) if OmegaConf.select(
             cfg, "store.keep_checkpoints", default=None) is not None else None,
     ]
-    errors += _storage_errors(cfg)
-    errors += _dataset_extras_errors(cfg)
-    errors += loggers.config_errors(cfg)  # optional TensorBoard / W&B views of the metrics
-    if OmegaConf.select(cfg, "eval.linear.enabled", default=False):
-        errors += [
-            _number(cfg, "eval.linear.epochs", low=1, integer=True),
-            _number(cfg, "eval.linear.lr", low=0, strict_low=True),
-            _number(cfg, "eval.linear.momentum", low=0, high=1),
-            _number(cfg, "eval.linear.weight_decay", low=0),
-            _number(cfg, "eval.linear.batch_size", low=1, integer=True),
-            _number(cfg, "eval.linear.gamma", low=0, strict_low=True),
-            _number(cfg, "eval.linear.copies", low=1, integer=True),
-            _choice(cfg, "eval.linear.optimizer", ("sgd", "adam")),
-            _choice(cfg, "eval.linear.schedule", ("step", "cosine", "constant")),
-            _choice(cfg, "eval.linear.augment", ("none", "flip", "crop_flip")),
-        ]
-        for i, _ in enumerate(OmegaConf.select(cfg, "eval.linear.milestones", default=[]) or []):
-            errors.append(_number(cfg, f"eval.linear.milestones.{i}", low=0, high=1))
+
+
+def _linear_probe_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """eval.linear's fields, when the probe is enabled."""
+    if not OmegaConf.select(cfg, "eval.linear.enabled", default=False):
+        return []
+    errors = [
+        _number(cfg, "eval.linear.epochs", low=1, integer=True),
+        _number(cfg, "eval.linear.lr", low=0, strict_low=True),
+        _number(cfg, "eval.linear.momentum", low=0, high=1),
+        _number(cfg, "eval.linear.weight_decay", low=0),
+        _number(cfg, "eval.linear.batch_size", low=1, integer=True),
+        _number(cfg, "eval.linear.gamma", low=0, strict_low=True),
+        _number(cfg, "eval.linear.copies", low=1, integer=True),
+        _choice(cfg, "eval.linear.optimizer", ("sgd", "adam")),
+        _choice(cfg, "eval.linear.schedule", ("step", "cosine", "constant")),
+        _choice(cfg, "eval.linear.augment", ("none", "flip", "crop_flip")),
+    ]
+    for i, _ in enumerate(OmegaConf.select(cfg, "eval.linear.milestones", default=[]) or []):
+        errors.append(_number(cfg, f"eval.linear.milestones.{i}", low=0, high=1))
+    return errors
+
+
+def _protocol_and_method_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """The k-NN protocols and the hyper-parameters several methods share, wherever a method has them."""
+    errors: list[ConfigError | None] = []
     for i, _ in enumerate(OmegaConf.select(cfg, "eval.knn", default=[]) or []):
         errors.append(_number(cfg, f"eval.knn.{i}.k", low=1, integer=True))
         errors.append(_number(cfg, f"eval.knn.{i}.T", low=0, strict_low=True))
-    # Method hyper-parameters that several methods share, checked wherever a method has them.
     for name in ("temperature", "temperature_m", "temperature_centroid"):
         errors.append(_number(cfg, f"method.{name}", low=0, strict_low=True, optional=True))
     for name in ("momentum_base", "momentum_final", "lam"):
@@ -242,6 +249,13 @@ def validate(cfg: DictConfig) -> None:
     errors.append(_number(cfg, "method.queue_size", low=1, integer=True, optional=True))
     if OmegaConf.select(cfg, "method.momentum_schedule", default=None) is not None:
         errors.append(_choice(cfg, "method.momentum_schedule", ("constant", "cosine")))
+    return errors
+
+
+def _class_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """Each `_target_` must import; the class then checks its own settings against the rest of the job
+    (W-MSE's sub-batch size, an add-on's fields): the core knows no method's or paper's fields."""
+    errors: list[ConfigError | None] = []
     for group in ("method", "backbone", "weighting", "positives"):
         target = OmegaConf.select(cfg, f"{group}._target_", default=None)
         if group in ("weighting", "positives") and target is None:  # optional add-ons
@@ -250,9 +264,14 @@ def validate(cfg: DictConfig) -> None:
             found_class = import_target(str(target))
         except (ImportError, AttributeError, ValueError):
             errors.append(ConfigError(f"{group}._target_", target, f"an importable class path for the {group}"))
-        else:  # a class checks its own settings against the rest of the job (W-MSE's sub-batch size, an
-               # add-on's fields): the core knows no method's or paper's fields
+        else:
             errors.extend(getattr(found_class, "check_config", lambda _: [])(cfg))
+    return errors
+
+
+def _device_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """dataset.residency's value, and a CUDA device asked for on a machine without one."""
+    errors: list[ConfigError | None] = []
     if OmegaConf.select(cfg, "dataset.residency", default=None) is not None:
         from harness.core.data.residency import RESIDENCIES
 
@@ -262,22 +281,38 @@ def validate(cfg: DictConfig) -> None:
 
         if not torch.cuda.is_available():
             errors.append(ConfigError("trainer.device", "cuda", "auto or cpu: this machine has no CUDA device"))
+    return errors
+
+
+def _data_errors(cfg: DictConfig, found: list[ConfigError]) -> list[ConfigError]:
+    """Sizes against the images there are (known, cached or listed counts), once each size is sane, then
+    the memory budget of a config that is otherwise sound: all before anything loads."""
+    if any(f == "dataset.name" for e in found for f, _, _ in e.problems):
+        return []
+    from harness.core.data.datasets import resolve_source, size_errors
+
+    more: list[ConfigError] = []
+    try:
+        resolve_source(cfg.dataset)
+        if not any(f in SIZE_FIELDS for e in found for f, _, _ in e.problems):
+            more += size_errors(cfg.dataset, int(cfg.trainer.batch_size))
+            if not found and not more:
+                from harness.core.data.datasets import split_counts
+                from harness.core.data.residency import memory_errors
+
+                more += memory_errors(cfg, split_counts(cfg.dataset), addon_classes(cfg))
+    except ConfigError as e:
+        more.append(e)
+    return more
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing every problem in `cfg`, or return if there is none."""
+    errors = _field_errors(cfg) + _storage_errors(cfg) + _dataset_extras_errors(cfg)
+    errors += loggers.config_errors(cfg)  # optional TensorBoard / W&B views of the metrics
+    errors += _linear_probe_errors(cfg) + _protocol_and_method_errors(cfg) + _class_errors(cfg) + _device_errors(cfg)
     found = [e for e in errors if e is not None]
-    if not any(f == "dataset.name" for e in found for f, _, _ in e.problems):
-        from harness.core.data.datasets import resolve_source, size_errors
-
-        try:
-            resolve_source(cfg.dataset)
-            # Sizes against the images there are (known, cached or listed counts), once each size is sane.
-            if not any(f in SIZE_FIELDS for e in found for f, _, _ in e.problems):
-                found += size_errors(cfg.dataset, int(cfg.trainer.batch_size))
-                if not found:  # the memory budget of a config that is otherwise sound, before anything loads
-                    from harness.core.data.datasets import split_counts
-                    from harness.core.data.residency import memory_errors
-
-                    found += memory_errors(cfg, split_counts(cfg.dataset), addon_classes(cfg))
-        except ConfigError as e:
-            found.append(e)
+    found += _data_errors(cfg, found)
     if found:
         raise ConfigError(*found[0].problems[0], more=found[1:])
 
