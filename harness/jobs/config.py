@@ -361,7 +361,10 @@ def mistyped_keys(overrides: list[str], config_dirs: list[Path] | tuple[Path, ..
             keys.append((key, value))
     if not keys:
         return []
-    cfg = compose(chosen, config_dirs, with_hydra=True)
+    try:
+        cfg = compose(chosen, config_dirs, with_hydra=True)
+    except Exception:  # noqa: BLE001 - a command Hydra cannot compose: Hydra's own run says why
+        return []
     swept |= {str(k).split(".")[0] for k in (OmegaConf.select(cfg, "hydra.sweeper.params") or {})}
     known = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
     missing = object()
