@@ -22,7 +22,8 @@ from tests.fs_utils import small_file_system
 
 pytestmark = [requires_cifar, pytest.mark.slow]
 
-ARGS = (*TINY, "dataset.train_size=500", "trainer.epochs=3")
+# keep_checkpoints=all: the tests copy, damage and read a completed run's checkpoints.
+ARGS = (*TINY, "dataset.train_size=500", "trainer.epochs=3", "store.keep_checkpoints=all")
 
 
 @dataclass
@@ -37,7 +38,7 @@ def finished_run(tmp_path_factory, cifar10_cached) -> FinishedRun:
     """One uninterrupted 3-epoch run (seed=1): the reference the faulted runs are compared with."""
     db = tmp_path_factory.mktemp("reference") / "r.duckdb"
     start = time.monotonic()
-    run_harness(*ARGS, "seed=1", f"store.path={db}", "store.keep_checkpoints=all")  # the tests copy them
+    run_harness(*ARGS, "seed=1", f"store.path={db}")
     seconds = time.monotonic() - start
     (folder,) = Path(str(db) + ".runs").iterdir()
     return FinishedRun(db, folder, seconds)
