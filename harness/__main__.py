@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from harness.jobs.sweeps import register_sweeps, unknown_options
+from harness.jobs.sweeps import register_sweeps, split_argv, unknown_options
 
 register_sweeps()
 
@@ -16,13 +16,20 @@ PREVIEWED = ("method.name", "dataset.name", "backbone.name", "seed", "trainer.ep
 
 
 def refuse_unknown_options(argv: list[str]) -> None:
-    """An unknown option of a config group (method=nosuch): one line per problem and exit 2, like every
-    other bad value, before Hydra composes anything."""
+    """An unknown option of a config group (method=nosuch) or a key no config has (trainer.epoch=3): one
+    line per problem and exit 2, like every other bad value, before Hydra composes anything. Options
+    and groups of `--config-dir` folders count."""
     from harness.errors import ConfigError
+    from harness.jobs.config import mistyped_keys
 
-    found = [ConfigError(*problem) for problem in unknown_options([a for a in argv if not a.startswith("-")])]
+    overrides, config_dirs = split_argv(argv)
+    found = [ConfigError(*problem) for problem in unknown_options(overrides, config_dirs)]
     if found:
         print(f"error: {ConfigError(*found[0].problems[0], more=found[1:])}", file=sys.stderr)
+        sys.exit(2)
+    mistyped = mistyped_keys(overrides, config_dirs)
+    if mistyped:
+        print("\n".join(f"error: invalid config: {line}" for line in mistyped), file=sys.stderr)
         sys.exit(2)
 
 
@@ -30,10 +37,11 @@ def refuse_unknown_options(argv: list[str]) -> None:
 def main(cfg: DictConfig) -> float | None:
     from harness.errors import ConfigError
     from harness.jobs.run import RunFailed, run
+    from harness.store import quiet_broken_pipe
 
     try:
         if cfg.get("dry_run"):
-            return preview(cfg)
+            return quiet_broken_pipe(lambda: preview(cfg))  # `| head` ends quietly
         return run(cfg)
     except ConfigError as e:
         # Refuse bad input with one clear message, not a traceback; nothing was trained.
@@ -58,5 +66,7 @@ def preview(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from harness.store import quiet_broken_pipe
+
     refuse_unknown_options(sys.argv[1:])
-    main()
+    quiet_broken_pipe(main)

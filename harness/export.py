@@ -206,10 +206,19 @@ The model outputs pooled features. Results, data, config and cost: `MODEL_CARD.m
 """
 
 
-def export(folder: Path, out: Path) -> dict[str, Any]:
-    """Write backbone.pt, README.md, model_card.json and MODEL_CARD.md for the run in `folder` into `out`."""
+def write_weights(weights: dict[str, Any], path: Path) -> str:
+    """Publish `weights` (a plain state dict) at `path` atomically; returns the file's SHA-256."""
     import torch
 
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    with atomic_file(path) as f:
+        f.write(buffer.getbuffer())
+    return hashlib.sha256(buffer.getbuffer()).hexdigest()
+
+
+def export(folder: Path, out: Path) -> dict[str, Any]:
+    """Write backbone.pt, README.md, model_card.json and MODEL_CARD.md for the run in `folder` into `out`."""
     from harness.jobs.saved import backbone_state, finished, run_config
 
     done = finished(folder)
@@ -217,12 +226,8 @@ def export(folder: Path, out: Path) -> dict[str, Any]:
     weights, model = torchvision_weights(cfg, backbone_state(folder))
     if model is not None:  # the promise the README makes, checked before anything is written
         fresh_torchvision(model, str(cfg.backbone.get("stem", "cifar"))).load_state_dict(weights, strict=True)
-    buffer = io.BytesIO()
-    torch.save(weights, buffer)
-    digest = hashlib.sha256(buffer.getbuffer()).hexdigest()
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / "backbone.pt") as f:
-        f.write(buffer.getbuffer())
+    digest = write_weights(weights, out / "backbone.pt")
     example = loading_example(cfg, model)
     card = model_card(folder, cfg, done, model, weights, digest)
     write_text_atomic(out / "model_card.json", json.dumps(card, indent=1, default=str) + "\n")

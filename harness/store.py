@@ -40,9 +40,10 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,7 +62,8 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
             "run_id": "VARCHAR",
             "run_key": "VARCHAR",
             "name": "VARCHAR",
-            "status": "VARCHAR",  # running | completed | failed | diverged | pruned | requeued
+            # running | completed | failed | diverged | pruned | requeued | lost (no heartbeat: see mark_lost)
+            "status": "VARCHAR",
             "method": "VARCHAR",
             "dataset": "VARCHAR",
             "backbone": "VARCHAR",
@@ -217,6 +219,8 @@ SCHEMA_VERSION = hashlib.sha1(json.dumps([TABLES, sorted(MIGRATIONS), ROW_FORMAT
                               .encode()).hexdigest()[:16]
 
 DONE_MARKER = "done.json"
+# Written by a running job's main process at least every store.heartbeat_s seconds (harness.store.Heartbeat).
+HEARTBEAT = "heartbeat.json"
 ROWS_DIR = "rows"
 # Run folders re-read per transaction, so a rebuild of many runs never holds every file list at once.
 FILES_PER_LOAD = 4000
@@ -278,6 +282,79 @@ def last_row(folder: Path, table: str) -> dict[str, Any] | None:
             row.pop("_format", None)
             return row
     return None
+
+
+class Heartbeat:
+    """A timer thread that rewrites `<run folder>/heartbeat.json` every `every_s` seconds while a run lives.
+
+    From a thread, not only at epoch ends: an epoch (or a final evaluation) may take longer than the
+    time after which an ingester calls a silent run lost. The file carries the run's own
+    `lost_after_s`, so every ingester (the leaderboard's too) judges the run by its config.
+    """
+
+    def __init__(self, folder: Path, run_id: str, every_s: float, lost_after_s: float):
+        self.path = Path(folder) / HEARTBEAT
+        self.run_id, self.every_s, self.lost_after_s = run_id, float(every_s), float(lost_after_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="harness-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        write_text_atomic(self.path, json.dumps({"run_id": self.run_id, "at": utcnow(), "pid": os.getpid(),
+                                                 "host": socket.gethostname(),
+                                                 "lost_after_s": self.lost_after_s}) + "\n")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.beat()
+            except OSError as e:  # a full disk: the run itself will say so; a missed beat only ages the file
+                print(f"[store] heartbeat not written ({_first_line(e)})", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.beat()  # at once: the first beat must not wait a whole period
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def read_heartbeat(folder: Path) -> dict[str, Any] | None:
+    """The heartbeat of the run in `folder`, or None (never written, or unreadable)."""
+    try:
+        beat = json.loads((Path(folder) / HEARTBEAT).read_text())
+    except (OSError, ValueError):
+        return None
+    return beat if isinstance(beat, dict) and beat.get("run_id") and beat.get("at") else None
+
+
+def heartbeat_age(beat: dict[str, Any]) -> float:
+    """Seconds since `beat` was written (its own UTC time, so hosts with other time zones agree)."""
+    return (datetime.fromisoformat(utcnow()) - datetime.fromisoformat(beat["at"])).total_seconds()
+
+
+def mark_lost(store: Store, folder: Path, run_id: str, why: str, silent_for_s: float | None = None) -> bool:
+    """Record the running run `run_id` in `folder` as lost: its process is gone without a word.
+
+    Written like any row (its run folder and the spool), from the folder's last runs row, so the
+    attempts and wall-clock it had stay, and `finished_at` is the last heartbeat (the last moment it
+    was known alive). The same command resumes it from its checkpoint. False when the folder's
+    last row is not that run running (it ended, or a new attempt started meanwhile), or when
+    `silent_for_s` is given and the heartbeat, read again now, is younger than that (a resumed attempt
+    of the same run id began since the caller looked).
+    """
+    row = last_row(folder, "runs")
+    if row is None or row.get("run_id") != run_id or row.get("status") not in ("running", "requeued"):
+        return False
+    beat = read_heartbeat(folder)
+    if silent_for_s is not None and beat is not None and heartbeat_age(beat) <= silent_for_s:
+        return False
+    seen = beat["at"] if beat is not None and beat["run_id"] == run_id else row.get("started_at")
+    store.write("runs", [{**row, "status": "lost", "finished_at": seen,
+                          "error": f"lost: {why}; last heartbeat {seen} UTC; the same command resumes it"}],
+                keep_in=folder)
+    return True
 
 
 class Store:
@@ -345,6 +422,8 @@ class Store:
                         self._write_missing_markers(con)
                     self._ingest(con)
                     self._reingest_finished_runs(con)
+                    if self._mark_silent_runs_lost(con):
+                        self._ingest(con)
                     yield con
                 finally:
                     con.close()
@@ -526,6 +605,22 @@ class Store:
               f"under {self.runs}", file=sys.stderr)
         return count
 
+    def _mark_silent_runs_lost(self, con: duckdb.DuckDBPyConnection) -> int:
+        """Mark lost every running run whose heartbeat is older than its lost_after_s; returns how many."""
+        lost = 0
+        for run_id, key in con.execute("SELECT run_id, run_key FROM runs WHERE status = 'running'").fetchall():
+            folder = self.runs / str(key)
+            beat = read_heartbeat(folder)
+            # No heartbeat (a run from before heartbeats) or another attempt's: nothing to judge by.
+            if beat is None or beat["run_id"] != run_id:
+                continue
+            age = heartbeat_age(beat)
+            limit = float(beat.get("lost_after_s") or 900)
+            if age > limit and mark_lost(self, folder, run_id,
+                                          f"no heartbeat for {age:.0f} s (store.lost_after_s={limit:g})", limit):
+                lost += 1
+        return lost
+
     def ingest(self, timeout: float = 120.0) -> None:
         """Move everything spooled (and any finished run the database lacks) into the database now."""
         with self.connect(timeout=timeout):
@@ -534,7 +629,9 @@ class Store:
     def rebuild(self, timeout: float = 120.0) -> int:
         """Re-read every run folder's rows (finished or not) into the database; returns files read."""
         with self.connect(timeout=timeout) as con:
-            folders = sorted(p for p in self.runs.iterdir() if p.is_dir()) if self.runs.is_dir() else []
+            # Its own run folders and those of the stores merged into it (`merge`: rows only were taken).
+            roots = [self.runs, *merged_sources(self)]
+            folders = sorted(p for root in roots if root.is_dir() for p in root.iterdir() if p.is_dir())
             return self._load_run_folders(con, folders)
 
     # ------------------------------------------------------------------ reading
@@ -554,18 +651,232 @@ class Store:
         return rows[0] if rows else None
 
 
+# ---------------------------------------------------------------------- disk: du, prune, merge
+WEIGHTS_FILE = "backbone.pt"  # a completed run's backbone weights (harness/jobs/run.py, store.keep_checkpoints)
+CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")
+
+
+def tree_bytes(path: Path, seen: set[tuple[int, int]] | None = None) -> int:
+    """Apparent bytes under `path`, counted as `du -sb` counts them: every entry's size (folders'
+    own too), each inode once, symbolic links not followed."""
+    seen = set() if seen is None else seen
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return 0
+    if (st.st_dev, st.st_ino) in seen:
+        return 0
+    seen.add((st.st_dev, st.st_ino))
+    total = st.st_size
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            total += tree_bytes(child, seen)
+    return total
+
+
+def default_data_cache() -> Path:
+    """Where decoded datasets are cached unless a config says otherwise ($HARNESS_CACHE, as the loader reads it)."""
+    return Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser() / "datasets"
+
+
+def run_state(folder: Path) -> tuple[str, str | None]:
+    """(status, finished_at) of the run in `folder` from its own record: its done marker, else its last runs row."""
+    done = read_done(folder)
+    if done is not None:
+        return "completed", done.get("finished_at")
+    row = last_row(folder, "runs") or {}
+    return str(row.get("status") or "unknown"), row.get("finished_at")
+
+
+def disk_usage(store: Store, artifacts: Path | None = None, data_cache: Path | None = None) -> list[dict[str, Any]]:
+    """One entry per thing that holds bytes: the database, the spool, each run folder, each artifact
+    (<artifacts>/<kind>/<hash>) and each data cache file; largest first."""
+    artifacts = artifacts or store.path.with_name(store.path.name + ".artifacts")
+    data_cache = data_cache or default_data_cache()
+    entries: list[dict[str, Any]] = []
+    for path in (store.path, store.path.with_name(store.path.name + ".wal"), store.spool):
+        if path.exists():
+            entries.append({"kind": "database" if path != store.spool else "spool", "path": path, "detail": ""})
+    if store.runs.is_dir():
+        for folder in sorted(p for p in store.runs.iterdir() if p.is_dir()):
+            status, _ = run_state(folder)
+            held = [name for name in (*CHECKPOINTS, WEIGHTS_FILE) if (folder / name).exists()]
+            entries.append({"kind": "run", "path": folder, "detail": f"{status}; {', '.join(held) or 'rows only'}"})
+    if artifacts.is_dir():
+        for kind in sorted(p for p in artifacts.iterdir() if p.is_dir()):
+            for built in sorted(kind.iterdir()):
+                entries.append({"kind": "artifact", "path": built, "detail": f"stage output: {kind.name}"})
+    if data_cache.is_dir():
+        for cached in sorted(data_cache.iterdir()):
+            entries.append({"kind": "data cache", "path": cached, "detail": ""})
+    for entry in entries:
+        entry["bytes"] = tree_bytes(entry["path"])
+    return sorted(entries, key=lambda e: -e["bytes"])
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def prune_plan(store: Store, older_than_days: float | None = None) -> list[tuple[Path, int, str]]:
+    """What `prune` would delete: (path, bytes, why), nothing that a pending point can still need.
+
+    - A completed run (its done marker) is skipped by every later job, so its checkpoints are not
+      needed once its weights (backbone.pt) are there; without backbone.pt (a run from before it was
+      written) only the checkpoint before the last goes.
+    - A failed, diverged or pruned run is retried from its checkpoint by the next sweep: its checkpoints
+      go only with --older-than (the user says: not anymore).
+    - A running, requeued or lost run's checkpoint never goes (it resumes from it), nor does any
+      artifact or data cache (see `prune`'s help: whether a configured sweep still uses one is not
+      known to the store).
+    - `checkpoint.pt.unreadable` (set aside, never read again) goes in any run that is not running.
+    With --older-than, only runs that finished more than that many days ago are considered.
+    """
+    plan: list[tuple[Path, int, str]] = []
+    if not store.runs.is_dir():
+        return plan
+    cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+    for folder in sorted(p for p in store.runs.iterdir() if p.is_dir()):
+        status, finished = run_state(folder)
+        if status in ("running", "requeued", "lost", "unknown"):
+            continue
+        if cutoff is not None:
+            when = datetime.fromisoformat(finished).replace(tzinfo=timezone.utc).timestamp() if finished else None
+            if when is None or when > cutoff:
+                continue
+        found = [folder / "checkpoint.pt.unreadable"]
+        if status == "completed":
+            found += [folder / CHECKPOINTS[1]] + ([folder / CHECKPOINTS[0]] if (folder / WEIGHTS_FILE).exists() else [])
+            why = "completed run: its weights are in backbone.pt"
+        elif cutoff is not None:
+            found += [folder / name for name in CHECKPOINTS]
+            why = f"{status} run, finished more than {older_than_days:g} days ago"
+        else:
+            why = ""
+        for path in found:
+            if path.exists():
+                plan.append((path, tree_bytes(path), why if path.name != "checkpoint.pt.unreadable"
+                             else "unreadable checkpoint set aside, never read again"))
+    return plan
+
+
+SOURCES_SUFFIX = ".sources"  # <db>.sources: the run folders' roots merged into a store, one a line
+
+
+def merged_sources(store: Store) -> list[Path]:
+    """The other run folders' roots whose rows were merged into `store` (their weights stay there)."""
+    path = store.path.with_name(store.path.name + SOURCES_SUFFIX)
+    return [Path(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def source_runs(source: Path) -> Path:
+    """The run folders' root of a merge source: a store's database file (its <db>.runs) or that root itself."""
+    source = Path(source).expanduser().absolute()
+    if source.is_dir() and not source.name.endswith(".spool"):
+        return source
+    runs = source.with_name(source.name + ".runs")
+    if not runs.is_dir():
+        raise FileNotFoundError(f"{source}: neither a run folders' root nor a store with one beside it ({runs})")
+    return runs
+
+
+def merge(out: Store, sources: list[Path], timeout: float = 120.0) -> tuple[int, int]:
+    """Read every run folder's rows of `sources` into `out`'s database; returns (run folders, files read).
+
+    Only rows: the folders (weights, checkpoints) stay where they are and are referenced from
+    `<out>.sources`. Rows keep their run ids and are upserts keyed by each table's primary key, so a
+    row present in two sources, or a source merged twice, is held once.
+    """
+    roots = [source_runs(s) for s in sources]  # every source checked before anything is written
+    with out.connect(timeout=timeout) as con:
+        folders = sorted(p for root in roots for p in root.iterdir() if p.is_dir())
+        files = out._load_run_folders(con, folders)
+    known = merged_sources(out)
+    new = [r for r in dict.fromkeys(roots) if r not in known and r != out.runs]
+    if new:
+        write_text_atomic(out.path.with_name(out.path.name + SOURCES_SUFFIX),
+                          "".join(f"{r}\n" for r in known + new))
+    return len(folders), files
+
+
+def _du(store: Store, artifacts: Path | None, cache: Path | None) -> None:
+    entries = disk_usage(store, artifacts, cache)
+    for e in entries:
+        print(f"{e['bytes']:>14,d}  {_size(e['bytes']):>9}  {e['kind']:<10}  {e['path']}"
+              + (f"  ({e['detail']})" if e["detail"] else ""))
+    totals: dict[str, int] = {}
+    for e in entries:
+        totals[e["kind"]] = totals.get(e["kind"], 0) + e["bytes"]
+    for kind, n in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"total {kind}: {n:,d} bytes ({_size(n)})")
+    print(f"total: {sum(totals.values()):,d} bytes ({_size(sum(totals.values()))})")
+
+
+def _prune(store: Store, older_than: float | None, apply: bool) -> None:
+    plan = prune_plan(store, older_than)
+    for path, n, why in plan:
+        print(f"{'deleted' if apply else 'would delete'} {path} ({n:,d} bytes): {why}")
+        if apply:
+            path.unlink(missing_ok=True)
+    freed = sum(n for _, n, _ in plan)
+    print(f"{'freed' if apply else 'would free'} {freed:,d} bytes ({_size(freed)}) in {len(plan)} file(s)"
+          + ("" if apply else "; nothing was deleted: add --apply to delete them"))
+
+
+def quiet_broken_pipe(main: Callable[[], int | None]) -> int | None:
+    """Run a command's `main`; when its reader went away (`... | head`), end quietly instead of with a
+    BrokenPipeError traceback (the reader has what it wanted)."""
+    try:
+        result = main()
+        sys.stdout.flush()  # inside: a write still buffered would fail at exit, outside this guard
+        return result
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.store",
-                                     description="Ingest the spool, or rebuild the database from the run folders.")
+                                     description="Ingest the spool, rebuild the database from the run folders, "
+                                     "see and free disk space, merge stores.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("ingest", "move spooled rows (and finished runs the database lacks) into the database"),
-                       ("rebuild", "re-read every run folder's rows into the database (e.g. after deleting it)")):
-        cmd = commands.add_parser(name, help=text)
+    texts = {
+        "ingest": "move spooled rows (and finished runs the database lacks) into the database",
+        "rebuild": "re-read every run folder's rows into the database (e.g. after deleting it)",
+        "du": "bytes per run folder, artifact and data cache file, largest first, with totals",
+        "prune": "delete what no pending point needs (completed runs' checkpoints; with --older-than also "
+                 "failed runs'); a dry run unless --apply. Never a running or lost run's checkpoint, never an "
+                 "artifact or a data cache file",
+        "merge": "read the rows of other stores' run folders into --db (run ids kept, identical rows once; "
+                 "nothing but rows is copied)",
+    }
+    for name, text in texts.items():
+        cmd = commands.add_parser(name, help=text, description=text)
         cmd.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
         cmd.add_argument("--runs", type=Path, default=None, help="the run folders' root (store.runs_dir); "
                          "default <db>.runs")
         cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for another holder")
+        if name == "du":
+            cmd.add_argument("--artifacts", type=Path, default=None, help="artifacts.dir; default <db>.artifacts")
+            cmd.add_argument("--cache", type=Path, default=None,
+                             help="the decoded-dataset cache; default $HARNESS_CACHE/datasets, "
+                             "else ~/.cache/harness/datasets")
+        if name == "prune":
+            cmd.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                             help="only runs that finished more than DAYS ago; also frees failed, diverged and "
+                             "pruned runs' checkpoints (which a rerun would resume from)")
+            cmd.add_argument("--apply", action="store_true", help="delete; without it only list")
+        if name == "merge":
+            cmd.add_argument("sources", nargs="+", type=Path, metavar="SRC_DB_OR_RUNS_DIR")
     args = parser.parse_args(argv)
+    if getattr(args, "older_than", None) is not None and args.older_than < 0:
+        print(f"error: --older-than = {args.older_than:g}: expected a number of days >= 0", file=sys.stderr)
+        return 2
     store = Store(args.db, args.runs)
     try:
         if args.command == "ingest":
@@ -573,16 +884,27 @@ def main(argv: list[str] | None = None) -> int:
             store.ingest(args.timeout)
             print(f"ingested {before - store.pending() - (store.rejected() - rejected)} spool file(s) "
                   f"into {store.path}")
-        else:
+        elif args.command == "rebuild":
             print(f"read {store.rebuild(args.timeout)} file(s) from the run folders under {store.runs} "
                   f"into {store.path}")
+        elif args.command == "du":
+            _du(store, args.artifacts, args.cache)
+        elif args.command == "prune":
+            _prune(store, args.older_than, args.apply)
+        else:
+            folders, files = merge(store, args.sources, args.timeout)
+            print(f"merged {folders} run folder(s) ({files} row file(s)) into {store.path}; their folders stay "
+                  f"where they are (listed in {store.path.name}{SOURCES_SUFFIX})")
     except StoreBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except FileNotFoundError as e:  # a merge source that is not there
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if store.rejected():
         print(f"{store.rejected()} spool file(s) rejected: see {store.rejected_dir} (each with a .why line)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_broken_pipe(main))

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter, description=show.__doc__)
     show_cmd.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
     show_cmd.add_argument("--runs", action="store_true", help="one row per run and protocol, not per configuration")
-    show_cmd.add_argument("--all", action="store_true", help="with --runs: include running, failed and diverged runs")
+    show_cmd.add_argument("--all", action="store_true",
+                          help="with --runs: include running, lost, failed and diverged runs")
     show_cmd.add_argument("--dataset", help="only this dataset (e.g. cifar10)")
     show_cmd.add_argument("--method", help="only this method (e.g. simclr)")
     show_cmd.add_argument("--protocol", help="only protocols starting with this (e.g. knn, linear)")
@@ -52,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     reg = commands.add_parser("regress", help="did any configuration get worse? (exit 0 no, 1 yes, 2 cannot compare)",
                               formatter_class=argparse.RawDescriptionHelpFormatter, description=regress.__doc__)
     reg.add_argument("--db", type=Path, default=Path("outputs/results.duckdb"))
-    reg.add_argument("--baseline", required=True, help="a git commit (prefix ok) or a baseline file")
-    reg.add_argument("--candidate", help="a git commit (prefix ok); default: the newest other commit in the store")
+    reg.add_argument("--baseline", required=True,
+                     help="a git commit (prefix ok), any name git rev-parse knows here (HEAD~1, main, a tag), "
+                     "or a baseline file")
+    reg.add_argument("--candidate",
+                     help="a git commit (prefix ok) or any name git rev-parse knows here (HEAD, a branch, a tag); "
+                     "default: the newest other commit in the store")
     reg.add_argument("--json", type=Path, help="write the verdicts as JSON here")
     reg.add_argument("--alpha", type=float, default=0.05, help="one-sided level of Welch's test (default 0.05)")
     reg.add_argument("--min-effect", type=float, default=0.5,
@@ -85,4 +90,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from harness.store import quiet_broken_pipe
+
+    sys.exit(quiet_broken_pipe(main))

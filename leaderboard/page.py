@@ -424,6 +424,23 @@ def suite_table(page: Page, found: list[dict[str, Any]], refs: list[dict[str, An
                                  "transfer suite"))
 
 
+def lost_runs(page: Page, con: duckdb.DuckDBPyConnection) -> None:
+    """Runs whose job died without a word (harness.store.mark_lost): listed, never ranked."""
+    rows = data.rows(con, """SELECT run_key, method, dataset, backbone, seed, epochs_done, epochs, attempts,
+                                    finished_at, error FROM runs WHERE status = 'lost' ORDER BY finished_at DESC""")
+    if not rows:
+        return
+    body = [row_html([("run key", r["run_key"]), ("setting", f"{r['method']} · {r['backbone']} · {r['dataset']}"),
+                      ("seed", r["seed"]), ("epochs", f"{r['epochs_done'] or 0}/{r['epochs']}"),
+                      ("attempts", r["attempts"]), ("last heartbeat", r["finished_at"]), ("why", r["error"])],
+                     {"dataset": r["dataset"]}) for r in rows]
+    page.sections.append("<h2>Lost runs</h2><p>Their job died without a word (killed, out of memory, a node "
+                         "failure): no heartbeat for longer than <code>store.lost_after_s</code>, or Slurm said the "
+                         "job ended. Not counted as results; the same command resumes each from its checkpoint.</p>"
+                         + table(["run key", "setting", "seed", "epochs", "attempts", "last heartbeat (UTC)", "why"],
+                                 body, "lost"))
+
+
 def effects(page: Page, con: duckdb.DuckDBPyConnection) -> None:
     rows = data.effects(con)
     if not rows:
@@ -757,7 +774,8 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     page = Page()
     configs = data.configurations(con)
     datasets = sorted({c["dataset"] for c in configs})
-    counts = con.execute("SELECT count(*), count(*) FILTER (WHERE status = 'completed') FROM runs").fetchone()
+    counts = con.execute("SELECT count(*), count(*) FILTER (WHERE status = 'completed'), "
+                         "count(*) FILTER (WHERE status = 'lost') FROM runs").fetchone()
 
     page.sections.append("<h2>Claims checked</h2>")
     claims_section(page, con)
@@ -768,6 +786,7 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
     ranked = rankings(page, configs, refs, artifact_share)
     if not ranked:
         page.sections.append("<p>No completed runs with test evaluations yet.</p>")
+    lost_runs(page, con)
     page.sections.append("<h2>Transfer</h2>")
     transfer_section(page, con, refs)
     page.sections.append("<h2>Add-on effects (paired over seeds)</h2>")
@@ -800,7 +819,8 @@ def render(con: duckdb.DuckDBPyConnection, db: Path, cdn: bool = False) -> str:
                  if cdn else f"<script>{plotly.offline.get_plotlyjs()}</script>")
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Leaderboard</title>"
             f"<style>{CSS}</style>{plotly_js}</head><body>"
-            f"<h1>Leaderboard</h1><p>Store <code>{esc(db)}</code>: {counts[1]} completed of {counts[0]} runs, "
+            f"<h1>Leaderboard</h1><p>Store <code>{esc(db)}</code>: {counts[1]} completed of {counts[0]} runs"
+            + (f" ({counts[2]} lost)" if counts[2] else "") + ", "
             f"{len(configs)} configuration × protocol groups.{rejected_note(db)}</p>"
             f'<div id="filters">{filters}</div>' + "".join(page.sections)
             + f'<script type="application/json" id="figures">{figures}</script><script>{SCRIPT}</script>'

@@ -1,10 +1,12 @@
 """Did anything get worse? Compare every configuration's test top-1 between a baseline and a candidate.
 
-Each side is a git commit (runs recorded at that commit; a unique prefix is enough; runs from a tree
-with uncommitted changes are the commit `<hash>+dirty`, so by default the candidate is your
-uncommitted change when its runs are the newest) or, for the baseline, a pinned file of expected
-values written by `--write-baseline`. Configurations are matched by config_key (the config without
-seed and launch settings, see leaderboard.data), per dataset and protocol.
+Each side is a git commit (runs recorded at that commit; a unique prefix is enough, and so is any
+name `git rev-parse` understands in the current repository: HEAD, HEAD~1, main, a tag, printed with
+the hash it resolved to; runs from a tree with uncommitted changes are the commit `<hash>+dirty`, so
+by default the candidate is your uncommitted change when its runs are the newest) or, for the
+baseline, a pinned file of expected values written by `--write-baseline`. Configurations are
+matched by config_key (the config without seed and launch settings, see leaderboard.data), per
+dataset and protocol.
 
 The rule, per configuration:
 - at least two seeds on both sides: Welch's one-sided t-test of "candidate mean < baseline mean".
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,36 @@ class CannotCompare(Exception):
 
 TABLE_COLUMNS = ["verdict", "dataset", "protocol", "label", "n_base", "base", "n_cand", "cand", "diff", "bound",
                  "p", "rule"]
+
+
+def git_commit(ref: str) -> str | None:
+    """The commit hash `git rev-parse` gives for `ref` (HEAD, HEAD~1, main, a tag) in the current
+    repository, or None: not a repository, no git, or not a name git knows."""
+    if not ref or ref.startswith("-"):  # never an option to git
+        return None
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def resolve_side(con: duckdb.DuckDBPyConnection, ref: str, side: str) -> str:
+    """The store's commit that `ref` names: a hash or prefix in the store, else any name `git rev-parse`
+    understands in the current repository (printed with what it resolved to)."""
+    try:
+        return resolve_commit(con, ref)
+    except CannotCompare as not_in_store:
+        commit = git_commit(ref)
+        if commit is None or commit.startswith(ref):
+            raise
+        print(f"{side} {ref} = {commit} (git rev-parse)")
+        try:
+            return resolve_commit(con, commit)
+        except CannotCompare:
+            raise CannotCompare(f"{not_in_store}; git resolves {ref!r} to {commit}, which has no completed "
+                                "runs in the store either") from None
 
 
 def resolve_commit(con: duckdb.DuckDBPyConnection, ref: str) -> str:
@@ -213,7 +246,7 @@ def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, a
             base_label, base = read_baseline_file(Path(baseline))
             base_commit = None
         else:
-            base_commit = resolve_commit(con, baseline)
+            base_commit = resolve_side(con, baseline, "baseline")
             base_label, base = f"commit {data.short_commit(base_commit)}", side_from_commit(con, base_commit)
             if write_baseline:
                 n = write_baseline_file(write_baseline, base_commit, base, tolerance)
@@ -224,7 +257,7 @@ def run(db: Path, baseline: str, candidate: str | None, json_out: Path | None, a
             if not later:
                 raise CannotCompare("no candidate: the store holds no other commit than the baseline")
             candidate = later[-1]
-        cand_commit = resolve_commit(con, candidate)
+        cand_commit = resolve_side(con, candidate, "candidate")
         cand = side_from_commit(con, cand_commit)
     base, cand, notes = align(base, cand)
     results = compare(base, cand, alpha, min_effect, tolerance)

@@ -3,7 +3,7 @@
 By default one row per configuration (the config without the seed; see leaderboard.data), commit,
 dataset and protocol: the test top-1 as mean ± std over its seeds and n, the newest run per seed.
 A configuration run at two commits gets two rows, so a change never hides in a mean. `--runs` lists
-every run with its evaluations instead (with `--all` also running, failed and diverged ones).
+every run with its evaluations instead (with `--all` also running, lost, failed and diverged ones).
 Filters: --dataset and --method match exactly, --protocol and --commit match a prefix.
 """
 
@@ -83,7 +83,7 @@ def show(db: Path, runs: bool = False, include_all: bool = False, dataset: str |
     if not table:
         text = "no completed runs" + (" match the filters" if filtered else " yet")
         if runs and not include_all:
-            text += " (--all lists running and failed ones)"
+            text += " (--all lists running, lost and failed ones)"
     else:
         text = format_table(table, columns)
         if not runs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from PIL import Image
 
 from harness.core.data.datasets import load_dataset, load_full, size_errors, split_counts
 from harness.jobs.config import ConfigError, compose, validate
-from tests.conftest import run_harness
+from tests.conftest import REPO, harness_env, run_harness
 
 
 def refused(*overrides: str) -> str:
@@ -141,6 +142,11 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path, read_only_dir):
         ((f"store.path={tmp_path}/r.duckdb", "method=nosuch"),  # an unknown option of a config group, too
          "error: invalid config: method = 'nosuch' is not allowed: expected one of all4one, byol, mocov2, nnclr, "
          "sce, simclr, simsiam, vicreg, wmse"),
+        ((f"store.path={tmp_path}/r.duckdb", "trainer.epoch=3"),  # a mistyped key: the closest one that exists
+         "error: invalid config: trainer.epoch=3: trainer.epoch is not a config key; did you mean trainer.epochs?"),
+        ((f"store.path={tmp_path}/r.duckdb", "method=mocov2", "method.queue_siz=64"),  # the chosen method's keys
+         "error: invalid config: method.queue_siz=64: method.queue_siz is not a config key; did you mean "
+         "method.queue_size?"),
         ((f"store.path={tmp_path}/r.duckdb", *CIFAR10, "trainer.batch_size=60000"),
          "error: invalid config: trainer.batch_size = 60000 is not allowed: expected at most 50000, the training "
          "images (cifar10's known counts)"),
@@ -219,3 +225,33 @@ def test_the_cache_decides_when_it_is_there(tmp_path):
     errors = size_errors(folder_cfg(tmp_path, tmp_path / "tree", test_size=4), batch_size=6)
     assert [(f, v) for e in errors for f, v, _ in e.problems] == [("trainer.batch_size", 6)]
     assert "the cached dataset" in errors[0].problems[0][2]
+
+
+def test_options_of_a_config_dir_are_accepted_and_still_checked(tmp_path):
+    """`--config-dir DIR` adds DIR's groups and options: the unknown-option check knows them."""
+    (tmp_path / "conf" / "method").mkdir(parents=True)
+    (tmp_path / "conf" / "method" / "mysimclr.yaml").write_text(
+        "# @package _global_\nmethod:\n  _target_: methods.simclr.SimCLR\n  name: mysimclr\n  temperature: 0.3\n"
+        "  proj_hidden_dim: 64\n  proj_output_dim: 32\n")
+    common = (f"store.path={tmp_path}/r.duckdb", f"hydra.run.dir={tmp_path}/hydra", "dry_run=true")
+    proc = run_harness("--config-dir", str(tmp_path / "conf"), "method=mysimclr", "method.temperature=0.5", *common,
+                       check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "method.name=mysimclr" in proc.stdout
+    proc = run_harness(f"--config-dir={tmp_path / 'conf'}", "method=nosuch", *common, check=False)
+    assert proc.returncode == 2 and "all4one, byol, mocov2, mysimclr, nnclr" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    """A reader that goes away (`| head -1`) ends the command without a BrokenPipeError traceback."""
+    from harness.store import Store
+
+    store = Store(tmp_path / "r.duckdb")
+    for i in range(400):  # more rows than one pipe buffer holds
+        store.write("runs", [{"run_id": f"r{i}", "run_key": f"k{i}", "status": "running", "method": "simclr",
+                              "dataset": "cifar10", "seed": i}])
+    store.ingest()
+    for command in (["leaderboard", "show", "--runs", "--all"], ["harness.store", "du"]):
+        proc = subprocess.run(f"{sys.executable} -m {' '.join(command)} --db {store.path} | head -1", shell=True,
+                              cwd=REPO, env=harness_env(), capture_output=True, text=True, timeout=120)
+        assert proc.stdout.count("\n") == 1 and proc.stderr == "", (command, proc.stderr[-2000:])

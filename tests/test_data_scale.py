@@ -6,10 +6,14 @@ Every folder here is generated under tmp_path (small, so the tests take seconds)
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +195,8 @@ def test_host_residency_trains_exactly_as_device_residency(tmp_path):
     for name, value in device_state.items():
         assert torch.allclose(host_state[name].float(), value.float(), rtol=1e-5, atol=1e-6), name
     assert residency == "host"
+    # The helper thread that gathered the host batches ended with its run.
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("host-batches")]
 
 
 def _blank_tree(root: Path, per_class: int) -> Path:
@@ -207,7 +213,7 @@ def test_a_set_that_cannot_fit_is_refused_before_anything_loads(tmp_path):
     root = _blank_tree(tmp_path / "tree", 6)
     with open("/proc/meminfo") as fh:
         available = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
-    # 4 training images copied as a subset: each image_size^2 * 3 bytes, twice what this machine has.
+    # 4 training images written as a subset: each image_size^2 * 3 bytes, twice what this machine has.
     side = int((available / 2 / 3) ** 0.5) + 1
     cfg = compose(["dataset=imagefolder", f"dataset.root={root}", f"dataset.image_size={side}",
                    "dataset.train_size=4", "trainer.batch_size=2", "trainer.device=cpu",
@@ -215,7 +221,7 @@ def test_a_set_that_cannot_fit_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(ConfigError) as refused:
         validate(cfg)
     text = str(refused.value)
-    assert "dataset.train_size" in text and "copies its subsets" in text and "GB available" in text
+    assert "dataset.train_size" in text and "writes its subsets" in text and "GB available" in text
     assert not (tmp_path / "cache").exists()  # refused before any image was decoded
     validate(compose(["dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=32",
                       "dataset.train_size=4", "trainer.batch_size=2", "trainer.device=cpu",
@@ -234,3 +240,76 @@ def test_a_set_larger_than_the_gpu_is_refused_with_residency_device(tmp_path):
     with pytest.raises(ConfigError, match=r"dataset.residency = 'device'.*host or auto.*GB on each GPU"):
         validate(compose([*base, "dataset.residency=device"]))
     validate(compose([*base, "dataset.residency=auto"]))  # auto keeps the set on the host
+
+
+def _grandchildren() -> list[int]:
+    """Processes whose parent is a child of this one (the decode workers, forked by the fork server)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    children = {pid for pid, ppid in parents.items() if ppid == os.getpid()}
+    return [pid for pid, ppid in parents.items() if ppid in children]
+
+
+def test_a_decode_worker_killed_mid_decode_fails_the_decode_in_one_line(tmp_path):
+    from harness.core.data.datasets import DecodeFailed
+
+    root = tmp_path / "imgs"
+    jpeg_tree(root, per_class=50)
+    cfg = folder_cfg(tmp_path, root, decode_workers=2)
+    outcome: dict[str, BaseException | None] = {}
+
+    def decode() -> None:
+        try:
+            ensure_cache(cfg)
+            outcome["error"] = None
+        except BaseException as e:  # noqa: BLE001 - what the decode raised is the result
+            outcome["error"] = e
+
+    thread = threading.Thread(target=decode, daemon=True)
+    thread.start()
+    # The event: a worker exists (it then has 220 images to share with the other); kill it, as the OOM killer
+    # would.
+    deadline = time.monotonic() + 120
+    while not (workers := _grandchildren()) and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert workers, "no decode worker appeared"
+    os.kill(workers[0], signal.SIGKILL)
+    thread.join(timeout=120)  # a hang guard only: the pool notices the death at once
+    assert not thread.is_alive(), "the decode hung after its worker was killed"
+    error = outcome["error"]
+    assert isinstance(error, DecodeFailed), repr(error)
+    assert "\n" not in str(error) and "a decode worker died" in str(error)
+    assert not list((tmp_path / "cache").glob("*.pt")) and not list((tmp_path / "cache").glob("*.decoding"))
+
+
+def mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose mapping in this process holds `t`'s memory (None: anonymous memory, a copy)."""
+    address = t.data_ptr()
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split()
+            start, end = (int(v, 16) for v in parts[0].split("-"))
+            if start <= address < end:
+                return parts[5] if len(parts) > 5 and parts[5].startswith("/") else None
+    return None
+
+
+def test_subsets_are_one_mapped_file_that_every_rank_shares(tmp_path):
+    from harness.core.data.datasets import load_dataset
+
+    jpeg_tree(tmp_path / "tree", per_class=8, classes=4, test_per_class=4)
+    cfg = folder_cfg(tmp_path, tmp_path / "tree", image_size=16, train_size=8, val_size=4, test_size=8)
+    full = load_full(cfg)
+    ranks = [load_dataset(cfg) for _ in range(2)]  # what each rank of a job loads
+    for split in ("train_x", "val_x", "test_x"):
+        files = {mapped_file(getattr(r, split)) for r in ranks}
+        assert len(files) == 1 and None not in files, (split, files)  # one file, mapped, not a copy per rank
+    assert len(list((tmp_path / "cache").glob("*.train-*.pt"))) == 1
+    rank = ranks[0]
+    assert torch.equal(rank.train_x, full.train_x[rank.train_index])  # the same images as a copy would hold
+    assert len(rank.train_x) == 8 and len(rank.val_x) == 4 and len(rank.test_x) == 8

@@ -194,7 +194,9 @@ def test_a_signal_after_the_last_training_step_stops_the_job_and_the_requeue_com
     assert store.query("SELECT count(*) AS n FROM evals")[0]["n"] == 0
 
     again = run_harness(*overrides)  # what the requeued job runs
-    assert "resumed from" in again.stderr and "epoch 2/2 done" in again.stderr
+    # The last epoch's checkpoint was written before the final evaluation: the requeued job only evaluates.
+    assert "resumed from" in again.stderr and "[train] final evaluation" in again.stderr
+    assert "epoch 2/2 step" not in again.stderr and "epoch 2/2 done" not in again.stderr
     assert [r["status"] for r in store.query("SELECT status FROM runs")] == ["completed"]
     epochs = store.query("SELECT list(epoch ORDER BY epoch) AS e FROM metrics WHERE name = 'loss'")[0]["e"]
     assert epochs == [1, 2]  # epochs count from 1 in every table

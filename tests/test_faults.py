@@ -21,7 +21,8 @@ from tests.fs_utils import small_file_system
 
 pytestmark = [requires_cifar, pytest.mark.slow]
 
-ARGS = (*TINY, "dataset.train_size=500", "trainer.epochs=3", "trainer.log_every=0")
+ARGS = (*TINY, "dataset.train_size=500", "trainer.epochs=3", "trainer.log_every=0",
+        "store.keep_checkpoints=all")  # keep_checkpoints=all: the tests copy, damage and read its checkpoints
 
 
 # What an attempt prints as it goes (trainer.log_every=0: a line at every sync point): a step's line, an

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -119,3 +120,42 @@ def test_a_sweeps_end_message_names_a_page_build_command_that_works(store, tmp_p
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "outputs" / "leaderboard.html").stat().st_size > 100_000
+
+
+def test_regress_accepts_any_name_git_rev_parse_knows_and_prints_what_it_resolved(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q", "-b", "main")
+    for n in (1, 2):
+        (repo / "f").write_text(str(n))
+        git("add", "f")
+        git("commit", "-q", "-m", f"c{n}")
+    first, second = git("rev-parse", "HEAD~1"), git("rev-parse", "HEAD")
+    git("tag", "v1", first)
+    store = Store(tmp_path / "r.duckdb")
+    for seed, v in enumerate([70.0, 70.4]):
+        add_run(store, f"a{seed}", v, seed=seed, commit=first, finished=f"2025-01-01T00:0{seed}:00")
+        add_run(store, f"b{seed}", v - 3.0, seed=seed, commit=second, finished=f"2025-01-02T00:0{seed}:00")
+
+    def regress(*args: str) -> subprocess.CompletedProcess:  # run in the repository, as a CI step does
+        return subprocess.run([sys.executable, "-m", "leaderboard", "regress", "--db", str(store.path), *args],
+                              cwd=repo, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                              timeout=300)
+
+    proc = regress("--baseline", "HEAD~1")
+    assert proc.returncode == 1 and "REGRESSED" in proc.stdout, proc.stderr  # both commits' runs were compared
+    assert f"baseline HEAD~1 = {first}" in proc.stdout
+    proc = regress("--baseline", "v1", "--candidate", "main")
+    assert proc.returncode == 1, proc.stderr
+    assert f"baseline v1 = {first}" in proc.stdout and f"candidate main = {second}" in proc.stdout
+    proc = regress("--baseline", "no-such-branch")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    # A name git knows whose commit has no runs: one line naming both.
+    git("commit", "-q", "--allow-empty", "-m", "c3")
+    proc = regress("--baseline", "HEAD")
+    assert proc.returncode == 2 and "git resolves 'HEAD'" in proc.stderr, proc.stderr

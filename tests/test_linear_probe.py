@@ -88,7 +88,8 @@ def test_optimizer_groups_give_a_module_its_own_weight_decay_lr_scale_and_static
 @pytest.mark.slow
 def test_linear_probe_and_online_linear_on_a_trained_convnet(tmp_path, cifar10_cached):
     db = tmp_path / "r.duckdb"
-    run_harness("method=simsiam", "backbone=convnet", "dataset.train_size=2000", "dataset.test_size=500",
+    run_harness("store.keep_checkpoints=all",  # the test reads the optimizer state afterwards
+                "method=simsiam", "backbone=convnet", "dataset.train_size=2000", "dataset.test_size=500",
                 "trainer.batch_size=256", "trainer.epochs=2", "trainer.warmup_epochs=0", "trainer.optimizer=adam",
                 "trainer.lr=5e-4", "trainer.classifier_lr=1e-2", "eval.every=0", "trainer.num_threads=2",
                 "eval.online_linear=true", "eval.linear.enabled=true", "eval.linear.epochs=30",

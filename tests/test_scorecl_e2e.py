@@ -133,8 +133,8 @@ def test_method_trains_with_scorecl_weights(method, scorecl_sweep):
 
 def test_joint_mode_trains_the_score_net_with_the_method(tmp_path):
     store = tmp_path / "results.duckdb"
-    run_harness(*SMALL, "weighting.mode=joint", f"store.path={store}", "dataset.train_size=512",
-                "dataset.test_size=100", "trainer.batch_size=128", "trainer.epochs=1")
+    run_harness(*SMALL, "weighting.mode=joint", f"store.path={store}", "store.keep_checkpoints=all",
+                "dataset.train_size=512", "dataset.test_size=100", "trainer.batch_size=128", "trainer.epochs=1")
     s = _store(store)
     dsm = [r["value"] for r in s.query("select value from metrics where name = 'dsm_loss'")]
     assert len(dsm) == 1 and 0 < dsm[0] < 2  # ‖ε̂ − ε‖² per entry: about 1 for a fresh net, falling

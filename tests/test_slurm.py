@@ -143,6 +143,11 @@ def test_a_cancelled_point_fails_with_a_reason_and_a_rerun_trains_only_it(tmp_pa
         wait_for("the suspension", lambda: squeue_state(jobs[1]) == "SUSPENDED")
         assert "epoch 4/4 done" not in log_of(sweep_dir, jobs[1])
         subprocess.run(["scancel", jobs[1]], check=True)
+        # The driver finds the cancelled job at its next poll (not after seed 0's job) and marks its run
+        # lost at once, long before store.lost_after_s (900 s) could.
+        store = Store(tmp_path / "r.duckdb")
+        wait_for("the cancelled run to be marked lost", lambda: store.query(
+            "SELECT error FROM runs WHERE seed = 1 AND status = 'lost'"), timeout=120)
         out, err = driver.communicate(timeout=600)
     finally:
         driver.kill()
@@ -158,9 +163,9 @@ def test_a_cancelled_point_fails_with_a_reason_and_a_rerun_trains_only_it(tmp_pa
     points = {r["overrides"].split()[0]: r["status"] for r in store.query(
         "SELECT overrides, status FROM sweep_points WHERE sweep_id = ?", [str(tmp_path / "b")])}
     assert points == {"seed=0": "skipped", "seed=1": "completed"}
-    # The cancelled job's run is marked failed by the driver (or was continued from its checkpoint).
+    # The lost run was continued from its checkpoint (or closed as failed when it had none).
     statuses = [r["status"] for r in store.query("SELECT status FROM runs")]
-    assert statuses.count("completed") == 2 and "running" not in statuses
+    assert statuses.count("completed") == 2 and "running" not in statuses and "lost" not in statuses
 
 
 def test_a_bad_launcher_config_is_refused_before_submission(tmp_path):

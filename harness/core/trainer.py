@@ -88,14 +88,17 @@ def fit(cfg, model: nn.Module, data: ImageData, info: distributed.DistInfo, chec
     see harness/core/addons.py).
     """
     run = Training(cfg, model, data, info, checkpoint, log_epoch, list(addons or []))
-    run.resume()
-    preempt.defer(True)  # a signal in the loop waits for its next sync point (harness/core/preempt.py)
-    for epoch in range(run.start_epoch, run.epochs):
-        sums, first_step, lr, epoch_time = run.train_epoch(epoch)
-        run.end_epoch(epoch, sums, first_step, lr, epoch_time)
-    preempt.defer(False, where="after training")  # when no epoch was left (the loop ends it before)
-    if set(run.evals) != set(run.final_queries):  # resumed after the last epoch's checkpoint: evaluate again
-        run.evals = run.evaluate(list(run.final_queries), final=True)
+    try:
+        run.resume()
+        preempt.defer(True)  # a signal in the loop waits for its next sync point (harness/core/preempt.py)
+        for epoch in range(run.start_epoch, run.epochs):
+            sums, first_step, lr, epoch_time = run.train_epoch(epoch)
+            run.end_epoch(epoch, sums, first_step, lr, epoch_time)
+        preempt.defer(False, where="after training")  # when no epoch was left (the loop ends it before)
+        if set(run.evals) != set(run.final_queries):  # resumed after the last epoch's checkpoint: evaluate again
+            run.final_evaluation(run.epochs - 1, run.pending_metrics)
+    finally:
+        run.batches.close()  # the host batches' helper thread ends with the run, however it ends
     return TrainResult(evals=run.evals, objective_split=run.objective_split, residency=run.batches.residency)
 
 
@@ -188,6 +191,7 @@ class Training:
     def resume(self) -> None:
         """Continue from this run's checkpoint when there is one (after an epoch, or inside one)."""
         self.start_epoch, self.start_step, self.start_sums = 0, 0, {}
+        self.pending_metrics: dict[str, float] | None = None
         # weights_only: a checkpoint in the shared runs folder is data, never code to run.
         state = load_checkpoint(self.checkpoint, self.device, "[train]", self.info.is_main,
                                 required=("model", "optimizer", "epoch"))
@@ -196,6 +200,8 @@ class Training:
             self.trained_addons.load_state_dict(state.get("addons", {}))
             self.optimizer.load_state_dict(state["optimizer"])
             self.start_epoch = state["epoch"] + 1
+            # The last epoch's metrics, saved before its final evaluation: logged once that evaluation ends.
+            self.pending_metrics = state.get("pending_metrics")
             if state.get("step"):  # written on Slurm's signal: continue inside that epoch
                 self.start_epoch, self.start_step, self.start_sums = state["epoch"], state["step"], state["sums"]
             print(f"[train] resumed from {self.checkpoint} at epoch {self.start_epoch + 1}, step {self.start_step + 1}",
@@ -263,7 +269,6 @@ class Training:
     def end_epoch(self, epoch: int, sums: dict[str, torch.Tensor], first_step: int, lr: float,
                   epoch_time: float) -> None:
         """Metrics over ranks, evaluation when due, the epoch's checkpoint, and a stop when signalled."""
-        info = self.info
         metrics, stop = _epoch_end_sync(sums, self.steps_per_epoch)
         if not math.isfinite(metrics["loss"]):
             raise Diverged(f"loss became {metrics['loss']} in epoch {epoch + 1}")
@@ -273,28 +278,58 @@ class Training:
             if hasattr(addon, "epoch_metrics"):
                 metrics.update(addon.epoch_metrics())
         last = epoch == self.epochs - 1
-        if last:  # the final evaluation is outside the loop's deferral (harness/core/preempt.py)
+        if last:
+            # The last epoch's checkpoint comes before the final evaluation (outside the loop's deferral,
+            # harness/core/preempt.py): a requeue during the evaluation then only evaluates again.
+            self.save(epoch, pending_metrics=metrics)
             if stop:
                 raise preempt.Preempted(f"stopped before the final evaluation (epoch {epoch + 1}) for a requeue")
             preempt.defer(False, where="before the final evaluation")
+            self.report(epoch, self.final_evaluation(epoch, metrics))
+            return
         every = int(self.cfg.eval.every)
-        if last or (every and (epoch + 1) % every == 0):
-            self.evals = self.evaluate(list(self.final_queries) if last else [self.objective_split], final=last)
-            metrics["knn_top1"] = self.evals[self.objective_split][self.primary][0]
-            for protocol, (top1, _) in self.evals[self.objective_split].items():
-                if not protocol.startswith(("knn:", "linear:")):  # add-on protocols, e.g. online_linear
-                    metrics[f"{protocol}_top1"] = top1
+        if every and (epoch + 1) % every == 0:
+            self.evals = self.evaluate([self.objective_split])
+            self.add_eval_metrics(metrics)
         self.log_epoch(epoch, metrics)
-        if info.is_main:
+        self.save(epoch)
+        self.report(epoch, metrics)
+        if stop:  # the epoch's checkpoint is written: stop here
+            raise preempt.Preempted(f"stopped after epoch {epoch + 1} for a requeue")
+
+    def save(self, epoch: int, **extra) -> None:
+        """The checkpoint after `epoch` (rank 0), then every rank waits for it."""
+        if self.info.is_main:
             save_checkpoint({"model": self.method.state_dict(), "addons": self.trained_addons.state_dict(),
-                             "optimizer": self.optimizer.state_dict(), "epoch": epoch}, self.checkpoint)
+                             "optimizer": self.optimizer.state_dict(), "epoch": epoch, **extra}, self.checkpoint)
         distributed.barrier()
+
+    def report(self, epoch: int, metrics: dict[str, float]) -> None:
+        """The epoch's one progress line."""
         knn_text = f" | knn {metrics['knn_top1']:.2f}" if "knn_top1" in metrics else ""
-        if info.is_main:
+        if self.info.is_main:
             print(f"[train] epoch {epoch + 1}/{self.epochs} done: loss {metrics['loss']:.4f} | "
                   f"{metrics['images_per_s']:,.0f} img/s{knn_text}", file=sys.stderr, flush=True)
-        if not last and stop:  # the epoch's checkpoint is written: stop here
-            raise preempt.Preempted(f"stopped after epoch {epoch + 1} for a requeue")
+
+    def add_eval_metrics(self, metrics: dict[str, float]) -> None:
+        """The objective split's k-NN top-1 and the add-ons' protocols, as epoch metrics."""
+        metrics["knn_top1"] = self.evals[self.objective_split][self.primary][0]
+        for protocol, (top1, _) in self.evals[self.objective_split].items():
+            if not protocol.startswith(("knn:", "linear:")):  # add-on protocols, e.g. online_linear
+                metrics[f"{protocol}_top1"] = top1
+
+    def final_evaluation(self, epoch: int, metrics: dict[str, float] | None) -> dict[str, float]:
+        """Every split's evaluation after the last epoch, then that epoch's metrics row (when this
+        attempt has it: a checkpoint from before this rule carries none)."""
+        if self.info.is_main:
+            print(f"[train] final evaluation ({', '.join(self.final_queries)})", file=sys.stderr, flush=True)
+        self.evals = self.evaluate(list(self.final_queries), final=True)
+        if metrics is None:
+            return {}
+        metrics = dict(metrics)
+        self.add_eval_metrics(metrics)
+        self.log_epoch(epoch, metrics)
+        return metrics
 
     def evaluate(self, splits: list[str], final: bool = False) -> dict[str, dict[str, tuple[float, float]]]:
         """k-NN on `splits`, the add-ons' own protocols, and the linear probe at the end when enabled."""

@@ -132,6 +132,7 @@ SIZE_FIELDS = ("trainer.batch_size", "dataset.train_size", "dataset.test_size", 
                "dataset.subset_seed")
 OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
+KEEP_CHECKPOINTS = ("all", "last", "weights")  # what a completed run keeps (harness/jobs/run.py)
 PRECISIONS = ("auto", "fp32", "bf16")  # harness/core/device_path.py (which needs torch; this module does not)
 DATASETS = ("cifar10", "cifar100", "imagefolder", "stl10", "tinyimagenet")
 # dataset.recorded_as: the name an image folder's runs record (the runs table's dataset column), so that
@@ -192,9 +193,9 @@ def _dataset_extras_errors(cfg: DictConfig) -> list[ConfigError | None]:
     return errors + transfer_errors(OmegaConf.select(cfg, "eval.transfer", default=None))
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise one ConfigError listing every problem in `cfg`, or return if there is none."""
-    errors: list[ConfigError | None] = [
+def _field_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """Each plain field against its range or its allowed values."""
+    return [
         _number(cfg, "seed", low=0, high=MAX_SEED, integer=True),
         _number(cfg, "trainer.epochs", low=0, integer=True),  # 0: evaluate the untrained backbone (the floor)
         _number(cfg, "trainer.batch_size", low=2, integer=True),
@@ -221,32 +222,40 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, "positives.ratio", low=0, high=1, optional=True),
         _number(cfg, "trainer.classifier_lr", low=0, strict_low=True, optional=True),
         _number(cfg, "trainer.classifier_weight_decay", low=0, optional=True),
+        _number(cfg, "store.heartbeat_s", low=0, strict_low=True, optional=True),
+        _number(cfg, "store.lost_after_s", low=0, strict_low=True, optional=True),
+        _choice(cfg, "store.keep_checkpoints", KEEP_CHECKPOINTS) if OmegaConf.select(
+            cfg, "store.keep_checkpoints", default=None) is not None else None,
     ]
-    errors += _storage_errors(cfg)
-    errors += _dataset_extras_errors(cfg)
-    errors += loggers.config_errors(cfg)  # optional TensorBoard / W&B views of the metrics
-    from harness.core.data import encoded
 
-    errors += encoded.config_errors(cfg)  # dataset.store=encoded and its options
-    if OmegaConf.select(cfg, "eval.linear.enabled", default=False):
-        errors += [
-            _number(cfg, "eval.linear.epochs", low=1, integer=True),
-            _number(cfg, "eval.linear.lr", low=0, strict_low=True),
-            _number(cfg, "eval.linear.momentum", low=0, high=1),
-            _number(cfg, "eval.linear.weight_decay", low=0),
-            _number(cfg, "eval.linear.batch_size", low=1, integer=True),
-            _number(cfg, "eval.linear.gamma", low=0, strict_low=True),
-            _number(cfg, "eval.linear.copies", low=1, integer=True),
-            _choice(cfg, "eval.linear.optimizer", ("sgd", "adam")),
-            _choice(cfg, "eval.linear.schedule", ("step", "cosine", "constant")),
-            _choice(cfg, "eval.linear.augment", ("none", "flip", "crop_flip", "rrc_flip")),
-        ]
-        for i, _ in enumerate(OmegaConf.select(cfg, "eval.linear.milestones", default=[]) or []):
-            errors.append(_number(cfg, f"eval.linear.milestones.{i}", low=0, high=1))
+
+def _linear_probe_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """eval.linear's fields, when the probe is enabled."""
+    if not OmegaConf.select(cfg, "eval.linear.enabled", default=False):
+        return []
+    errors = [
+        _number(cfg, "eval.linear.epochs", low=1, integer=True),
+        _number(cfg, "eval.linear.lr", low=0, strict_low=True),
+        _number(cfg, "eval.linear.momentum", low=0, high=1),
+        _number(cfg, "eval.linear.weight_decay", low=0),
+        _number(cfg, "eval.linear.batch_size", low=1, integer=True),
+        _number(cfg, "eval.linear.gamma", low=0, strict_low=True),
+        _number(cfg, "eval.linear.copies", low=1, integer=True),
+        _choice(cfg, "eval.linear.optimizer", ("sgd", "adam")),
+        _choice(cfg, "eval.linear.schedule", ("step", "cosine", "constant")),
+        _choice(cfg, "eval.linear.augment", ("none", "flip", "crop_flip", "rrc_flip")),
+    ]
+    for i, _ in enumerate(OmegaConf.select(cfg, "eval.linear.milestones", default=[]) or []):
+        errors.append(_number(cfg, f"eval.linear.milestones.{i}", low=0, high=1))
+    return errors
+
+
+def _protocol_and_method_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """The k-NN protocols and the hyper-parameters several methods share, wherever a method has them."""
+    errors: list[ConfigError | None] = []
     for i, _ in enumerate(OmegaConf.select(cfg, "eval.knn", default=[]) or []):
         errors.append(_number(cfg, f"eval.knn.{i}.k", low=1, integer=True))
         errors.append(_number(cfg, f"eval.knn.{i}.T", low=0, strict_low=True))
-    # Method hyper-parameters that several methods share, checked wherever a method has them.
     for name in ("temperature", "temperature_m", "temperature_centroid"):
         errors.append(_number(cfg, f"method.{name}", low=0, strict_low=True, optional=True))
     for name in ("momentum_base", "momentum_final", "lam"):
@@ -254,6 +263,13 @@ def validate(cfg: DictConfig) -> None:
     errors.append(_number(cfg, "method.queue_size", low=1, integer=True, optional=True))
     if OmegaConf.select(cfg, "method.momentum_schedule", default=None) is not None:
         errors.append(_choice(cfg, "method.momentum_schedule", ("constant", "cosine")))
+    return errors
+
+
+def _class_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """Each `_target_` must import; the class then checks its own settings against the rest of the job
+    (W-MSE's sub-batch size, an add-on's fields): the core knows no method's or paper's fields."""
+    errors: list[ConfigError | None] = []
     for group in ("method", "backbone", "weighting", "positives"):
         target = OmegaConf.select(cfg, f"{group}._target_", default=None)
         if group in ("weighting", "positives") and target is None:  # optional add-ons
@@ -262,13 +278,18 @@ def validate(cfg: DictConfig) -> None:
             found_class = import_target(str(target))
         except (ImportError, AttributeError, ValueError):
             errors.append(ConfigError(f"{group}._target_", target, f"an importable class path for the {group}"))
-        else:  # a class checks its own settings against the rest of the job (W-MSE's sub-batch size, an
-               # add-on's fields): the core knows no method's or paper's fields
+        else:
             errors.extend(getattr(found_class, "check_config", lambda _: [])(cfg))
             if group == "method" and cfg.get("augment") is not None:
                 from harness.core.method import multi_crop_errors
 
                 errors.extend(multi_crop_errors(cfg, found_class))
+    return errors
+
+
+def _device_errors(cfg: DictConfig) -> list[ConfigError | None]:
+    """dataset.residency's value, and a CUDA device asked for on a machine without one."""
+    errors: list[ConfigError | None] = []
     if OmegaConf.select(cfg, "dataset.residency", default=None) is not None:
         from harness.core.data.residency import RESIDENCIES
 
@@ -278,30 +299,49 @@ def validate(cfg: DictConfig) -> None:
 
         if not torch.cuda.is_available():
             errors.append(ConfigError("trainer.device", "cuda", "auto or cpu: this machine has no CUDA device"))
+    return errors
+
+
+def _data_errors(cfg: DictConfig, found: list[ConfigError]) -> list[ConfigError]:
+    """Sizes against the images there are (known, cached or listed counts), once each size is sane, then
+    the memory budget of a config that is otherwise sound: all before anything loads."""
+    if any(f == "dataset.name" for e in found for f, _, _ in e.problems):
+        return []
+    from harness.core.data.datasets import resolve_source, size_errors
+
+    more: list[ConfigError] = []
+    try:
+        resolve_source(cfg.dataset)
+        if not any(f in SIZE_FIELDS for e in found for f, _, _ in e.problems):
+            more += size_errors(cfg.dataset, int(cfg.trainer.batch_size))
+            if not found and not more:
+                from harness.core.data.datasets import split_counts
+                from harness.core.data.residency import memory_errors
+
+                more += memory_errors(cfg, split_counts(cfg.dataset), addon_classes(cfg))
+    except ConfigError as e:
+        more.append(e)
+    return more
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing every problem in `cfg`, or return if there is none."""
+    errors = _field_errors(cfg) + _storage_errors(cfg) + _dataset_extras_errors(cfg)
+    errors += loggers.config_errors(cfg)  # optional TensorBoard / W&B views of the metrics
+    from harness.core.data import encoded
+
+    errors += encoded.config_errors(cfg)  # dataset.store=encoded and its options
+    errors += _linear_probe_errors(cfg) + _protocol_and_method_errors(cfg) + _class_errors(cfg) + _device_errors(cfg)
     found = [e for e in errors if e is not None]
-    if not any(f == "dataset.name" for e in found for f, _, _ in e.problems):
-        from harness.core.data.datasets import resolve_source, size_errors
-
-        try:
-            resolve_source(cfg.dataset)
-            # Sizes against the images there are (known, cached or listed counts), once each size is sane.
-            if not any(f in SIZE_FIELDS for e in found for f, _, _ in e.problems):
-                found += size_errors(cfg.dataset, int(cfg.trainer.batch_size))
-                if not found:  # the memory budget of a config that is otherwise sound, before anything loads
-                    from harness.core.data.datasets import split_counts
-                    from harness.core.data.residency import memory_errors
-
-                    found += memory_errors(cfg, split_counts(cfg.dataset), addon_classes(cfg))
-        except ConfigError as e:
-            found.append(e)
+    found += _data_errors(cfg, found)
     if found:
         raise ConfigError(*found[0].problems[0], more=found[1:])
 
 
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The job config `python -m harness OVERRIDES` would run, composed without running it."""
-    from pathlib import Path
-
+def compose(overrides: list[str] | tuple[str, ...] = (), config_dirs: list[Path] | tuple[Path, ...] = (),
+            with_hydra: bool = False) -> DictConfig:
+    """The job config `python -m harness OVERRIDES` would run, composed without running it (`config_dirs`:
+    its `--config-dir` folders; `with_hydra`: keep the `hydra` node, e.g. a preset's sweeper params)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -309,8 +349,66 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
     register_sweeps()
     conf_dir = Path(__file__).resolve().parents[1] / "conf"
+    search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).absolute()) for d in config_dirs)}]"]
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose("config", overrides=list(overrides) + (search if config_dirs else []),
+                             return_hydra_config=with_hydra)
+
+
+def mistyped_keys(overrides: list[str], config_dirs: list[Path] | tuple[Path, ...] = ()) -> list[str]:
+    """One line per `a.b=value` override whose key the composed config does not have, naming the closest
+    key that exists (`trainer.epoch=3` -> did you mean trainer.epochs?). Hydra would refuse the same
+    key in seven lines; this says it in one, before anything loads.
+
+    Keys under a group the command (or its sweep preset) sweeps over several options are not checked:
+    another option may define them. `+key=value` adds a key on purpose and is left to Hydra.
+    """
+    import difflib
+
+    from harness.jobs.sweeps import group_options
+
+    groups = group_options(config_dirs)
+    chosen, swept, keys = [], set(), []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or key.startswith(("+", "~", "hydra")):
+            continue
+        if key in groups:
+            if any(c in value for c in ",()["):
+                swept.add(key)
+            else:
+                chosen.append(override)
+        else:
+            keys.append((key, value))
+    if not keys:
+        return []
+    try:
+        cfg = compose(chosen, config_dirs, with_hydra=True)
+    except Exception:  # noqa: BLE001 - a command Hydra cannot compose: Hydra's own run says why
+        return []
+    swept |= {str(k).split(".")[0] for k in (OmegaConf.select(cfg, "hydra.sweeper.params") or {})}
+    known = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
+    missing = object()
+    lines = []
+    for key, value in keys:
+        if key.split(".")[0] in swept or OmegaConf.select(cfg, key, default=missing) is not missing:
+            continue
+        close = difflib.get_close_matches(key, [k for k in known if not k.startswith("hydra.")], n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see `python -m harness --cfg job` for every key"
+        lines.append(f"{key}={value}: {key} is not a config key; {hint}")
+    return lines
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every key of a nested config as a dotted name (groups and leaves)."""
+    if not isinstance(node, dict):
+        return []
+    out = []
+    for k, v in node.items():
+        name = f"{prefix}{k}"
+        out.append(name)
+        out += _dotted_keys(v, name + ".")
+    return out
 
 
 def build_addons(cfg: DictConfig, feat_dim: int | None = None) -> list:

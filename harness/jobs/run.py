@@ -7,6 +7,7 @@ held out, else on the test split) so a sweeper can use it, also for runs skipped
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -26,18 +27,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.atomic import write_text_atomic
 from harness.core import distributed, preempt
-from harness.core.checkpoint import has_checkpoint, remove_checkpoints
+from harness.core.checkpoint import has_checkpoint, previous_path, remove_checkpoints
+from harness.core.data.datasets import DecodeFailed
 from harness.core.data.encoded import load_dataset
 from harness.core.data.normalization import resolve_normalization
 from harness.core.evaluate import knn_protocol
 from harness.core.optim import scaled_lr
 from harness.core.trainer import Diverged, fit, knn_settings
+from harness.export import torchvision_weights, write_weights
 from harness.jobs import tuning
 from harness.jobs.config import build_addons, experiment_config, instantiate, run_key, validate
 from harness.jobs.loggers import RunLoggers
+from harness.jobs.saved import WEIGHTS
 from harness.jobs.stages import run_in_job
 from harness.jobs.transfer import run_transfer
-from harness.store import DONE_MARKER, SWEEP_ENV, Store, StoreBusy, last_row, read_done, utcnow, write_done
+from harness.store import DONE_MARKER, SWEEP_ENV, Heartbeat, Store, StoreBusy, last_row, read_done, utcnow, write_done
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -256,7 +260,7 @@ def _close_abandoned_attempt(store: Store, folder: Path) -> None:
     of its rows: a job never reads the database.
     """
     row = last_row(folder, "runs")
-    if row is not None and row.get("status") in ("running", "requeued"):
+    if row is not None and row.get("status") in ("running", "requeued", "lost"):
         store.write("runs", [{**row, "status": "failed", "finished_at": utcnow(),
                               "error": "killed before its first checkpoint (no end was recorded)"}], keep_in=folder)
 
@@ -315,99 +319,157 @@ def earlier_attempts(folder: Path, run_id: str) -> tuple[float, int]:
     return float(row.get("wall_seconds") or 0.0), int(row.get("attempts") or 1)
 
 
-def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, outcome: dict) -> float | None:
-    torch.manual_seed(int(cfg.seed) * 7919 + info.rank)
-    if cfg.trainer.get("num_threads"):
-        torch.set_num_threads(int(cfg.trainer.num_threads))
-    hosts = distributed.all_hosts(info.host)
-    row = run_row(cfg, key, run_id, info, hosts)
-    earlier = earlier_attempts(checkpoint.parent, run_id) if info.is_main else (0.0, 0)
-    row["attempts"] = earlier[1] + 1
+def trim_checkpoints(checkpoint: Path, keep: str) -> None:
+    """What a completed run keeps (store.keep_checkpoints): `all`, `last` (not the one before it) or
+    `weights` (neither: the backbone's weights, written before the done marker, are what stays)."""
+    if keep in ("last", "weights"):
+        previous_path(checkpoint).unlink(missing_ok=True)
+    if keep == "weights":
+        checkpoint.unlink(missing_ok=True)
 
-    def record(**changes) -> None:
+
+def _train_and_record(cfg, key, run_id, info, store: Store, checkpoint: Path, outcome: dict) -> float | None:
+    """Train, evaluate and record this attempt of run `run_id`, under its heartbeat."""
+    # While this attempt lives its folder says so; a process killed without a word stops beating and
+    # an ingester marks the run lost (harness.store.mark_lost).
+    heartbeat = (Heartbeat(checkpoint.parent, run_id, float(cfg.store.get("heartbeat_s", 60)),
+                           float(cfg.store.get("lost_after_s", 900))) if info.is_main else contextlib.nullcontext())
+    with heartbeat:
+        return _attempt(cfg, key, run_id, info, store, checkpoint, outcome)
+
+
+def _attempt(cfg, key, run_id, info, store: Store, checkpoint: Path, outcome: dict) -> float | None:
+    """Train and evaluate; the runs row says how it ended (completed, diverged, pruned, requeued, failed)."""
+    attempt = Attempt(cfg, key, run_id, info, store, checkpoint, outcome)
+    try:
+        model, result = attempt.train()
+    except BaseException as e:  # noqa: BLE001 - every end is recorded; ended_early re-raises what is not an end
+        return attempt.ended_early(e)
+    finally:
+        attempt.close_views()
+    return attempt.completed(model, result)
+
+
+class Attempt:
+    """One attempt of a run (the first, or a resumption): its runs row, kept up to date as it goes, its
+    metrics rows, and its end."""
+
+    def __init__(self, cfg, key: str, run_id: str, info: distributed.DistInfo, store: Store, checkpoint: Path,
+                 outcome: dict):
+        self.cfg, self.key, self.run_id, self.info, self.store = cfg, key, run_id, info, store
+        self.checkpoint, self.folder, self.outcome = checkpoint, checkpoint.parent, outcome
+        torch.manual_seed(int(cfg.seed) * 7919 + info.rank)
+        if cfg.trainer.get("num_threads"):
+            torch.set_num_threads(int(cfg.trainer.num_threads))
+        self.row = run_row(cfg, key, run_id, info, distributed.all_hosts(info.host))
+        self.earlier = earlier_attempts(self.folder, run_id) if info.is_main else (0.0, 0)
+        self.row["attempts"] = self.earlier[1] + 1
+        self.trial = tuning.open_trial(cfg) if info.is_main else None  # an Optuna trial, in tuned sweeps
+        self.views: RunLoggers | None = None  # TensorBoard / W&B, fed the rows the store gets (main process)
+
+    def record(self, **changes) -> None:
+        """Update the runs row and publish it (main process)."""
+        row = self.row
         row.update(changes)
         # Every attempt's time, not only this one's: cost is what all of them took. This attempt's
         # share is measured on the same clock as started_at/finished_at, so the columns agree.
         now = datetime.fromisoformat(row.get("finished_at") or utcnow())
-        row["wall_seconds"] = earlier[0] + max((now - datetime.fromisoformat(row["started_at"])).total_seconds(), 0.0)
-        hours = row["wall_seconds"] / 3600
-        row["gpu_hours"] = hours * info.world_size if info.device.type == "cuda" else None
-        row.update(peak_memory(info.device))
-        if info.is_main:
-            store.write("runs", [row], keep_in=checkpoint.parent)
+        row["wall_seconds"] = self.earlier[0] + max((now - datetime.fromisoformat(row["started_at"])).total_seconds(),
+                                                    0.0)
+        row["gpu_hours"] = row["wall_seconds"] / 3600 * self.info.world_size if self.info.device.type == "cuda" \
+            else None
+        row.update(peak_memory(self.info.device))
+        if self.info.is_main:
+            self.store.write("runs", [row], keep_in=self.folder)
 
-    trial = tuning.open_trial(cfg) if info.is_main else None  # an Optuna trial to report to, in tuned sweeps
-    views: RunLoggers | None = None  # TensorBoard / W&B, fed the rows the store gets (main process)
-
-    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """An epoch's metrics rows (the trainer's callback), then Optuna's verdict on it."""
+        info = self.info
         if info.is_main:
             # The store counts epochs from 1 (the trainer's `epoch` from 0): row N = after N epochs.
-            store.write("metrics", [{"run_id": run_id, "run_key": key, "epoch": epoch + 1, "name": k, "value": v}
-                                    for k, v in metrics.items()], keep_in=checkpoint.parent)
-            if views is not None:
-                views.log(epoch + 1, metrics)
-            record(epochs_done=epoch + 1)
-        if "knn_top1" in metrics and _broadcast(tuning.should_prune(trial, epoch, metrics["knn_top1"]), info):
+            self.store.write("metrics", [{"run_id": self.run_id, "run_key": self.key, "epoch": epoch + 1, "name": k,
+                                          "value": v} for k, v in metrics.items()], keep_in=self.folder)
+            if self.views is not None:
+                self.views.log(epoch + 1, metrics)
+            self.record(epochs_done=epoch + 1)
+        if "knn_top1" in metrics and _broadcast(tuning.should_prune(self.trial, epoch, metrics["knn_top1"]), info):
             raise tuning.Pruned(f"pruned by Optuna after epoch {epoch + 1}: knn_top1 {metrics['knn_top1']:.2f}",
                                 metrics["knn_top1"])
 
-    try:
-        record()  # inside: a full disk already here ends the run in one line too
+    def train(self):
+        """The row as it starts, the shared artifacts, the data, the model, then `fit`: (model, result)."""
+        cfg, info = self.cfg, self.info
+        self.record()  # inside the caller's try: a full disk already here ends the run in one line too
         if info.is_main:
-            views = RunLoggers(cfg, checkpoint.parent, key, run_id)
+            self.views = RunLoggers(cfg, self.folder, self.key, self.run_id)
         run_in_job(cfg)  # the shared artifacts: found when the sweep staged them, else built here
         data = load_dataset(cfg.dataset)
-        cfg = resolve_normalization(cfg, verbose=info.is_main)  # dataset.mean/std: auto -> numbers, key unchanged
+        # dataset.mean/std: auto -> numbers, key unchanged
+        cfg = self.cfg = resolve_normalization(cfg, verbose=info.is_main)
         model = instantiate(cfg.method, instantiate(cfg.backbone))
-        result = fit(cfg, model, data, info, checkpoint, log_epoch, build_addons(cfg, model.backbone.feat_dim))
-    except Diverged as e:
-        record(status="diverged", error=str(e), finished_at=utcnow())
-        outcome.update(status="diverged", error=str(e))
-        print(f"[harness] run {key} diverged: {e}", file=sys.stderr)
-        return float("nan")
-    except tuning.Pruned as e:
-        record(status="pruned", error=str(e), finished_at=utcnow(), objective=e.value)
-        outcome.update(status="pruned", error=str(e), objective=e.value)
-        if info.is_main:
-            tuning.mark_pruned(trial)
-            print(f"[harness] run {key} {e}", file=sys.stderr)
-        return e.value
-    except preempt.Preempted as e:
-        record(status="requeued", error=str(e))
-        raise
-    except BaseException as e:
-        if isinstance(e, OSError) and e.errno in WRITE_FAILURES:
-            # A full disk (or quota) while checkpointing or spooling: one line, not a chained
-            # traceback; the temporary files are already gone (harness.atomic).
-            message = f"run {key} failed: {describe_os_error(e)}"
+        result = fit(cfg, model, data, info, self.checkpoint, self.log_epoch,
+                     build_addons(cfg, model.backbone.feat_dim))
+        return model, result
+
+    def close_views(self) -> None:
+        if self.views is not None:
+            self.views.close()
+
+    def ended_early(self, e: BaseException) -> float | None:
+        """Record an attempt that ended before completing; returns the objective a sweeper gets for a
+        diverged or pruned run, and re-raises everything else (call it inside `except`)."""
+        key, info = self.key, self.info
+        if isinstance(e, Diverged):
+            self.record(status="diverged", error=str(e), finished_at=utcnow())
+            self.outcome.update(status="diverged", error=str(e))
+            print(f"[harness] run {key} diverged: {e}", file=sys.stderr)
+            return float("nan")
+        if isinstance(e, tuning.Pruned):
+            self.record(status="pruned", error=str(e), finished_at=utcnow(), objective=e.value)
+            self.outcome.update(status="pruned", error=str(e), objective=e.value)
+            if info.is_main:
+                tuning.mark_pruned(self.trial)
+                print(f"[harness] run {key} {e}", file=sys.stderr)
+            return e.value
+        if isinstance(e, preempt.Preempted):
+            self.record(status="requeued", error=str(e))
+            raise e
+        if isinstance(e, DecodeFailed) or (isinstance(e, OSError) and e.errno in WRITE_FAILURES):
+            # A full disk (or quota) while checkpointing or spooling, a decode worker killed: one line, not a
+            # chained traceback; the temporary files are already gone (harness.atomic).
+            message = f"run {key} failed: {describe_os_error(e) if isinstance(e, OSError) else e}"
             try:
-                record(status="failed", error=message, finished_at=utcnow())
+                self.record(status="failed", error=message, finished_at=utcnow())
             except OSError as again:
                 message += f" (the run could not be marked failed: {describe_os_error(again)})"
             raise RunFailed(f"[harness] {message}") from e
-        first = traceback.format_exception_only(type(e), e)[-1].strip()
-        record(status="failed", error=first, finished_at=utcnow())
-        raise
-    finally:
-        if views is not None:
-            views.close()
-    primary = knn_protocol(*knn_settings(cfg.eval)[0])
-    objective = result.evals[result.objective_split][primary][0]
-    # Probes on other datasets (eval.transfer), on every rank: feature extraction is sharded.
-    transfer, _ = run_transfer(cfg, model.backbone, verbose=info.is_main) if cfg.eval.get("transfer") else ([], [])
-    if info.is_main:
-        store.write("evals", [
-            {"run_id": run_id, "run_key": key, "protocol": protocol, "split": split, "top1": t1, "top5": t5,
-             "epoch": int(cfg.trainer.epochs)}
-            for split, by_protocol in result.evals.items() for protocol, (t1, t5) in by_protocol.items()
-        ] + [{"run_id": run_id, "run_key": key, "epoch": int(cfg.trainer.epochs), **row} for row in transfer],
-            keep_in=checkpoint.parent)
-    record(status="completed", finished_at=utcnow(), objective=objective, epochs_done=int(cfg.trainer.epochs),
-           residency=result.residency)
-    if info.is_main:
-        write_done(checkpoint.parent, run_id, objective)  # after its rows: "done" implies they are on disk
-    outcome.update(status="completed", objective=objective)
-    if info.is_main:
-        print(f"[harness] run {key} completed: {primary} on {result.objective_split} = {objective:.2f}%",
-              file=sys.stderr)
-    return objective
+        self.record(status="failed", error=traceback.format_exception_only(type(e), e)[-1].strip(),
+                    finished_at=utcnow())
+        raise e
+
+    def completed(self, model, result) -> float:
+        """Transfer probes, the evals rows, the weights, the completed row, the done marker, then what
+        store.keep_checkpoints lets go."""
+        cfg, info, key, run_id = self.cfg, self.info, self.key, self.run_id
+        primary = knn_protocol(*knn_settings(cfg.eval)[0])
+        objective = result.evals[result.objective_split][primary][0]
+        # Probes on other datasets (eval.transfer), on every rank: feature extraction is sharded.
+        transfer, _ = run_transfer(cfg, model.backbone, verbose=info.is_main) if cfg.eval.get("transfer") else ([], [])
+        epochs = int(cfg.trainer.epochs)
+        if info.is_main:
+            self.store.write("evals", [
+                {"run_id": run_id, "run_key": key, "protocol": protocol, "split": split, "top1": t1, "top5": t5,
+                 "epoch": epochs}
+                for split, by_protocol in result.evals.items() for protocol, (t1, t5) in by_protocol.items()
+            ] + [{"run_id": run_id, "run_key": key, "epoch": epochs, **row} for row in transfer], keep_in=self.folder)
+            # Before "done": a completed run always has its weights, whatever else it keeps.
+            write_weights(torchvision_weights(cfg, model.backbone.state_dict())[0], self.folder / WEIGHTS)
+        self.record(status="completed", finished_at=utcnow(), objective=objective, epochs_done=epochs,
+                    residency=result.residency)
+        if info.is_main:
+            write_done(self.folder, run_id, objective)  # after its rows: "done" implies they are on disk
+            trim_checkpoints(self.checkpoint, str(cfg.store.get("keep_checkpoints", "weights")))
+            print(f"[harness] run {key} completed: {primary} on {result.objective_split} = {objective:.2f}%",
+                  file=sys.stderr)
+        self.outcome.update(status="completed", objective=objective)
+        return objective

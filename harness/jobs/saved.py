@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.store import DONE_MARKER, ROWS_DIR, Store, read_done
+from harness.store import DONE_MARKER, ROWS_DIR, Store, merged_sources, read_done
 
 
 class RunNotFound(ValueError):
@@ -26,11 +26,13 @@ def default_store(db: Path | None, runs: Path | None) -> Store:
 
 def find_run(ref: str, store: Store) -> Path:
     """The folder of the run named by `ref`: its run key (a folder name), or a run id."""
-    if not store.runs.is_dir():
+    roots = [r for r in (store.runs, *merged_sources(store)) if r.is_dir()]  # merged runs stay in their folders
+    if not roots:
         raise RunNotFound(f"no run folders at {store.runs} (pass --db, or --runs for store.runs_dir)")
-    if ref and "/" not in ref and (store.runs / ref).is_dir():
-        return store.runs / ref
-    for marker in store.runs.glob("*/run_id"):  # the current attempt of every run
+    for root in roots:
+        if ref and "/" not in ref and (root / ref).is_dir():
+            return root / ref
+    for marker in (m for root in roots for m in root.glob("*/run_id")):  # the current attempt of every run
         try:
             if marker.read_text().strip() == ref:
                 return marker.parent
@@ -59,10 +61,21 @@ def run_config(folder: Path) -> DictConfig:
     return OmegaConf.load(path)  # type: ignore[return-value]
 
 
-def backbone_state(folder: Path) -> dict[str, Any]:
-    """The backbone's weights from the run's checkpoint (its keys without the ``backbone.`` prefix)."""
-    from harness.core.checkpoint import load_checkpoint
+WEIGHTS = "backbone.pt"  # what a completed run keeps under store.keep_checkpoints=weights (harness/jobs/run.py)
 
+
+def backbone_state(folder: Path) -> dict[str, Any]:
+    """The backbone's weights from the run's checkpoint (its keys without the ``backbone.`` prefix), or
+    from the exported weights a completed run kept instead of its checkpoint (store.keep_checkpoints)."""
+    import torch
+
+    from harness.core.checkpoint import has_checkpoint, load_checkpoint
+
+    if not has_checkpoint(folder / "checkpoint.pt") and (folder / WEIGHTS).exists():
+        weights = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+        if str(run_config(folder).backbone._target_).endswith(".ResNet"):  # torchvision's keys: back under .net
+            weights = {f"net.{k}": v for k, v in weights.items()}
+        return weights
     # main=False: read only; never move or delete anything in a run folder another job may use.
     state = load_checkpoint(folder / "checkpoint.pt", "cpu", "[export]", main=False, required=("model",))
     if state is None:

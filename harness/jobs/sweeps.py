@@ -39,22 +39,45 @@ def register_sweeps() -> list[str]:
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def group_options() -> dict[str, list[str]]:
-    """Each config group the harness defines (a folder of harness/conf, and `sweep`) -> its options."""
-    groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONF.iterdir())
-              if d.is_dir() and d.name != "hydra"}
-    groups["sweep"] = sorted({p.stem for folder in sweep_folders() for p in folder.glob("*.yaml")})
-    return groups
+def group_options(config_dirs: list[Path] | tuple[Path, ...] = ()) -> dict[str, list[str]]:
+    """Each config group (a folder of harness/conf or of a `--config-dir`, and `sweep`) -> its options."""
+    groups: dict[str, set[str]] = {}
+    for root in (CONF, *config_dirs):
+        for d in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+            if d.is_dir() and d.name != "hydra":
+                groups.setdefault(d.name, set()).update(p.stem for p in d.glob("*.yaml"))
+    groups.setdefault("sweep", set()).update(p.stem for folder in sweep_folders() for p in folder.glob("*.yaml"))
+    return {name: sorted(options) for name, options in groups.items()}
 
 
-def unknown_options(overrides: list[str]) -> list[tuple[str, str, str]]:
+# Hydra's own command-line options that take a value (`--config-dir DIR`, `-cd DIR`): that value is no override.
+HYDRA_VALUED_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun")
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[Path]]:
+    """(the overrides, the `--config-dir` folders) of a `python -m harness` command line."""
+    overrides, config_dirs = [], []
+    args = iter(argv)
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag in HYDRA_VALUED_FLAGS:
+            value = value if eq else next(args, "")
+            if flag in ("--config-dir", "-cd"):
+                config_dirs.append(Path(value).expanduser())
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides, config_dirs
+
+
+def unknown_options(overrides: list[str], config_dirs: list[Path] | tuple[Path, ...] = ()
+                    ) -> list[tuple[str, str, str]]:
     """(group, option, allowed) for each `group=option` override that names no option of its group.
 
     Checked before Hydra composes anything, so an unknown option is refused in the harness's one-line
     style (Hydra's own message is several lines and exits 1). A sweep's comma list is checked item by
     item; Hydra's sweep functions (`choice(...)`, `glob(...)`) are left to Hydra.
     """
-    groups = group_options()
+    groups = group_options(config_dirs)
     found = []
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")

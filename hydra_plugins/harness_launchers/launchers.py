@@ -57,11 +57,14 @@ def job_config(cfg: DictConfig) -> DictConfig:
 
 def compose_points(launcher: Launcher, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
     from harness.errors import ConfigError
-    from harness.jobs.sweeps import unknown_options
+    from harness.jobs.sweeps import split_argv, unknown_options
 
     # An unknown group option in the sweep's grid (hydra.sweeper.params): one line each, exit 2, as for
-    # any bad value; Hydra would stop at the first with a multi-line message.
-    found = list(dict.fromkeys(p for overrides in job_overrides for p in unknown_options(list(overrides))))
+    # any bad value; Hydra would stop at the first with a multi-line message. Options of the command's
+    # --config-dir folders count.
+    config_dirs = split_argv(sys.argv[1:])[1]
+    found = list(dict.fromkeys(p for overrides in job_overrides
+                               for p in unknown_options(list(overrides), config_dirs)))
     if found:
         print(f"error: sweep refused, nothing was run or submitted: "
               f"{ConfigError(*found[0], more=[ConfigError(*p) for p in found[1:]])}", file=sys.stderr)
@@ -152,13 +155,14 @@ def preview(points: list[DictConfig], job_overrides: Sequence[Sequence[str]], as
 
 def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_path: str | None,
                    world_size: int | None = None) -> None:
-    """Write a failed `sweep_points` row for a point whose job ended without writing a final one.
+    """Write a failed `sweep_points` row for a point whose job ended without writing a final one, and
+    mark its run lost when its runs row still says running.
 
     `world_size`: the job's process count (it can be in the run key); None: this process's."""
     import os
 
     from harness.jobs.config import run_key
-    from harness.store import SWEEP_ENV, Store, StoreBusy, read_done, utcnow
+    from harness.store import SWEEP_ENV, Store, StoreBusy, last_row, mark_lost, read_done, utcnow
 
     sweep_id = os.environ.get(SWEEP_ENV)
     if not sweep_id:
@@ -169,17 +173,14 @@ def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_pa
         rows = store.query("SELECT status FROM sweep_points WHERE sweep_id = ? AND run_key = ?", [sweep_id, key])
         if rows and rows[0]["status"] in FINAL:
             return
-        # The job's own runs row still says running: it died without a word, say so there too.
-        stale = store.query("SELECT * FROM runs WHERE run_key = ? AND sweep_id = ? AND status IN ('running', "
-                            "'requeued')", [key, sweep_id])
     except StoreBusy:  # another process holds the database: the run folder's marker decides, rows are appended
         if read_done(store.runs / key):
             return
-        stale = []
-    for row in stale:
-        row = {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
-        store.write("runs", [{**row, "status": "failed", "error": error, "finished_at": utcnow()}],
-                    keep_in=store.runs / key)  # the run folder's record says it too, for a rebuild
+    # The job's own runs row still says running: it died without a word. It is lost (not failed): the
+    # same command resumes it from its checkpoint. From the run folder's rows, the record a rebuild reads.
+    row = last_row(store.runs / key, "runs")
+    if row is not None and row.get("sweep_id") == sweep_id:
+        mark_lost(store, store.runs / key, row["run_id"], f"its Slurm job ended without a result ({error})")
     store.write("sweep_points", [{
         "sweep_id": sweep_id, "run_key": key,
         "overrides": " ".join(o for o in filter_overrides(overrides) if not o.startswith("+optuna.")),
@@ -247,7 +248,9 @@ class LocalLauncher(Launcher):
         points = compose_points(self, job_overrides)
         refuse_bad_points(points, job_overrides)
         if any(p.get("dry_run") for p in points):
-            return preview(points, job_overrides, own)[:asked]
+            from harness.store import quiet_broken_pipe
+
+            return quiet_broken_pipe(lambda: preview(points, job_overrides, own)[:asked])  # `| head` ends quietly
         # Each shared artifact once, before the points (one that fails fails only the points that need it).
         run_here(sweep_stages(points)[0], "sweep driver", keep_going=True)
         results = list(self._basic.launch(job_overrides, initial_job_idx))
@@ -368,6 +371,28 @@ def with_dependency(params: dict[str, Any], after: list[str]) -> dict[str, Any]:
     return {**params, "slurm_additional_parameters": extra}
 
 
+# Seconds between the driver's looks at its jobs' states (submitit asks sacct at most this often too).
+POLL_S = 5.0
+
+
+def as_they_end(jobs: dict[int, Any], collect) -> list:
+    """`collect(i)` for each job as soon as it has ended, in any order; the results in job order.
+
+    Not in submission order: a job cancelled or killed while an earlier one still trains is found
+    (and its run marked lost) at the next poll, not when the earlier one ends.
+    """
+    import time
+
+    out: dict[int, Any] = {}
+    while len(out) < len(jobs):
+        for i, job in jobs.items():
+            if i not in out and job.done():
+                out[i] = collect(i)
+        if len(out) < len(jobs):
+            time.sleep(POLL_S)
+    return [out[i] for i in sorted(out)]
+
+
 def stage_params(cfg: DictConfig, stage, after: list[str]) -> dict[str, Any]:
     """submitit parameters of a stage's job (harness/jobs/stages.py): the point's partition, account and
     signal delay, one node and one task, the stage's own GPU count (none when the point asks for no GPU),
@@ -404,7 +429,9 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         cluster = _sinfo()
         refuse_bad_points(points, job_overrides, extra_check=lambda cfg: check_slurm(cfg, cluster))
         if any(p.get("dry_run") for p in points):
-            return preview(points, job_overrides, own)[:asked]
+            from harness.store import quiet_broken_pipe
+
+            return quiet_broken_pipe(lambda: preview(points, job_overrides, own)[:asked])  # `| head` ends quietly
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -427,7 +454,7 @@ class SlurmLauncher(_SubmititSlurmLauncher):
                 jobs[i] = job
         log.info(f"Submitted {len(jobs)} job(s) in {len(groups)} array(s); submitit folder "
                  f"{self.params['submitit_folder']}")
-        results = [self._collect(i, jobs[i], points[i], job_overrides[i], initial_job_idx) for i in range(len(points))]
+        results = as_they_end(jobs, lambda i: self._collect(i, jobs[i], points[i], job_overrides[i], initial_job_idx))
         return results[:asked]
 
     def _submit_shared_stages(self, points: list[DictConfig]) -> list[list[str]]:

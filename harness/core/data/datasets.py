@@ -22,6 +22,7 @@ import shutil
 import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from pathlib import Path
@@ -226,6 +227,10 @@ IMAGES_PER_PROCESS = 1000
 _OPEN_OUTPUTS: dict[str, np.ndarray] = {}  # per worker process: the output arrays it has opened
 
 
+class DecodeFailed(RuntimeError):
+    """Decoding a dataset stopped for a reason its one-line message says (a worker process died)."""
+
+
 def _decode_chunk(task: tuple[dict[str, str], list[tuple[str, int, bytes | str]], int | None]) -> list[str]:
     """Decode a chunk of (split, row, source) into row `row` of the split's preallocated .npy array
     (opened memory-mapped, so each worker writes its rows in place). Returns the images whose size
@@ -302,12 +307,17 @@ def _collect(items: list[tuple[str, str, bytes | str]], size: int | None, what: 
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
         pool = ProcessPoolExecutor(workers, mp_context=context)
-        results = pool.map(_decode_chunk, chunks)
     try:
+        if pool is not None:  # inside: a worker may die while the chunks are handed out
+            results = pool.map(_decode_chunk, chunks)
         for chunk, bad in zip(chunks, results):
             done += len(chunk[1])
             mismatched += bad
             progress.update(done, f"{done}/{total} images", final=done == total)
+    except BrokenProcessPool as e:
+        raise DecodeFailed(f"{what}: a decode worker died (killed, or out of memory) after {done} of {total} "
+                           "images; nothing was cached. Run again (with fewer dataset.decode_workers if memory "
+                           "is short)") from e
     finally:
         _OPEN_OUTPUTS.clear()
         if pool is not None:
@@ -514,7 +524,11 @@ def ensure_cache(ds, lock_timeout_s: float | None = None) -> Path:
 def load_full(ds) -> ImageData:
     """The whole dataset described by config `ds`, memory-mapped from its cache (decoded first if
     needed): nothing is read until it is used, and every process on a node shares the pages."""
-    data = ImageData(**torch.load(ensure_cache(ds), weights_only=True, mmap=True))
+    return _read_cache(ensure_cache(ds))
+
+
+def _read_cache(cache: Path) -> ImageData:
+    data = ImageData(**torch.load(cache, weights_only=True, mmap=True))
     if len(data.train_x) > len(data.train_y):  # labelled images first, then unlabeled (official.read_stl10)
         data.pretrain_x, data.train_x = data.train_x, data.train_x[:len(data.train_y)]
         data.pretrain_index = torch.arange(len(data.pretrain_x))
@@ -531,6 +545,27 @@ def pretraining_view(data: ImageData) -> ImageData:
     labels[: len(data.train_y)] = data.train_y  # the labelled images come first (load_dataset)
     return replace(data, train_x=data.pretrain_x, train_y=labels, train_index=data.pretrain_index, pretrain_x=None,
                    pretrain_index=None)
+
+
+SUBSET_LOCK_TIMEOUT_S = 600.0  # writing a subset file takes as long as reading its images once
+
+
+def mapped_subset(cache: Path, images: torch.Tensor, idx: torch.Tensor, split: str) -> torch.Tensor:
+    """`images[idx]` as a file beside the cache, memory-mapped: written once (the first process of a
+    node, under a lock) and then shared by every rank through the page cache, instead of one copy in
+    each rank's memory. Its name is the cache's plus a hash of the index, so a subset is one file."""
+    digest = hashlib.sha1(idx.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    path = cache.with_name(f"{cache.name}.{split}-{digest}.pt")
+    if not path.exists():
+        lock = lock_or_wait(str(path) + ".lock", f"[data] another process writes the {split} subset {path}; "
+                            "waiting for it", SUBSET_LOCK_TIMEOUT_S)
+        try:
+            if not path.exists():
+                with atomic_file(path) as f:  # a reader sees the whole file or none
+                    torch.save({"images": images[idx].contiguous()}, f)
+        finally:
+            lock.release()
+    return torch.load(path, weights_only=True, mmap=True)["images"]
 
 
 def class_quota(num_classes: int, size: int, gen: torch.Generator) -> list[int]:
@@ -561,33 +596,38 @@ def balanced_subset(labels: torch.Tensor, size: int, seed: int, exclude: torch.T
     return torch.sort(torch.cat(chosen)).values
 
 
-def _rows(images, idx: torch.Tensor):
-    """A subset of a split: a copy of those rows, or for an encoded split a view of the same bytes."""
-    return images.take_rows(idx) if hasattr(images, "take_rows") else images[idx]
-
-
 def load_dataset(ds) -> ImageData:
-    """The dataset of config `ds` with its validation hold-out and train/test subsets applied."""
-    return with_subsets(load_full(ds), ds)
+    """The dataset of config `ds` with its validation hold-out and train/test subsets applied; subsets
+    stay memory-mapped and shared by the node's processes (`mapped_subset`)."""
+    cache = ensure_cache(ds)
+    return with_subsets(_read_cache(cache), ds, cache)
 
 
-def with_subsets(data: ImageData, ds) -> ImageData:
-    """`data` (a whole dataset) with the hold-out and subsets of config `ds` applied."""
+def with_subsets(data: ImageData, ds, cache: Path | None = None) -> ImageData:
+    """`data` (a whole dataset) with the hold-out and subsets of config `ds` applied. A subset of a decoded
+    split is a file beside its `cache`, mapped and shared by the node's ranks (`mapped_subset`); of an
+    encoded split, a view of the same bytes."""
+
+    def rows(images, idx: torch.Tensor, split: str):
+        if hasattr(images, "take_rows"):
+            return images.take_rows(idx)
+        return mapped_subset(cache, images, idx, split) if cache is not None else images[idx]
+
     labelled = len(data.train_y)
     seed = int(ds.get("subset_seed", 0))
     val_size = int(ds.get("val_size") or 0)
     train_idx = torch.arange(len(data.train_y))
     if val_size:
         val_idx = balanced_subset(data.train_y, val_size, seed + 1)
-        data.val_x, data.val_y = _rows(data.train_x, val_idx), data.train_y[val_idx]
+        data.val_x, data.val_y = rows(data.train_x, val_idx, "val"), data.train_y[val_idx]
         keep = torch.ones(len(data.train_y), dtype=torch.bool)
         keep[val_idx] = False
         train_idx = torch.nonzero(keep).flatten()
     if ds.get("train_size"):
         sub = balanced_subset(data.train_y[train_idx], int(ds.train_size), seed)
         train_idx = train_idx[sub]
-    if len(train_idx) < len(data.train_y):  # a subset is copied into this process's memory
-        data.train_x, data.train_y = _rows(data.train_x, train_idx), data.train_y[train_idx]
+    if len(train_idx) < len(data.train_y):
+        data.train_x, data.train_y = rows(data.train_x, train_idx, "train"), data.train_y[train_idx]
     data.train_index = train_idx  # the whole split stays memory-mapped (shared by the node's processes)
     if data.pretrain_x is not None and len(train_idx) < labelled:
         # A hold-out or subset of the labelled split leaves its other images out of pretraining too.
@@ -595,7 +635,7 @@ def with_subsets(data: ImageData, ds) -> ImageData:
         data.pretrain_index = torch.cat([train_idx, torch.arange(labelled, len(data.pretrain_index))])
     if ds.get("test_size"):
         test_idx = balanced_subset(data.test_y, int(ds.test_size), seed)
-        data.test_x, data.test_y = _rows(data.test_x, test_idx), data.test_y[test_idx]
+        data.test_x, data.test_y = rows(data.test_x, test_idx, "test"), data.test_y[test_idx]
     return data
 
 

@@ -81,6 +81,7 @@ class MemoryNeeds:
     host_private: int
     host_shared: int
     residency: str  # the residency these figures assume (auto resolved where the device is visible)
+    subsets: int = 0  # the subset files (shared, in host_shared), which one process writes from memory first
 
 
 def _image_bytes(ds) -> int | None:
@@ -126,7 +127,7 @@ def memory_errors(cfg, counts, addon_classes: list[type]) -> list[ConfigError]:
 
     `counts` is the dataset's SplitCounts (harness.core.data.datasets.split_counts). Refused: a set
     that must go to the device (residency=device) but does not fit its free memory; private host
-    copies (subsets) that all ranks of the node together cannot hold.
+    subsets that the process writing them cannot hold (they are then shared, datasets.mapped_subset).
     """
     ds = cfg.dataset
     image = _image_bytes(ds)
@@ -144,16 +145,16 @@ def memory_errors(cfg, counts, addon_classes: list[type]) -> list[ConfigError]:
                                       f"on each GPU, {device} has {gb(free)} free"))
     available = _host_available()
     ranks = _ranks_per_node()
-    if available is not None and needs.host_private * ranks > available:
+    if available is not None and needs.host_private * ranks + needs.subsets > available:
         field = "dataset.train_size" if ds.get("train_size") else "dataset.val_size" if ds.get("val_size") else \
             "dataset.test_size"
         errors.append(ConfigError(field, ds.get(field.split(".")[1]),
-                                  f"a subset whose copies fit in host memory: each of the {ranks} process(es) on this "
-                                  f"node copies its subsets ({gb(needs.host_private)}), "
-                                  f"{gb(needs.host_private * ranks)} in all, more than the {gb(available)} available; "
-                                  "without subsets "
-                                  f"(train_size=null, val_size=0, test_size=null) the splits stay memory-mapped and "
-                                  f"shared ({gb(needs.host_shared)} per node)"))
+                                  f"subsets that fit in host memory: one process of this node writes its subsets "
+                                  f"({gb(needs.subsets)}) into files shared by its {ranks} process(es), holding them "
+                                  f"in memory meanwhile, with {gb(needs.host_private * ranks)} of pinned buffers, "
+                                  f"more than the {gb(available)} available; without subsets (train_size=null, "
+                                  f"val_size=0, test_size=null) the splits stay memory-mapped and shared "
+                                  f"({gb(needs.host_shared - needs.subsets)} per node)"))
     return errors
 
 
@@ -174,10 +175,10 @@ def memory_needs(cfg, counts, image: int, addon_classes: list[type], device: tor
     n_train = int(ds.get("train_size") or (n_train_split - val))
     n_test = int(ds.get("test_size") or n_test_split)
     private = 0
-    if n_train < n_train_split:  # a subset or a hold-out: the subset is copied (datasets.load_dataset)
-        private += n_train * image + val * image
-    if ds.get("test_size"):
-        private += n_test * image
+    # Subsets and the hold-out are files of their own, memory-mapped like the cache and shared by the
+    # node's ranks (datasets.mapped_subset); the process that writes one holds it once meanwhile.
+    subsets = (n_train + val) * image if n_train < n_train_split else 0
+    subsets += n_test * image if ds.get("test_size") else 0
     from harness.core.data.official import unlabeled_count
 
     unlabeled = unlabeled_count(ds)  # STL-10's: trained on (and copied by add-ons) beside the labelled split
@@ -191,7 +192,8 @@ def memory_needs(cfg, counts, image: int, addon_classes: list[type], device: tor
     on_device = train_bytes if residency == "device" and device.type == "cuda" else 0
     if residency == "host" and device.type == "cuda":
         private += 2 * int(cfg.trainer.batch_size) * image  # the two pinned batch buffers
-    return MemoryNeeds(on_device, private, (n_train_split + n_test_split + unlabeled) * image, residency)
+    return MemoryNeeds(on_device, private, (n_train_split + n_test_split + unlabeled) * image + subsets, residency,
+                       subsets)
 
 
 # ---------------------------------------------------------------------------------- the batches
@@ -202,6 +204,9 @@ class DeviceBatches:
 
     def __init__(self, images: torch.Tensor, device: torch.device):
         self.images, self.device = images.to(device), device
+
+    def close(self) -> None:
+        """Nothing to stop: the device batches need no helper."""
 
     def epoch(self, order: torch.Tensor, steps: range, start: Callable[[int], int],
               size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -227,6 +232,10 @@ class HostBatches:
         self.copied: list[torch.cuda.Event | None] = [None, None]
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="host-batches")
+
+    def close(self) -> None:
+        """Stop the helper thread (the run ends, or fails): a batch it still gathers is dropped."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _gather(self, slot: int, idx: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
