@@ -62,6 +62,19 @@ def job_ids(sweep_dir: Path) -> list[str]:
     return arrays or names
 
 
+UNFINISHED = ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "COMPLETING", "RESIZING")
+
+
+def ended_states(job: str) -> list[str]:
+    """Every state accounting recorded for `job` (-D: its requeues too), once the last one is an end:
+    slurmdbd records a job's end a moment after the job's result came back, so wait for that event."""
+    def states() -> list[str] | None:
+        found = subprocess.run(["sacct", "-j", job, "-X", "-D", "-n", "-o", "State"], capture_output=True,
+                               text=True).stdout.split()
+        return found if found and found[-1] not in UNFINISHED else None
+    return wait_for(f"accounting to record job {job}'s end", states)
+
+
 def squeue_state(job: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
@@ -124,8 +137,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint_without_gaps(tmp_path, cifar
     assert [r["status"] for r in store.query("SELECT status FROM runs")] == ["completed"]  # the same run went on
     rows = store.query("SELECT name, list(epoch ORDER BY epoch) AS epochs FROM metrics GROUP BY name")
     assert rows and all(r["epochs"] == list(range(1, epochs + 1)) for r in rows)  # epochs count from 1
-    states = subprocess.run(["sacct", "-j", job, "-X", "-D", "-n", "-o", "State"], capture_output=True,
-                            text=True).stdout.split()
+    states = ended_states(job)
     assert "REQUEUED" in states and states[-1] == "COMPLETED"
     assert "1 completed" in err
 
@@ -298,8 +310,7 @@ def test_shared_stages_run_once_as_jobs_before_the_points_and_a_signalled_stage_
     ddpm_log = next((sweep_dir / ".stages" / ddpm).glob("*_log.err")).read_text(errors="replace")
     assert "[stage] clsp-diffusion stops for a requeue" in ddpm_log and "this job is preempted" in ddpm_log
     assert "[diffusion] resuming training at epoch" in ddpm_log
-    states = subprocess.run(["sacct", "-j", ddpm, "-X", "-D", "-n", "-o", "State"], capture_output=True,
-                            text=True).stdout.split()
+    states = ended_states(ddpm)
     assert "REQUEUED" in states and states[-1] == "COMPLETED"
     store = Store(tmp_path / "r.duckdb")
     runs = store.query("SELECT status FROM runs")

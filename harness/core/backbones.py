@@ -8,8 +8,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.core.tv import torchvision
-
 
 class ResNet(nn.Module):
     """torchvision's ResNet-18/50 for small images: 3×3 stride-1 first conv, no max-pool, no fc.
@@ -20,6 +18,10 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: int = 18, stem: str = "cifar"):
         super().__init__()
+        # Imported here, not at the top: torchvision's import (about 0.9 s, it pulls in torch._dynamo)
+        # is then paid only by jobs that build a ResNet, not by every ConvNet job and Slurm task.
+        from harness.core.tv import torchvision
+
         make = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth]
         net = make(weights=None)
         if stem in ("cifar", "mid"):
