@@ -159,7 +159,7 @@ def test_a_cancelled_point_fails_with_a_reason_and_a_rerun_trains_only_it(tmp_pa
         # lost at once, long before store.lost_after_s (900 s) could.
         store = Store(tmp_path / "r.duckdb")
         wait_for("the cancelled run to be marked lost", lambda: store.query(
-            "SELECT error FROM runs WHERE seed = 1 AND status = 'lost'"), timeout=120)
+            "SELECT error FROM runs WHERE seed = 1 AND status = 'lost'"), guard_s=600)
         out, err = driver.communicate(timeout=600)
     finally:
         driver.kill()
