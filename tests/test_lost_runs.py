@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -16,21 +15,11 @@ import torch
 from harness.store import Store, read_heartbeat, utcnow
 from leaderboard.__main__ import main as leaderboard
 from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
+from tests.events import signal_at_line, wait_for
 
 pytestmark = [requires_cifar, pytest.mark.slow]
 
 SMALL = (*TINY, "dataset.train_size=512", "trainer.epochs=2")
-
-
-def wait_for(what: str, check, timeout: float = 300, every: float = 0.2):
-    """Poll `check` until it returns something true; the timeout only guards against a hang."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def start(*overrides: str, **env: str) -> subprocess.Popen:
@@ -48,21 +37,18 @@ def test_a_sigkilled_run_is_lost_after_lost_after_s_and_the_same_command_complet
                                                                                       capsys):
     db = tmp_path / "r.duckdb"
     args = (*SMALL, f"store.path={db}", "store.heartbeat_s=1", "store.lost_after_s=5")
-    proc = start(*args)
     runs = tmp_path / "r.duckdb.runs"
-    try:
-        wait_for("the first epoch's checkpoint", lambda: list(runs.glob("*/checkpoint.pt")))
-        assert proc.poll() is None, "the job ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)  # what the OOM killer or a node failure does: no word, no row
-        proc.wait()
-    finally:
-        proc.kill()
+    # Right after the first epoch's checkpoint (the line follows it), what the OOM killer or a node
+    # failure does: no word, no row.
+    killed = signal_at_line(["-m", "harness", *args], lambda line: line.startswith("[train] epoch 1/2 done"))
+    assert killed.signalled and killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     [folder] = [p for p in runs.iterdir() if p.is_dir()]
     beat = read_heartbeat(folder)
     assert beat is not None and beat["lost_after_s"] == 5
 
     # Every ingester judges the heartbeat; `show --all` is one. Running until 5 s have passed, then lost.
-    out = wait_for("the run to be shown lost", lambda: (text := show_all(db, capsys)) and " lost " in text and text)
+    out = wait_for("the run to be shown lost", lambda: (text := show_all(db, capsys)) and " lost " in text and text,
+                   every=0.5)
     silent = (datetime.fromisoformat(utcnow()) - datetime.fromisoformat(beat["at"])).total_seconds()
     assert silent > 5, out
     assert folder.name in out
