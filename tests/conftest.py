@@ -32,18 +32,6 @@ def _without_cifar() -> None:
     pytest.skip(NO_CIFAR)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`pytest -n 2 --dist loadgroup`, what .ci/run does) a test file is one group, so a
-    module's fixtures are built once, and every test that submits to the local Slurm cluster is one group,
-    run first: the cluster's tests wait on the scheduler much of the time, and the other worker fills
-    that time; kept together, they never see each other's jobs in the queue."""
-    for item in items:
-        slurm = item.get_closest_marker("slurm") is not None
-        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.module.__name__))
-    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)  # stable: file order otherwise
-
-
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("requires_cifar") and cifar_archive() is None:
         _without_cifar()

@@ -84,9 +84,11 @@ def test_views_are_seeded_and_each_view_has_its_own_pipeline():
 
 
 @pytest.mark.parametrize("jitter_p", [1.0, 0.3])
-def test_the_cpu_jitter_of_large_images_a_few_at_a_time_equals_the_whole_batch_bit_for_bit(monkeypatch, jitter_p):
+def test_the_cpu_jitter_of_large_images_a_few_at_a_time_equals_the_whole_batch(monkeypatch, jitter_p):
     # 224 px images go through color_jitter one at a time on the CPU (cache-sized, skipping blends that
-    # are exactly the identity); a chunk as large as any batch gives the whole-batch computation
+    # are exactly the identity); a chunk as large as any batch gives the whole-batch computation. Equal up
+    # to float rounding: with several threads the contrast's per-image mean is summed in an order that
+    # depends on the batch's shape (bit for bit on one thread).
     from harness.core.data import augment as aug
 
     x = torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -94,4 +96,5 @@ def test_the_cpu_jitter_of_large_images_a_few_at_a_time_equals_the_whole_batch_b
     chunked = aug.color_jitter(x.clone(), p, torch.Generator().manual_seed(1))
     monkeypatch.setattr(aug, "CPU_CHUNK_PIXELS", 10**12)
     whole = aug.color_jitter(x.clone(), p, torch.Generator().manual_seed(1))
-    assert torch.equal(chunked, whole) and not torch.equal(whole, x)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    assert (whole - x).abs().max() > 0.05  # the jitter did change the images

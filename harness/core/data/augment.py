@@ -189,7 +189,8 @@ def color_jitter(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tens
     # On the CPU, large images a few at a time (about one 224 px image's pixels): their planes and the
     # hue's temporaries stay in the core's cache, which the whole batch does not fit, and a step whose
     # images all skip a blend or need no grey skips that work (twice as fast at 224 px). Every
-    # operation is per image, so the values are the whole batch's, bit for bit.
+    # operation is per image, so the values are the whole batch's (bit for bit on one thread; with more,
+    # the contrast's mean may round differently in its last bit).
     chunk = max(1, CPU_CHUNK_PIXELS // pixels)
     return torch.cat([_jitter_steps(x[i:i + chunk], apply[i:i + chunk], order[i:i + chunk],
                                     blend_factors[i:i + chunk], hshift[i:i + chunk], p.hue > 0)

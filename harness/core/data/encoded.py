@@ -563,6 +563,11 @@ class EncodedBatches:
         self.stream = torch.cuda.Stream(device) if self.on_device is not None else None
         self.held: list[torch.Tensor] = []  # the last pinned buffers, kept while their decodes may run
 
+    def close(self) -> None:
+        """Stop the prefetch thread with the run (it ends, or fails): a batch it still decodes is dropped."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.held.clear()
+
     def _copy_to_device(self) -> torch.Tensor:
         """The split's JPEG bytes, concatenated in split order, in one uint8 tensor on the device
         (copied in chunks: never the whole set in host memory at once)."""
