@@ -4,7 +4,6 @@ run on a machine three times faster or slower. The only time limits here are han
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -25,13 +24,11 @@ class Outcome:
 
 
 def signal_at_line(args: list[str], when: Callable[[str], bool], sig: int = signal.SIGKILL, nth: int = 1,
-                   env: dict[str, str] | None = None, whole_group: bool = False,
-                   then: Callable[[], None] | None = None) -> Outcome:
+                   env: dict[str, str] | None = None) -> Outcome:
     """Run `python ARGS` (stderr read line by line) and send `sig` right after the `nth` stderr line for
-    which `when(line)` holds; then read the rest and wait for the end. `whole_group`: signal the job's
-    process group (its workers too), as a scheduler kills a job. `then` runs once the signal is sent."""
+    which `when(line)` holds; then read the rest and wait for the end."""
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env or harness_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=whole_group)
+                            stderr=subprocess.PIPE, text=True)
     lines, seen, signalled = [], 0, False
     try:
         for line in proc.stderr:
@@ -39,17 +36,12 @@ def signal_at_line(args: list[str], when: Callable[[str], bool], sig: int = sign
             if not signalled and when(line):
                 seen += 1
                 if seen == nth:
-                    if whole_group:
-                        os.killpg(proc.pid, sig)
-                    else:
-                        proc.send_signal(sig)
+                    proc.send_signal(sig)
                     signalled = True
-                    if then is not None:
-                        then()
         proc.wait(timeout=HANG_GUARD_S)
     finally:
         if proc.poll() is None:
-            (os.killpg if whole_group else os.kill)(proc.pid, signal.SIGKILL)
+            proc.kill()
             proc.wait()
     return Outcome(proc.returncode, "".join(lines), signalled)
 
