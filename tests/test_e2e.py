@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from harness.store import Store
 from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
@@ -108,30 +107,3 @@ def test_torchrun_runs_the_same_job_as_two_processes(tmp_path, cifar10_cached):
     assert runs == [{"status": "completed", "world_size": 2}]
     assert proc.stderr.count("epoch 1/1 done") == 1  # only rank 0 reports
     assert proc.stderr.count("[train] trainer.sync_bn:") == 1  # the ConvNet's BatchNorms see the global batch
-
-
-def test_simclr_learns_real_features(tmp_path, cifar10_cached):
-    """SimCLR-trained ConvNet vs the same ConvNet at random initialisation, same k-NN protocol."""
-    from harness.core.data.augment import ViewMaker
-    from harness.core.data.datasets import load_dataset
-    from harness.core.evaluate import knn_evaluate
-    from harness.jobs.config import compose, instantiate
-
-    db = tmp_path / "r.duckdb"
-    # LARS at lr 0.4 (the CIFAR default, tuned for ResNets over hundreds of epochs) barely moves the
-    # small ConvNet in ~200 steps; Adam does. Measured here: random init 30.1, Adam 15 epochs 36.1.
-    overrides = ("backbone=convnet", "dataset.train_size=4000", "dataset.test_size=1000", "trainer.epochs=15",
-                 "trainer.batch_size=256", "trainer.warmup_epochs=1", "trainer.optimizer=adam", "trainer.lr=0.002",
-                 "trainer.weight_decay=1e-6", "eval.every=0", f"store.path={db}")
-    run_harness(*overrides)
-    trained = Store(db).query("SELECT top1 FROM evals WHERE protocol = 'knn:cosine:k=200:T=0.1'")[0]["top1"]
-
-    cfg = compose(overrides)
-    torch.manual_seed(0)
-    backbone = instantiate(cfg.backbone)
-    data = load_dataset(cfg.dataset)
-    views = ViewMaker(cfg.augment, cfg.dataset.mean, cfg.dataset.std, "cpu", seed=0)
-    random_init = knn_evaluate(backbone, data.train_x, data.train_y, {"test": (data.test_x, data.test_y)},
-                               views.plain, [(200, 0.1)], 10)["test"]["knn:cosine:k=200:T=0.1"][0]
-    print(f"k-NN top-1 (k=200, T=0.1): random init {random_init:.2f}, SimCLR 15 epochs {trained:.2f}")
-    assert trained > random_init + 3, (trained, random_init)

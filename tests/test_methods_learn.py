@@ -1,6 +1,11 @@
 """Every method learns: 3 epochs (about 45 steps) with the ConvNet on real CIFAR-10 images, run as a
 user runs it, end without NaN, with a falling loss and a k-NN accuracy above the same network's at
-random initialisation.
+random initialisation. SimCLR, the reference method, trains 15 epochs and must clear random init by
+3 points (measured: random init 30.1, 15 epochs 36.1).
+
+All methods run as one sweep (one `python -m harness -m` process: a preset of listed points, each a
+method with its budget), so the suite pays one job start for all of them; each test reads its own
+method's run from the sweep's store.
 
 The check uses Adam: with the papers' LARS/SGD settings and warm-up (tuned for ResNet-18 and 1000
 epochs), 45 steps of a ConvNet do not move k-NN off the random-init baseline, which is already
@@ -25,16 +30,18 @@ from tests.conftest import requires_cifar, run_harness
 pytestmark = [requires_cifar, pytest.mark.slow]
 
 COMMON = ("backbone=convnet", "dataset.test_size=1000", "trainer.epochs=3", "trainer.warmup_epochs=0",
-          "trainer.optimizer=adam", "trainer.lr=1e-3", "eval.every=0", "trainer.num_threads=2",
-          "hydra.run.dir=${store.path}.hydra")
+          "trainer.optimizer=adam", "trainer.lr=1e-3", "eval.every=0", "trainer.num_threads=2")
 # Measured (4,000/1,000 images, random init 30.1): SimSiam at Adam 1e-3 31.1, 3e-3 26.0, 5e-4 34.6;
 # VICReg at 1e-3 28.8, 3e-4 40.3. Lower lrs suit the non-contrastive losses' 45-step budget.
 # W-MSE at 1e-3 30.9 (+0.8: too thin once the seeds' streams moved), 5e-4 31.9, 3e-4 33.7.
 FOUR_THOUSAND = ("dataset.train_size=4000", "trainer.batch_size=256")
 TWO_THOUSAND = ("dataset.train_size=2000", "trainer.batch_size=128", "trainer.weight_decay=1e-5")
 SMALL_QUEUE = ("method.queue_size=512",)
+# SimCLR's longer run: LARS at lr 0.4 (the CIFAR default, tuned for ResNets over hundreds of epochs) barely
+# moves the small ConvNet in ~200 steps; Adam at 2e-3 with one warm-up epoch does.
+FIFTEEN_EPOCHS = ("trainer.epochs=15", "trainer.warmup_epochs=1", "trainer.lr=0.002", "trainer.weight_decay=1e-6")
 BUDGETS: dict[str, tuple[str, ...]] = {
-    "simclr": FOUR_THOUSAND,
+    "simclr": (*FOUR_THOUSAND, *FIFTEEN_EPOCHS),
     "simsiam": (*FOUR_THOUSAND, "trainer.lr=5e-4"),
     "wmse": (*FOUR_THOUSAND, "trainer.lr=3e-4"),
     "vicreg": (*FOUR_THOUSAND, "trainer.lr=3e-4"),
@@ -46,7 +53,7 @@ BUDGETS: dict[str, tuple[str, ...]] = {
 }
 # How far above random init k-NN must end. Measured margins of the momentum/queue methods are thin
 # (MoCo v2 +1.8, BYOL +1.4, NNCLR +2.3 on 2,000 images), so for them beating it is the check.
-MARGIN = {"simclr": 1.0, "simsiam": 1.0, "wmse": 1.0, "vicreg": 1.0}
+MARGIN = {"simclr": 3.0, "simsiam": 1.0, "wmse": 1.0, "vicreg": 1.0}
 PRIMARY = "knn:cosine:k=200:T=0.1"
 
 
@@ -68,19 +75,40 @@ def random_init_knn(overrides: tuple[str, ...]) -> float:
     return evals["test"][PRIMARY][0]
 
 
+@pytest.fixture(scope="module")
+def learn_sweep(tmp_path_factory, cifar10_cached):
+    """Every method of BUDGETS trained by one sweep process into one store (a preset listing one point
+    per method, written to a --config-dir); returns the store."""
+    from omegaconf import OmegaConf
+
+    folder = tmp_path_factory.mktemp("learn")
+    (folder / "conf" / "sweep").mkdir(parents=True)
+    points = [{"claim": "none: a test's learning check", "overrides": [f"method={m}", *BUDGETS[m]]} for m in BUDGETS]
+    (folder / "conf" / "sweep" / "learn_check.yaml").write_text(
+        "# @package _global_\n" + OmegaConf.to_yaml({"sweep_name": "learn_check", "sweep_points": points}))
+    db = folder / "r.duckdb"
+    run_harness("--config-dir", str(folder / "conf"), "sweep=learn_check", *COMMON, f"store.path={db}",
+                f"hydra.sweep.dir={folder}/sweep", "-m", check=False,  # each test reads its own method's outcome
+                timeout=1800 * len(BUDGETS))  # generous: a shared CPU can be slow
+    return Store(db)
+
+
 @pytest.mark.parametrize("method", list(BUDGETS))
-def test_method_trains_three_epochs_and_beats_random_init(method, tmp_path, cifar10_cached):
+def test_method_trains_and_beats_random_init(method, learn_sweep):
     overrides = (f"method={method}", *COMMON, *BUDGETS[method])
-    db = tmp_path / "r.duckdb"
-    run_harness(*overrides, f"store.path={db}", timeout=1800)  # generous: a shared CPU can be slow
-    store = Store(db)
-    assert [r["status"] for r in store.query("SELECT status FROM runs")] == ["completed"]
-    losses = [r["value"] for r in store.query("SELECT value FROM metrics WHERE name = 'loss' ORDER BY epoch")]
-    trained = store.query(f"SELECT top1 FROM evals WHERE protocol = '{PRIMARY}' AND split = 'test'")[0]["top1"]
+    store = learn_sweep
+    runs = store.query("SELECT run_id, status FROM runs WHERE method = ?", [method])
+    assert [r["status"] for r in runs] == ["completed"]
+    run_id = runs[0]["run_id"]
+    losses = [r["value"] for r in store.query("SELECT value FROM metrics WHERE run_id = ? AND name = 'loss' "
+                                              "ORDER BY epoch", [run_id])]
+    trained = store.query(f"SELECT top1 FROM evals WHERE run_id = ? AND protocol = '{PRIMARY}' AND split = 'test'",
+                          [run_id])[0]["top1"]
     baseline = random_init_knn(tuple(o for o in overrides if o.startswith(("backbone=", "dataset.", "seed="))))
     print(f"\n{method}: loss {' → '.join(f'{v:.3f}' for v in losses)} | k-NN {trained:.2f} vs random init "
           f"{baseline:.2f}")
-    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    epochs = int([o for o in overrides if o.startswith("trainer.epochs=")][-1].split("=")[1])
+    assert len(losses) == epochs and all(math.isfinite(v) for v in losses)
     # A queue starts as random unit vectors (easy negatives, random neighbours), so a queue method's
     # first epoch has an artificially low loss; its first epoch with real keys is the second.
     queued = "method.queue_size=512" in overrides
