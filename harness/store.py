@@ -38,6 +38,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -45,6 +46,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -674,6 +676,11 @@ def tree_bytes(path: Path, seen: set[tuple[int, int]] | None = None) -> int:
     return total
 
 
+def default_artifacts(store: Store) -> Path:
+    """Where a store's artifacts are unless a config says otherwise (artifacts.dir: null)."""
+    return store.path.with_name(store.path.name + ".artifacts")
+
+
 def default_data_cache() -> Path:
     """Where decoded datasets are cached unless a config says otherwise ($HARNESS_CACHE, as the loader reads it)."""
     return Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser() / "datasets"
@@ -691,7 +698,7 @@ def run_state(folder: Path) -> tuple[str, str | None]:
 def disk_usage(store: Store, artifacts: Path | None = None, data_cache: Path | None = None) -> list[dict[str, Any]]:
     """One entry per thing that holds bytes: the database, the spool, each run folder, each artifact
     (<artifacts>/<kind>/<hash>) and each data cache file; largest first."""
-    artifacts = artifacts or store.path.with_name(store.path.name + ".artifacts")
+    artifacts = artifacts or default_artifacts(store)
     data_cache = data_cache or default_data_cache()
     entries: list[dict[str, Any]] = []
     for path in (store.path, store.path.with_name(store.path.name + ".wal"), store.spool):
@@ -722,25 +729,135 @@ def _size(n: float) -> str:
     return ""
 
 
-def prune_plan(store: Store, older_than_days: float | None = None) -> list[tuple[Path, int, str]]:
-    """What `prune` would delete: (path, bytes, why), nothing that a pending point can still need.
+@dataclass
+class Removal:
+    """One thing `prune` deletes: a run's checkpoint, or a build (an artifact, a data cache file) with
+    the files that go with it (its lock, its partial builds). `locks`: held while it is deleted, so a
+    build that starts meanwhile is never deleted under its builder."""
+
+    paths: list[tuple[Path, int]]  # (path, bytes), the build first
+    why: str
+    locks: list[Path] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(n for _, n in self.paths)
+
+
+def build_stem(name: str) -> str:
+    """The build an entry of an artifact kind's folder or of the data cache belongs to: an artifact
+    `H` with `H.lock`, `H.partial` (a DDPM's training state), `H.parts` (CLSP's shards) and a builder's
+    `.H.<pid>.tmp`; a cache file `N.pt` with `N.pt.lock`, `N.pt.decoding`, its subsets `N.pt.train-D.pt`
+    and their locks; an encoded store `N.jpegs`, `N.jpegs.building`, `N.index.pt`, `N.index.pt.lock`.
+    Artifact hashes and cache names hold no dot, so the name up to its first dot is the build's."""
+    return name.lstrip(".").split(".", 1)[0]
+
+
+# The names harness gives its builds: an artifact is its config's 16-digit hash; a data cache file (or
+# an encoded store) its dataset's name and a 16-digit key. prune considers nothing else it finds there.
+ARTIFACT_NAME = re.compile(r"[0-9a-f]{16}")
+CACHE_NAME = re.compile(r"[A-Za-z0-9_]+-(encoded-)?[0-9a-f]{16}")
+
+
+def lock_held(path: Path) -> bool:
+    """Whether another process (or another lock in this one) holds the file lock `path` now."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def _newest_mtime(path: Path) -> float:
+    """The last time anything under `path` was written (a folder's files count; reading changes nothing)."""
+    try:
+        newest = path.lstat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+    if path.is_dir() and not path.is_symlink():
+        for child in path.rglob("*"):
+            try:
+                newest = max(newest, child.lstat().st_mtime)
+            except FileNotFoundError:  # removed while we walked
+                pass
+    return newest
+
+
+def _build_locks(entries: list[Path]) -> list[Path]:
+    # The build's own lock, its subsets' locks, and the locks of the shards in a `.parts` folder.
+    found = [e for e in entries if e.name.endswith(".lock")]
+    for e in entries:
+        if e.is_dir() and not e.is_symlink():
+            found += sorted(c for c in e.iterdir() if c.name.endswith(".lock"))
+    return found
+
+
+def unneeded_builds(folders: Iterable[tuple[Path, str, re.Pattern]], needed: Iterable[Path], cutoff: float | None
+                    ) -> tuple[list[Removal], list[Path]]:
+    """The builds in `folders` ((folder, what its entries are, the pattern of a build's name)) that no
+    path of `needed` names: an entry of `needed` keeps its build (with its companions, see build_stem),
+    and a needed folder keeps everything under it. Entries whose build name does not match are never
+    considered (a --cache pointed at a folder that holds other things lists none of them). With `cutoff`
+    (a time), only builds last written before it. Returns (what may go, the builds kept because their
+    lock is held: being built, or read under the lock, right now)."""
+    needed = [Path(p).resolve() for p in needed]
+    keep_builds = {(p.parent, build_stem(p.name)) for p in needed}
+    removals: list[Removal] = []
+    building: list[Path] = []
+    for folder, what, named in folders:
+        if not folder.is_dir():
+            continue
+        real = folder.resolve()
+        if any(p == real or p in real.parents for p in needed):
+            continue
+        groups: dict[str, list[Path]] = {}
+        for entry in sorted(folder.iterdir()):
+            # Not `downloads/` either: a download's source files, which no stage names and a decode reads.
+            if named.fullmatch(build_stem(entry.name)):
+                groups.setdefault(build_stem(entry.name), []).append(entry)
+        for stem, entries in groups.items():
+            if (real, stem) in keep_builds:
+                continue
+            if cutoff is not None and max(_newest_mtime(e) for e in entries) > cutoff:
+                continue
+            locks = _build_locks(entries)
+            if any(lock_held(lock) for lock in locks):
+                building.append(folder / stem)
+                continue
+            # The build first, its lock files last: a lock goes only once what it guards is gone.
+            ordered = sorted(entries, key=lambda e: (e.name.endswith(".lock"), e.name.startswith("."), e.name))
+            removals.append(Removal([(e, tree_bytes(e)) for e in ordered], what, locks))
+    return removals, building
+
+
+def prune_plan(store: Store, older_than_days: float | None = None, artifacts: Path | None = None,
+               data_cache: Path | None = None, needed: Iterable[Path] | None = None
+               ) -> tuple[list[Removal], list[Path]]:
+    """What `prune` would delete, nothing that a pending point can still need; and the builds it keeps
+    because their lock is held (a build in progress).
 
     - A completed run (its done marker) is skipped by every later job, so its checkpoints are not
       needed once its weights (backbone.pt) are there; without backbone.pt (a run from before it was
       written) only the checkpoint before the last goes.
     - A failed, diverged or pruned run is retried from its checkpoint by the next sweep: its checkpoints
       go only with --older-than (the user says: not anymore).
-    - A running, requeued or lost run's checkpoint never goes (it resumes from it), nor does any
-      artifact or data cache (see `prune`'s help: whether a configured sweep still uses one is not
-      known to the store).
+    - A running, requeued or lost run's checkpoint never goes (it resumes from it).
     - `checkpoint.pt.unreadable` (set aside, never read again) goes in any run that is not running.
-    With --older-than, only runs that finished more than that many days ago are considered.
+    - Artifacts (`<artifacts>/<kind>/<hash>`, default `<db>.artifacts`) and data cache files (`data_cache`,
+      default `$HARNESS_CACHE/datasets`) only when `needed` is given: the paths the points of every sweep
+      the lab still runs need (harness/jobs/needed.py: each point's stage keys; `prune --keep`). Then each
+      one that none of them names goes, with its lock and partial builds; never one whose lock is held,
+      nor a download's source files (`downloads/`), nor anything not named as harness names its builds.
+      Without `needed` none goes: whether a configured sweep still uses one is not something the store
+      can tell.
+    With --older-than, only runs that finished more than that many days ago, and only artifacts and
+    cache files last written more than that many days ago, are considered.
     """
-    plan: list[tuple[Path, int, str]] = []
-    if not store.runs.is_dir():
-        return plan
+    plan: list[Removal] = []
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
-    for folder in sorted(p for p in store.runs.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in store.runs.iterdir() if p.is_dir()) if store.runs.is_dir() else []:
         status, finished = run_state(folder)
         if status in ("running", "requeued", "lost", "unknown"):
             continue
@@ -759,9 +876,16 @@ def prune_plan(store: Store, older_than_days: float | None = None) -> list[tuple
             why = ""
         for path in found:
             if path.exists():
-                plan.append((path, tree_bytes(path), why if path.name != "checkpoint.pt.unreadable"
-                             else "unreadable checkpoint set aside, never read again"))
-    return plan
+                plan.append(Removal([(path, tree_bytes(path))], why if path.name != "checkpoint.pt.unreadable"
+                                    else "unreadable checkpoint set aside, never read again"))
+    if needed is None:
+        return plan, []
+    artifacts = artifacts or default_artifacts(store)
+    folders = [(kind, f"artifact ({kind.name}) no kept point needs", ARTIFACT_NAME) for kind in
+               (sorted(p for p in artifacts.iterdir() if p.is_dir()) if artifacts.is_dir() else [])]
+    folders.append((data_cache or default_data_cache(), "data cache file no kept point needs", CACHE_NAME))
+    builds, building = unneeded_builds(folders, needed, cutoff)
+    return plan + builds, building
 
 
 SOURCES_SUFFIX = ".sources"  # <db>.sources: the run folders' roots merged into a store, one a line
@@ -816,15 +940,88 @@ def _du(store: Store, artifacts: Path | None, cache: Path | None) -> None:
     print(f"total: {sum(totals.values()):,d} bytes ({_size(sum(totals.values()))})")
 
 
-def _prune(store: Store, older_than: float | None, apply: bool) -> None:
-    plan = prune_plan(store, older_than)
-    for path, n, why in plan:
-        print(f"{'deleted' if apply else 'would delete'} {path} ({n:,d} bytes): {why}")
-        if apply:
-            path.unlink(missing_ok=True)
-    freed = sum(n for _, n, _ in plan)
-    print(f"{'freed' if apply else 'would free'} {freed:,d} bytes ({_size(freed)}) in {len(plan)} file(s)"
+class KeepRefused(Exception):
+    """A --keep that does not compose: its one line, ready to print; nothing was deleted."""
+
+
+def needed_by(keeps: list[str], db: Path, artifacts: Path | None = None, cache: Path | None = None
+              ) -> tuple[list[Path], list[dict[str, Any]]]:
+    """What the points of the sweeps `keeps` (each `python -m harness OVERRIDES -m`'s overrides) need on
+    disk, composed by harness/jobs/needed.py in a process of its own: composing a sweep imports Hydra's
+    config code and the add-ons (torch), which this module, read by the leaderboard, never imports.
+    Returns (the paths, per --keep its points and paths); raises KeepRefused."""
+    import subprocess
+
+    args = [f"--db={db}"] + [f"--{k}={v}" for k, v in (("artifacts", artifacts), ("cache", cache)) if v is not None]
+    env = dict(os.environ)
+    # The same code as this process: its package's root first (the child may start elsewhere on sys.path).
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "harness.jobs.needed", *args, *(f"--keep={k}" for k in keeps)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        raise KeepRefused(errors[-1] if errors else f"error: the --keep sweeps could not be composed: "
+                          f"{lines[-1] if lines else f'exit {proc.returncode}'}; nothing was deleted")
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [Path(p) for p in found["needed"]], found["keeps"]
+
+
+def _delete(removal: Removal) -> bool:
+    """Delete what `removal` names, holding its locks; False (nothing deleted) when one is held now."""
+    import shutil
+
+    held = []
+    try:
+        for path in removal.locks:
+            lock = FileLock(str(path))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                return False
+            held.append(lock)
+        for path, _ in removal.paths:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return True
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _prune(store: Store, older_than: float | None, apply: bool, artifacts: Path | None = None,
+           cache: Path | None = None, keeps: list[str] | None = None) -> int:
+    needed = None
+    if keeps:
+        try:  # the roots as given: a sweep's own artifacts.dir or dataset.cache_dir counts unless one is
+            needed, per_keep = needed_by(keeps, store.path, artifacts, cache)
+        except KeepRefused as e:
+            print(e, file=sys.stderr)
+            return 2
+        for k in per_keep:
+            print(f"kept for --keep {k['keep']!r}: what its {k['points']} point(s) need, "
+                  f"{len(k['needed'])} artifact(s) and data cache file(s)")
+    artifacts, cache = artifacts or default_artifacts(store), cache or default_data_cache()
+    plan, building = prune_plan(store, older_than, artifacts, cache, needed)
+    if needed is None:
+        print(f"kept every artifact (under {artifacts}) and data cache file (under {cache}): whether a sweep still "
+              "uses one is not something the store knows; name each sweep the lab still runs as --keep "
+              "'OVERRIDES' (repeatable) and prune frees the ones none of their points needs")
+    for path in building:
+        print(f"kept {path}: its lock is held (being built or read right now)")
+    freed, count = 0, 0
+    for removal in plan:
+        if apply and not _delete(removal):
+            print(f"kept {removal.paths[0][0]}: its lock was taken since the plan was made (being built now)")
+            continue
+        for path, n in removal.paths:
+            print(f"{'deleted' if apply else 'would delete'} {path} ({n:,d} bytes): {removal.why}")
+        freed, count = freed + removal.bytes, count + len(removal.paths)
+    print(f"{'freed' if apply else 'would free'} {freed:,d} bytes ({_size(freed)}) in {count} path(s)"
           + ("" if apply else "; nothing was deleted: add --apply to delete them"))
+    return 0
 
 
 def quiet_broken_pipe(main: Callable[[], int | None]) -> int | None:
@@ -850,8 +1047,9 @@ def main(argv: list[str] | None = None) -> int:
         "rebuild": "re-read every run folder's rows into the database (e.g. after deleting it)",
         "du": "bytes per run folder, artifact and data cache file, largest first, with totals",
         "prune": "delete what no pending point needs (completed runs' checkpoints; with --older-than also "
-                 "failed runs'); a dry run unless --apply. Never a running or lost run's checkpoint, never an "
-                 "artifact or a data cache file",
+                 "failed runs'; with --keep the artifacts and data cache files no point of the kept sweeps "
+                 "needs); a dry run unless --apply. Never a running or lost run's checkpoint, never an artifact "
+                 "or data cache file being built, and without --keep never an artifact or data cache file",
         "merge": "read the rows of other stores' run folders into --db (run ids kept, identical rows once; "
                  "nothing but rows is copied)",
     }
@@ -861,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--runs", type=Path, default=None, help="the run folders' root (store.runs_dir); "
                          "default <db>.runs")
         cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for another holder")
-        if name == "du":
+        if name in ("du", "prune"):
             cmd.add_argument("--artifacts", type=Path, default=None, help="artifacts.dir; default <db>.artifacts")
             cmd.add_argument("--cache", type=Path, default=None,
                              help="the decoded-dataset cache; default $HARNESS_CACHE/datasets, "
@@ -871,6 +1069,11 @@ def main(argv: list[str] | None = None) -> int:
                              help="only runs that finished more than DAYS ago; also frees failed, diverged and "
                              "pruned runs' checkpoints (which a rerun would resume from)")
             cmd.add_argument("--apply", action="store_true", help="delete; without it only list")
+            cmd.add_argument("--keep", action="append", default=None, metavar="'OVERRIDES'",
+                             help="a sweep the lab still runs, quoted, as `python -m harness OVERRIDES -m` takes "
+                             "it (e.g. --keep 'sweep=scorecl_all dataset=cifar10'); repeatable. With at least one, "
+                             "the artifacts and data cache files that no point of these sweeps needs are deleted "
+                             "too (with --older-than: those last written more than DAYS ago); without, none is")
         if name == "merge":
             cmd.add_argument("sources", nargs="+", type=Path, metavar="SRC_DB_OR_RUNS_DIR")
     args = parser.parse_args(argv)
@@ -890,7 +1093,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "du":
             _du(store, args.artifacts, args.cache)
         elif args.command == "prune":
-            _prune(store, args.older_than, args.apply)
+            if _prune(store, args.older_than, args.apply, args.artifacts, args.cache, args.keep):
+                return 2
         else:
             folders, files = merge(store, args.sources, args.timeout)
             print(f"merged {folders} run folder(s) ({files} row file(s)) into {store.path}; their folders stay "

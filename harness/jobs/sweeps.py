@@ -8,10 +8,14 @@ Hydra's ConfigStore under group ``sweep`` with package ``_global_`` instead. Dro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from harness.errors import ConfigError
 
 PACKAGED = Path(__file__).resolve().parents[2] / "sweeps"
 
@@ -147,3 +151,32 @@ def preset_points(config, job_overrides) -> list[list[str]]:
             claim = str(point.get("claim") or "none").replace('"', "'")
             points.append([*base, *[str(o) for o in point.get("overrides", [])], f'claim="{claim}"'])
     return points
+
+
+# --- a sweep's points as job configs ----------------------------------------------------------
+# What the launchers run (hydra_plugins/harness_launchers) and what `python -m harness.store prune
+# --keep` keeps the artifacts of (harness/jobs/needed.py): one code path, so the two cannot disagree.
+def with_floor_points(config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> tuple[list[list[str]], int]:
+    """The sweep's points (a preset's listed `sweep_points`, else the sweeper's), then its random-init floor
+    points when the preset asks; and how many of them are the sweep's own. The launchers return results
+    for the sweeper's points only: a sweeper zips them with what it asked."""
+    own = preset_points(config, job_overrides)
+    return own + floor_points(config, own), len(own)
+
+
+def job_config(cfg: DictConfig) -> DictConfig:
+    """A point's config as its job sees it (without the hydra node)."""
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+
+
+def compose_sweep_points(loader: Any, master: DictConfig, job_overrides: Sequence[Sequence[str]],
+                         config_dirs: Sequence[Path] = ()) -> list[DictConfig]:
+    """Each point's job config, composed by Hydra's config `loader` from the sweep's `master` config (the
+    one `-m` composed) and the point's overrides. An unknown group option in a point (the sweep's grid,
+    hydra.sweeper.params) raises one ConfigError naming every such option, before anything is composed:
+    Hydra would stop at the first with a multi-line message."""
+    found = list(dict.fromkeys(p for overrides in job_overrides
+                               for p in unknown_options(list(overrides), list(config_dirs))))
+    if found:
+        raise ConfigError(*found[0], more=[ConfigError(*p) for p in found[1:]])
+    return [job_config(loader.load_sweep_config(master, list(o))) for o in job_overrides]

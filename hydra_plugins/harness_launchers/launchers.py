@@ -50,27 +50,19 @@ def first_line(e: BaseException | str) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
-def job_config(cfg: DictConfig) -> DictConfig:
-    """A point's config as its job sees it (without the hydra node)."""
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-
-
 def compose_points(launcher: Launcher, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
     from harness.errors import ConfigError
-    from harness.jobs.sweeps import split_argv, unknown_options
+    from harness.jobs.sweeps import compose_sweep_points, split_argv
 
     # An unknown group option in the sweep's grid (hydra.sweeper.params): one line each, exit 2, as for
-    # any bad value; Hydra would stop at the first with a multi-line message. Options of the command's
-    # --config-dir folders count.
+    # any bad value. Options of the command's --config-dir folders count.
     config_dirs = split_argv(sys.argv[1:])[1]
-    found = list(dict.fromkeys(p for overrides in job_overrides
-                               for p in unknown_options(list(overrides), config_dirs)))
-    if found:
-        print(f"error: sweep refused, nothing was run or submitted: "
-              f"{ConfigError(*found[0], more=[ConfigError(*p) for p in found[1:]])}", file=sys.stderr)
-        sys.exit(2)
     loader = launcher.hydra_context.config_loader  # type: ignore[attr-defined]
-    return [job_config(loader.load_sweep_config(launcher.config, list(o))) for o in job_overrides]
+    try:
+        return compose_sweep_points(loader, launcher.config, job_overrides, config_dirs)
+    except ConfigError as e:
+        print(f"error: sweep refused, nothing was run or submitted: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def refuse_bad_points(points: list[DictConfig], job_overrides: Sequence[Sequence[str]],
@@ -207,16 +199,6 @@ def stored_outcome(cfg: DictConfig, world_size: int | None = None) -> dict | Non
     return rows[0] if rows and rows[0]["status"] in FINAL else None
 
 
-def with_floor_points(config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> tuple[list[list[str]], int]:
-    """The sweep's points (a preset's listed `sweep_points`, else the sweeper's), then its random-init floor
-    points when the preset asks (harness/jobs/sweeps.py); and how many of them are the sweep's own.
-    The launchers return results for the sweeper's points only: a sweeper zips them with what it asked."""
-    from harness.jobs.sweeps import floor_points, preset_points
-
-    own = preset_points(config, job_overrides)
-    return own + floor_points(config, own), len(own)
-
-
 def _returned(overrides: Sequence[str], value: Any) -> JobReturn:
     # COMPLETED with None (not FAILED): Hydra's sweepers stop a sweep at the first FAILED return,
     # which would hide every later point; the failure is in the store and the summary instead.
@@ -242,6 +224,7 @@ class LocalLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from harness.jobs.stages import run_here, sweep_stages
+        from harness.jobs.sweeps import with_floor_points
 
         asked = len(job_overrides)
         job_overrides, own = with_floor_points(self.config, job_overrides)
@@ -419,6 +402,8 @@ class SlurmLauncher(_SubmititSlurmLauncher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
+
+        from harness.jobs.sweeps import with_floor_points
 
         assert self.config is not None
         asked = len(job_overrides)
