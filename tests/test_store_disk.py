@@ -261,29 +261,3 @@ def test_a_tuned_parameter_that_shapes_an_artifact_keeps_every_artifact_of_its_k
     assert listed(capsys.readouterr().out, "would delete") == disk["tops"]["D"]  # no score net
     assert store_cli([*disk["args"], "--keep", f"sweep=tune_lr backbone=convnet dataset.archive={archive}"]) == 0
     assert listed(capsys.readouterr().out, "would delete") == sorted(disk["tops"]["B"] + disk["tops"]["D"])
-
-
-@pytest.mark.slow  # the preview of 54 points and their composition again: about 20 s on a CPU
-def test_keep_composes_a_preset_into_the_points_and_stages_its_dry_run_lists(tmp_path):
-    """What prune keeps comes from the points the sweep would run: scorecl_all's grid from the preset's
-    params, and its 6 random-init floor points; the same run keys, in the same order, and the same
-    score nets, as `dry_run=true` previews."""
-    import re
-
-    from harness.jobs.config import run_key
-    from harness.jobs.needed import sweep_configs
-    from harness.jobs.stages import stages_of
-
-    archive = tmp_path / "cifar10-jpeg.tar.xz"
-    make(archive)
-    argv = ["sweep=scorecl_all", f"dataset.archive={archive}", f"dataset.cache_dir={tmp_path / 'cache'}",
-            f"store.path={tmp_path / 'r.duckdb'}"]
-    proc = run_harness(*argv, "dry_run=true", f"hydra.sweep.dir={tmp_path}/s", "-m")
-    previewed = re.findall(r"^\d+ .* ([0-9a-f]{16})  (?:run|skip)", proc.stdout, re.M)
-    score_nets = set(re.findall(r"scorecl-score-net ([0-9a-f]{16})", proc.stdout))
-    assert len(previewed) == 54 and len(score_nets) == 2
-
-    configs, spans = sweep_configs(argv)
-    assert [run_key(c) for c in configs] == previewed and spans == []
-    keys = {stage.key for c in configs for stage in stages_of(c)}
-    assert {Path(k).name for k in keys if "/score_net/" in k} == score_nets

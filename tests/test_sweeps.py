@@ -5,6 +5,9 @@ The Slurm side of the same behaviour is in test_slurm.py.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import optuna
 import pytest
@@ -145,6 +148,19 @@ def test_a_dry_run_previews_every_point_of_scorecl_all_and_runs_nothing(tmp_path
     # Nothing ran: no database, no run folder but the planted one, no summary of a finished sweep.
     assert not db.exists() and [p.name for p in Store(db).runs.iterdir()] == [run_key(done)]
     assert "Sweep finished" not in proc.stderr and "[train]" not in proc.stderr
+
+    # What `python -m harness.store prune --keep` keeps comes from the same points (harness/jobs/needed.py):
+    # the same run keys in the same order (the grid, then the 6 floor points) and the same score nets.
+    from harness.jobs.needed import sweep_configs
+    from harness.jobs.stages import stages_of
+
+    previewed = re.findall(r"^\d+ .* ([0-9a-f]{16})  (?:run|skip)", proc.stdout, re.M)
+    score_nets = set(re.findall(r"scorecl-score-net ([0-9a-f]{16})", proc.stdout))
+    assert len(previewed) == 54 and len(score_nets) == 2
+    configs, spans = sweep_configs(["sweep=scorecl_all", f"store.path={db}"])
+    assert [run_key(c) for c in configs] == previewed and spans == []
+    keys = {stage.key for c in configs for stage in stages_of(c)}
+    assert {Path(k).name for k in keys if "/score_net/" in k} == score_nets
 
 
 def test_a_preset_with_sweep_floor_gains_one_shared_floor_point_per_dataset_and_seed():
