@@ -107,9 +107,6 @@ AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
-# Start a queued job as soon as a node frees up: by default Slurm may hold batch jobs back up to 3 s
-# (batch_sched_delay) to schedule them in bulk, which on a test cluster is only idle time between tasks.
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1024

@@ -354,10 +354,8 @@ def with_dependency(params: dict[str, Any], after: list[str]) -> dict[str, Any]:
     return {**params, "slurm_additional_parameters": extra}
 
 
-# Seconds between the driver's looks at its jobs. A look is cheap: a job that finished is seen by its
-# result file (one stat), and submitit asks sacct only as often as its own watcher allows (every 2 s at
-# first, then less), so a short poll costs nothing and a finished point is collected within a second.
-POLL_S = 1.0
+# Seconds between the driver's looks at its jobs' states (submitit asks sacct at most this often too).
+POLL_S = 5.0
 
 
 def as_they_end(jobs: dict[int, Any], collect) -> list:
