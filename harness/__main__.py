@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from harness.jobs.sweeps import register_sweeps, split_argv, unknown_options
+from harness.jobs.sweeps import register_sweeps
 
 register_sweeps()
 
@@ -20,16 +20,15 @@ def refuse_unknown_options(argv: list[str]) -> None:
     line per problem and exit 2, like every other bad value, before Hydra composes anything. Options
     and groups of `--config-dir` folders count."""
     from harness.errors import ConfigError
-    from harness.jobs.config import mistyped_keys
+    from harness.jobs.config import refuse_unknown
 
-    overrides, config_dirs = split_argv(argv)
-    found = [ConfigError(*problem) for problem in unknown_options(overrides, config_dirs)]
-    if found:
-        print(f"error: {ConfigError(*found[0].problems[0], more=found[1:])}", file=sys.stderr)
+    try:
+        refuse_unknown(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    mistyped = mistyped_keys(overrides, config_dirs)
-    if mistyped:
-        print("\n".join(f"error: invalid config: {line}" for line in mistyped), file=sys.stderr)
+    except ValueError as e:  # mistyped keys, one line each
+        print("\n".join(f"error: invalid config: {line}" for line in str(e).splitlines()), file=sys.stderr)
         sys.exit(2)
 
 

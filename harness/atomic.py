@@ -81,14 +81,23 @@ class LockWaitTimeout(RuntimeError):
     """A job waited longer than ``artifacts.lock_timeout_min`` for another job's build."""
 
 
+def try_lock(lock_path: str | Path) -> FileLock | None:
+    """The file lock `lock_path`, taken now, or None when another holder has it (never waits)."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
+
+
 def lock_or_wait(lock_path: str, waiting_message: str, timeout_s: float | None = None) -> FileLock:
     """Take a file lock; when another job holds it, say so once and wait for it, at most `timeout_s`
     seconds (None: no limit, for stage jobs whose only work is this build). Returns the held lock;
     raises LockWaitTimeout, naming the lock and the option, when the wait runs out."""
-    lock = FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+    lock = try_lock(lock_path)
+    if lock is None:
+        lock = FileLock(lock_path)
         limit = "" if timeout_s is None else f" (at most {timeout_s / 60:g} min, {LOCK_TIMEOUT_OPTION})"
         print(waiting_message + limit, file=sys.stderr, flush=True)
         try:

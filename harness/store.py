@@ -54,7 +54,7 @@ from typing import Any
 import duckdb
 from filelock import FileLock, Timeout
 
-from harness.atomic import atomic_file, write_text_atomic
+from harness.atomic import atomic_file, try_lock, write_text_atomic
 
 # table -> (columns with DuckDB types, primary key). Columns may be added over time: opening a
 # store adds missing ones, so older databases keep working.
@@ -761,10 +761,8 @@ CACHE_NAME = re.compile(r"[A-Za-z0-9_]+-(encoded-)?[0-9a-f]{16}")
 
 def lock_held(path: Path) -> bool:
     """Whether another process (or another lock in this one) holds the file lock `path` now."""
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+    lock = try_lock(path)
+    if lock is None:
         return True
     lock.release()
     return False
@@ -974,10 +972,8 @@ def _delete(removal: Removal) -> bool:
     held = []
     try:
         for path in removal.locks:
-            lock = FileLock(str(path))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
+            lock = try_lock(path)
+            if lock is None:
                 return False
             held.append(lock)
         for path, _ in removal.paths:

@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -349,10 +350,31 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_dirs: list[Path]
 
     register_sweeps()
     conf_dir = Path(__file__).resolve().parents[1] / "conf"
-    search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).absolute()) for d in config_dirs)}]"]
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides) + (search if config_dirs else []),
+        return hydra_compose("config", overrides=list(overrides) + searchpath_overrides(config_dirs),
                              return_hydra_config=with_hydra)
+
+
+def searchpath_overrides(config_dirs: Sequence[Path | str]) -> list[str]:
+    """The override that adds `--config-dir` folders to Hydra's search path (none without folders)."""
+    if not config_dirs:
+        return []
+    return [f"hydra.searchpath=[{','.join('file://' + str(Path(d).absolute()) for d in config_dirs)}]"]
+
+
+def refuse_unknown(argv: list[str]) -> None:
+    """Raise for an unknown option of a config group (ConfigError naming each) or a key no config has
+    (ValueError, one line per key naming the closest one), before anything is composed: what
+    `python -m harness` and `prune --keep` refuse in one line each."""
+    from harness.jobs.sweeps import split_argv, unknown_options
+
+    overrides, config_dirs = split_argv(argv)
+    unknown = unknown_options(overrides, config_dirs)
+    if unknown:
+        raise ConfigError(*unknown[0], more=[ConfigError(*p) for p in unknown[1:]])
+    mistyped = mistyped_keys(overrides, config_dirs)
+    if mistyped:
+        raise ValueError("\n".join(mistyped))
 
 
 def mistyped_keys(overrides: list[str], config_dirs: list[Path] | tuple[Path, ...] = ()) -> list[str]:

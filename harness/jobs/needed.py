@@ -66,28 +66,13 @@ def _probes(overrides: list[Any]) -> tuple[list[list[str]], list[tuple[int, int]
     return points or [fixed], spans
 
 
-def refuse_unknown(argv: list[str]) -> None:
-    """Raise for an unknown option of a config group (ConfigError) or a key no config has (ValueError,
-    naming the closest key), as `python -m harness` refuses them: before anything is composed."""
-    from harness.jobs.config import mistyped_keys
-    from harness.jobs.sweeps import split_argv, unknown_options
-
-    overrides, config_dirs = split_argv(argv)
-    unknown = unknown_options(overrides, config_dirs)
-    if unknown:
-        raise ConfigError(*unknown[0], more=[ConfigError(*p) for p in unknown[1:]])
-    mistyped = mistyped_keys(overrides, config_dirs)
-    if mistyped:
-        raise ValueError(mistyped[0])
-
-
 def sweep_configs(argv: list[str]) -> tuple[list[DictConfig], list[tuple[int, int]]]:
     """The job configs of every point `python -m harness ARGV -m` would run (a grid's every point, a
     preset's listed and floor points), composed and not validated or run; and, for a tuned sweep, the
     index pairs of the points at an interval parameter's two ends (see the module's docstring).
 
-    Raises ConfigError for an unknown option or key, and Hydra's own error for anything else it cannot
-    compose."""
+    Unchecked: the caller refuses unknown options and keys first (harness.jobs.config.refuse_unknown);
+    raises Hydra's own error for anything else it cannot compose."""
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -95,15 +80,14 @@ def sweep_configs(argv: list[str]) -> tuple[list[DictConfig], list[tuple[int, in
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
+    from harness.jobs.config import searchpath_overrides
     from harness.jobs.sweeps import CONF, compose_sweep_points, register_sweeps, split_argv, with_floor_points
 
     overrides, config_dirs = split_argv(argv)
-    refuse_unknown(argv)
     register_sweeps()
-    search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).absolute()) for d in config_dirs)}]"]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        master = loader.load_configuration("config", overrides + (search if config_dirs else []), RunMode.MULTIRUN)
+        master = loader.load_configuration("config", overrides + searchpath_overrides(config_dirs), RunMode.MULTIRUN)
         params = OmegaConf.select(master, "hydra.sweeper.params", default=None) or {}
         # As the sweeper reads them: the preset's params first, then the command line's overrides.
         lines = [f"{k}={v}" for k, v in params.items()] + list(master.hydra.overrides.task)
@@ -166,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
              (("store.path", args.db), ("artifacts.dir", args.artifacts), ("dataset.cache_dir", args.cache))
              if path is not None]
     # Every --keep's options and keys first (a second each), then the compositions: a typo is refused at once.
+    from harness.jobs.config import refuse_unknown
+
     for text in args.keep:
         try:
             if not keep_argv(text):
