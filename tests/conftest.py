@@ -68,3 +68,18 @@ def cifar10_cached():
     from harness.core.data.datasets import load_full
 
     return load_full(OmegaConf.create({"name": "cifar10", "archive": "auto", "root": None, "download": False}))
+
+
+class Holder:
+    """Another process holding the DuckDB file open read-write (a user's duckdb shell, say)."""
+
+    def __init__(self, db: Path):
+        code = ("import duckdb, sys; con = duckdb.connect(sys.argv[1]); print('held', flush=True); "
+                "sys.stdin.read(); con.close()")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(db)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def release(self) -> None:
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=60) == 0

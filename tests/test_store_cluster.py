@@ -17,7 +17,7 @@ import pytest
 
 from harness.store import Store, utcnow
 from leaderboard.show import show
-from tests.conftest import REPO, TINY, harness_env, requires_cifar, run_harness
+from tests.conftest import REPO, TINY, Holder, harness_env, requires_cifar, run_harness
 from tests.events import signal_at_line
 
 ONE_EPOCH = (*TINY, "dataset.train_size=512", "dataset.test_size=128", "trainer.batch_size=64", "trainer.epochs=1")
@@ -37,21 +37,6 @@ def read_only_rows(db: Path, sql: str) -> list[tuple]:
         return con.execute(sql).fetchall()
     finally:
         con.close()
-
-
-class Holder:
-    """Another process holding the DuckDB file open read-write (a user's duckdb shell, say)."""
-
-    def __init__(self, db: Path):
-        code = ("import duckdb, sys; con = duckdb.connect(sys.argv[1]); print('held', flush=True); "
-                "sys.stdin.read(); con.close()")
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(db)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "held"
-
-    def release(self) -> None:
-        self.proc.stdin.close()
-        assert self.proc.wait(timeout=60) == 0
 
 
 @requires_cifar
@@ -214,7 +199,7 @@ def test_a_64_task_job_array_completes_while_the_database_is_held_and_every_row_
     sweep = ("sweep=smoke", "launcher=slurm", "launcher.gpus_per_node=0", "launcher.timeout_min=30",
              "dataset.train_size=128", "dataset.val_size=64", "dataset.test_size=64", "trainer.epochs=1",
              "hydra.sweeper.params={}", f"seed=range(0,{points})",
-             f"store.path={db}", f"hydra.sweep.dir={tmp_path}/a", "-m")
+             f"store.path={db}", f"hydra.sweep.dir={tmp_path}/a", "store.summary_wait_s=0", "-m")
     holder = Holder(db)  # held for the whole sweep: a job that opened the database would wait, then fail
     try:
         out = subprocess.run([sys.executable, "-m", "harness", *sweep], cwd=REPO, env=harness_env(OMP_NUM_THREADS="1"),

@@ -15,7 +15,7 @@ from PIL import Image
 
 from harness.jobs import tuning
 from harness.store import Store
-from tests.conftest import requires_cifar, run_harness
+from tests.conftest import Holder, requires_cifar, run_harness
 
 pytestmark = [requires_cifar, pytest.mark.slow]
 
@@ -53,9 +53,20 @@ def test_a_failing_point_is_listed_with_its_error_and_the_others_still_run(tmp_p
     store = Store(tmp_path / "r.duckdb")
     assert sorted(r["status"] for r in store.query("SELECT status FROM runs")) == ["completed", "failed"]
 
-    again = sweep(tmp_path, "b", *grid)
-    assert "Sweep finished: 2 point(s): 1 failed, 1 skipped." in again.stderr
+    # Again, with the database held by another process the whole time (a user's duckdb shell): the summary
+    # cannot be read, and the exit status still says that a point failed.
+    holder = Holder(tmp_path / "r.duckdb")
+    try:
+        again = sweep(tmp_path, "b", *grid, "store.summary_wait_s=0")
+    finally:
+        holder.release()
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert "Sweep finished; no summary: store " in again.stderr and "1 point(s) failed" in again.stderr
     # The failed point was tried again (a new run), the completed one was not.
+    points = store.query("SELECT overrides, status FROM sweep_points WHERE sweep_id = ?", [f"{tmp_path}/b"])
+    size = lambda overrides: next(o for o in overrides.split() if o.startswith("dataset.image_size="))  # noqa: E731
+    assert sorted((size(r["overrides"]), r["status"]) for r in points) == [
+        ("dataset.image_size=32", "skipped"), ("dataset.image_size=null", "failed")]
     assert sorted(r["status"] for r in store.query("SELECT status FROM runs")) == ["completed", "failed", "failed"]
 
 

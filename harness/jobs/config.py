@@ -225,6 +225,7 @@ def _field_errors(cfg: DictConfig) -> list[ConfigError | None]:
         _number(cfg, "trainer.classifier_weight_decay", low=0, optional=True),
         _number(cfg, "store.heartbeat_s", low=0, strict_low=True, optional=True),
         _number(cfg, "store.lost_after_s", low=0, strict_low=True, optional=True),
+        _number(cfg, "store.summary_wait_s", low=0, optional=True),
         _choice(cfg, "store.keep_checkpoints", KEEP_CHECKPOINTS) if OmegaConf.select(
             cfg, "store.keep_checkpoints", default=None) is not None else None,
     ]

@@ -34,11 +34,17 @@ class SweepSummary(Callback):
                 "SELECT p.overrides, p.run_key, p.status, p.objective, p.error, p.log_dir, r.config"
                 " FROM sweep_points p LEFT JOIN runs r ON r.run_id = p.run_id"
                 " WHERE p.sweep_id = ? ORDER BY p.finished_at",
-                [sweep_id], timeout=0,  # never wait: whoever holds the database, the rows are safe in files
+                # A reader or an ingester holds the database for a second or so: wait for it. A shell left
+                # open on it may hold it for hours: the rows are safe in files, so not for that.
+                [sweep_id], timeout=float(config.store.get("summary_wait_s") or 0),
             ) if sweep_id else []
         except StoreBusy as e:
             print(f"\nSweep finished; no summary: {e}. Its rows wait in {store.spool}; ingest them with: "
                   f"{store.ingest_command()}", file=sys.stderr)
+            # The exit status must not depend on who held the database: the launcher saw which points failed.
+            from hydra_plugins.harness_launchers.launchers import failed_points
+
+            exit_if_failed(len(failed_points))
             return
         counts: dict[str, int] = {}
         for row in rows:
@@ -52,11 +58,15 @@ class SweepSummary(Callback):
             if groups:
                 print("\n" + groups, file=sys.stderr)
         print(results_hint(store.path), file=sys.stderr)
-        if counts.get("failed"):
-            # After the whole table: a script or CI running the sweep sees that a point failed.
-            print(f"\n{counts['failed']} point(s) failed; running the same command again retries only those.",
-                  file=sys.stderr)
-            sys.exit(1)
+        exit_if_failed(counts.get("failed", 0))
+
+
+def exit_if_failed(failed: int) -> None:
+    """Exit 1 when a point failed, after everything else was printed: a script or CI running the sweep
+    sees it."""
+    if failed:
+        print(f"\n{failed} point(s) failed; running the same command again retries only those.", file=sys.stderr)
+        sys.exit(1)
 
 
 def results_hint(store_path: Path) -> str:

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 FINAL = ("completed", "skipped", "failed", "diverged", "pruned")
 
+# The overrides of every point this driver saw fail, in the order it saw them: the sweep's summary
+# (hydra_plugins/harness_callbacks) still exits 1 from these when the store is held too long to read.
+failed_points: list[str] = []
+
 
 def first_line(e: BaseException | str) -> str:
     if isinstance(e, BaseException):
@@ -162,11 +166,14 @@ def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_pa
     store = Store(cfg.store.path, cfg.store.get("runs_dir"))
     key = run_key(cfg, world_size)
     try:
-        rows = store.query("SELECT status FROM sweep_points WHERE sweep_id = ? AND run_key = ?", [sweep_id, key])
+        rows = store.query("SELECT status FROM sweep_points WHERE sweep_id = ? AND run_key = ?", [sweep_id, key],
+                           timeout=0)  # never wait: the run folder's marker below decides as well
         if rows and rows[0]["status"] in FINAL:
             return
-    except StoreBusy:  # another process holds the database: the run folder's marker decides, rows are appended
-        if read_done(store.runs / key):
+    except StoreBusy:  # another process holds the database: the run folder's own rows decide
+        point = last_row(store.runs / key, "sweep_points")
+        if read_done(store.runs / key) or (point is not None and point.get("sweep_id") == sweep_id
+                                           and point.get("status") in FINAL):
             return
     # The job's own runs row still says running: it died without a word. It is lost (not failed): the
     # same command resumes it from its checkpoint. From the run folder's rows, the record a rebuild reads.
@@ -192,7 +199,7 @@ def stored_outcome(cfg: DictConfig, world_size: int | None = None) -> dict | Non
     store, key = Store(cfg.store.path, cfg.store.get("runs_dir")), run_key(cfg, world_size)
     try:
         rows = store.query("SELECT status, objective FROM sweep_points WHERE sweep_id = ? AND run_key = ?",
-                           [sweep_id, key])
+                           [sweep_id, key], timeout=0)  # never wait: the done marker below decides as well
     except StoreBusy:  # another process holds the database: the job's done marker says whether it completed
         done = read_done(store.runs / key)
         return {"status": "completed", "objective": done.get("objective")} if done else None
@@ -241,6 +248,7 @@ class LocalLauncher(Launcher):
             if ret.status != JobStatus.COMPLETED:
                 error = first_line(ret._return_value)
                 log.error(f"point #{initial_job_idx + i} failed: {error}")
+                failed_points.append(" ".join(filter_overrides(ret.overrides or [])))
                 record_missing(cfg, ret.overrides or [], error, ret.working_dir)
                 results[i] = _returned(ret.overrides or [], None)
         return results[:asked]
@@ -480,5 +488,6 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         if stored is not None and stored["status"] != "failed":
             return _returned(overrides, stored["objective"])
         log.error(f"point #{first_idx + i} (job {job.job_id}) failed: {error}; log: {job.paths.stderr}")
+        failed_points.append(" ".join(filter_overrides(overrides)))
         record_missing(cfg, overrides, error, str(job.paths.stderr), world_size)
         return _returned(overrides, None)
