@@ -71,9 +71,6 @@ PATCHED = [(torch.Tensor, "item"), (torch.Tensor, "cpu"), (torch.Tensor, "tolist
            (torch.Tensor, "__bool__"), (torch.Tensor, "__float__"), (torch.Tensor, "__int__"),
            (torch.Tensor, "new_tensor"), (torch, "tensor"), (torch, "as_tensor"), (torch, "Generator")]
 SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive")
-# torch's optimizers keep their step counts in CPU tensors on every device (`_get_value` reads them with
-# .item()): a read of host memory, not of the device's.
-TORCH_OPTIM = "/torch/optim/"
 # Functions with a CPU-only branch that syncs on purpose, and why it does not run on a GPU.
 CPU_ONLY_BRANCHES = {
     # Hue for just the chosen images on CPU (work is the limit there); on a GPU torch.where for all.
@@ -93,7 +90,7 @@ class HostSyncCounter(TorchDispatchMode):
     def in_step(self) -> bool:
         frame = sys._getframe(1)
         while frame is not None:
-            if frame.f_code.co_name in CPU_ONLY_BRANCHES or TORCH_OPTIM in frame.f_code.co_filename:
+            if frame.f_code.co_name in CPU_ONLY_BRANCHES:
                 return False
             if frame.f_code is self.code:
                 return self.start <= frame.f_lineno < self.end

@@ -17,6 +17,7 @@ from torch import nn
 
 from harness.core import distributed
 from harness.core.addons import AddonOut
+from harness.core.optim import SGD, Adam
 from harness.core.progress import Progress
 from harness.core.rng import isolated_rng
 
@@ -195,10 +196,10 @@ def linear_probe(backbone: nn.Module, train_x: torch.Tensor, train_y: torch.Tens
     batch_size = int(lc.batch_size)
     peak = float(lc.lr) * batch_size / 256  # solo-learn's linear scaling rule
     if lc.optimizer == "sgd":
-        optimizer = torch.optim.SGD(classifier.parameters(), lr=peak, momentum=float(lc.momentum),
-                                    weight_decay=float(lc.weight_decay))
+        optimizer = SGD(classifier.parameters(), lr=peak, momentum=float(lc.momentum),
+                        weight_decay=float(lc.weight_decay))
     else:
-        optimizer = torch.optim.Adam(classifier.parameters(), lr=peak, weight_decay=float(lc.weight_decay))
+        optimizer = Adam(classifier.parameters(), lr=peak, weight_decay=float(lc.weight_decay))
     n, epochs = len(labels), int(lc.epochs)
     progress = Progress("[linear]", epochs, scale=n, unit="samples", enabled=verbose and distributed.rank() == 0)
     for epoch in range(epochs):

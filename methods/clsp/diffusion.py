@@ -26,6 +26,7 @@ from harness.artifacts import artifact_path, build_once, dataset_identity, lock_
 from harness.core import tv  # noqa: F401  (makes torchvision, and so diffusers, importable on a CPU torch)
 from harness.core.checkpoint import load_checkpoint, save_checkpoint
 from harness.core.ema import ema_update
+from harness.core.optim import Adam
 from harness.core.progress import Progress
 
 # isort: split
@@ -91,7 +92,7 @@ def train_ddpm(images: torch.Tensor, diffusion_cfg: Mapping, out_dir: Path, stat
     ema = build_unet(diffusion_cfg["unet"], images.shape[-1]).to(device).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     scheduler = build_scheduler(diffusion_cfg)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=float(diffusion_cfg["lr"]))
+    optimizer = Adam(unet.parameters(), lr=float(diffusion_cfg["lr"]))
     epochs, batch = int(diffusion_cfg["epochs"]), int(diffusion_cfg["batch_size"])
     warmup, clip = int(diffusion_cfg["warmup_steps"]), float(diffusion_cfg["grad_clip"])
     decay = float(diffusion_cfg["ema_decay"])

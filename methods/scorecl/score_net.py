@@ -24,6 +24,7 @@ from torch import nn
 
 import harness.core.tv  # noqa: F401  (imported before diffusers, which is imported where used: see harness/core/tv.py)
 from harness.core.ema import ema_update
+from harness.core.optim import Adam
 from harness.core.progress import Progress
 
 
@@ -104,7 +105,7 @@ def train_score_net(net: ScoreNet, images: torch.Tensor, net_cfg, device: torch.
     torch.manual_seed(int(net_cfg.seed))  # the UNet's init and the DSM noise
     net.to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_decay > 0 else None
-    optimizer = torch.optim.Adam(net.parameters(), lr=float(net_cfg.lr))
+    optimizer = Adam(net.parameters(), lr=float(net_cfg.lr))
     if net_cfg.get("max_images") and len(images) > int(net_cfg.max_images):
         images = images[torch.randperm(len(images), generator=gen)[:int(net_cfg.max_images)]]
     images = images.to(device)
