@@ -125,3 +125,20 @@ def test_a_training_step_does_not_import_the_compiler():
             "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_lars_scales_each_tensor_by_its_clipped_trust_ratio_and_skips_excluded_groups():
+    torch.manual_seed(0)
+    w, b = torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)
+    w.grad, b.grad = torch.randn(4, 3), torch.randn(3)
+    start_w, start_b = w.detach().clone(), b.detach().clone()
+    lr, wd, eta = 0.5, 1e-2, 0.02
+    opt = optim.LARS([{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
+                     lr=lr, eta=eta)
+    opt.step()
+    d = w.grad + wd * start_w
+    trust = min(eta * start_w.norm() / (d.norm() + 1e-8) / lr, 1.0)  # clip_lr: the trust ratio over lr, at most 1
+    assert torch.allclose(w.detach(), start_w - lr * trust * d, atol=1e-7)
+    assert torch.equal(b.detach(), start_b - lr * b.grad)  # excluded: a plain SGD step
+    opt.step()  # the second step adds to the momentum buffer: 0.9 × the first direction + this one
+    assert torch.allclose(opt.state[b]["momentum_buffer"], 1.9 * b.grad)

@@ -35,10 +35,6 @@ class Optimizer:
         self.param_groups: list[dict] = [{**defaults, **g, "params": list(g["params"])} for g in groups]
         self.state: dict[torch.Tensor, dict] = {}
 
-    def _with_grads(self, group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params = [p for p in group["params"] if p.grad is not None]
-        return params, [p.grad for p in params]
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
             for p in group["params"]:
@@ -68,7 +64,18 @@ class Optimizer:
                     self.state[p] = {k: _placed(k, v, p) for k, v in state_dict["state"][i].items()}
             group.update({k: v for k, v in old.items() if k != "params"})
 
+    @torch.no_grad()
     def step(self, closure=None):
+        """One step of every group over its parameters that have a gradient (a frozen or unused one is left
+        alone); returns the closure's loss, as torch.optim does."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(group, params, [p.grad for p in params])
+        return loss
+
+    def _step_group(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
 
@@ -90,30 +97,23 @@ class SGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params, grads = self._with_grads(group)
-            if not params:
-                continue
-            momentum, dampening = group["momentum"], group["dampening"]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            if momentum:
-                bufs = [self.state.setdefault(p, {}).get("momentum_buffer") for p in params]
-                if all(b is not None for b in bufs):
-                    torch._foreach_mul_(bufs, momentum)
-                    torch._foreach_add_(bufs, grads, alpha=1 - dampening)
-                else:
-                    for i, (p, g) in enumerate(zip(params, grads)):
-                        if bufs[i] is None:  # the first step: the buffer starts as the gradient itself
-                            bufs[i] = self.state[p]["momentum_buffer"] = g.detach().clone()
-                        else:
-                            bufs[i].mul_(momentum).add_(g, alpha=1 - dampening)
-                grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
-            torch._foreach_add_(params, grads, alpha=-group["lr"])
-        return loss
+    def _step_group(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        momentum, dampening = group["momentum"], group["dampening"]
+        if group["weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        if momentum:
+            bufs = [self.state.setdefault(p, {}).get("momentum_buffer") for p in params]
+            if all(b is not None for b in bufs):
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads, alpha=1 - dampening)
+            else:
+                for i, (p, g) in enumerate(zip(params, grads)):
+                    if bufs[i] is None:  # the first step: the buffer starts as the gradient itself
+                        bufs[i] = self.state[p]["momentum_buffer"] = g.detach().clone()
+                    else:
+                        bufs[i].mul_(momentum).add_(g, alpha=1 - dampening)
+            grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+        torch._foreach_add_(params, grads, alpha=-group["lr"])
 
 
 class Adam(Optimizer):
@@ -125,36 +125,29 @@ class Adam(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.decoupled = decoupled
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params, grads = self._with_grads(group)
-            if not params:
-                continue
-            (beta1, beta2), lr, weight_decay = group["betas"], group["lr"], group["weight_decay"]
-            for p in params:
-                if p not in self.state or "step" not in self.state[p]:
-                    self.state[p] = {"step": 0.0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-            states = [self.state[p] for p in params]
-            for state in states:
-                state["step"] += 1
-            counts = [state["step"] for state in states]
-            exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-            if weight_decay:
-                if self.decoupled:
-                    torch._foreach_mul_(params, 1 - lr * weight_decay)
-                else:
-                    grads = torch._foreach_add(grads, params, alpha=weight_decay)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-            step_sizes = [-(lr / (1 - beta1 ** n)) for n in counts]
-            denominators = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denominators, [(1 - beta2 ** n) ** 0.5 for n in counts])
-            torch._foreach_add_(denominators, group["eps"])
-            torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
-        return loss
+    def _step_group(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        (beta1, beta2), lr, weight_decay = group["betas"], group["lr"], group["weight_decay"]
+        for p in params:
+            if p not in self.state or "step" not in self.state[p]:
+                self.state[p] = {"step": 0.0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        states = [self.state[p] for p in params]
+        for state in states:
+            state["step"] += 1
+        counts = [state["step"] for state in states]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        if weight_decay:
+            if self.decoupled:
+                torch._foreach_mul_(params, 1 - lr * weight_decay)
+            else:
+                grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        step_sizes = [-(lr / (1 - beta1 ** n)) for n in counts]
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, [(1 - beta2 ** n) ** 0.5 for n in counts])
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
 
 
 def AdamW(params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,  # noqa: N802
@@ -176,30 +169,23 @@ class LARS(Optimizer):
                         lars_exclude=False)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d_p = p.grad
-                if not group["lars_exclude"]:
-                    if group["weight_decay"]:
-                        d_p = d_p.add(p, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.norm(p), torch.norm(d_p)
-                    trust = group["eta"] * w_norm / (g_norm + group["eps"])
-                    if group["clip_lr"]:
-                        trust = torch.clamp(trust / group["lr"], max=1.0) if group["lr"] > 0 else trust
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
-                    d_p = d_p.mul(trust)
-                buf = self.state.setdefault(p, {}).get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = torch.clone(d_p).detach()
-                else:
-                    buf.mul_(group["momentum"]).add_(d_p)
-                p.add_(buf, alpha=-group["lr"])
-        return loss
+    def _step_group(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        for p, d_p in zip(params, grads):
+            if not group["lars_exclude"]:
+                if group["weight_decay"]:
+                    d_p = d_p.add(p, alpha=group["weight_decay"])
+                w_norm, g_norm = torch.norm(p), torch.norm(d_p)
+                trust = group["eta"] * w_norm / (g_norm + group["eps"])
+                if group["clip_lr"]:
+                    trust = torch.clamp(trust / group["lr"], max=1.0) if group["lr"] > 0 else trust
+                trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+                d_p = d_p.mul(trust)
+            buf = self.state.setdefault(p, {}).get("momentum_buffer")
+            if buf is None:
+                buf = self.state[p]["momentum_buffer"] = torch.clone(d_p).detach()
+            else:
+                buf.mul_(group["momentum"]).add_(d_p)
+            p.add_(buf, alpha=-group["lr"])
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool = True,
