@@ -10,6 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -75,6 +77,29 @@ def ended_states(job: str) -> list[str]:
     return wait_for(f"accounting to record job {job}'s end", states)
 
 
+def release_requeued(job: str) -> None:
+    """Once `job` is requeued, let it start now instead of after Slurm's hold (about two minutes).
+
+    A node refuses to launch a job in the wall-clock second in which the job's credential was revoked
+    (the requeue's kill; slurmd logs "Job credential revoked", the job fails at once), so the release
+    waits until that second, which accounting records as the requeued attempt's end, has passed: a rule
+    of Slurm's, whatever the machine's speed (a loaded machine released the job within it)."""
+    def requeued() -> bool:
+        info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        return "Restarts=1" in info and "JobState=PENDING" in info
+
+    def requeue_end() -> float | None:
+        rows = subprocess.run(["sacct", "-j", job, "-X", "-D", "-n", "-P", "-o", "State,End"], capture_output=True,
+                              text=True).stdout.split()
+        ends = [row.split("|")[1] for row in rows if row.startswith("REQUEUED|")]
+        return datetime.fromisoformat(ends[0]).timestamp() if ends and ends[0][:1].isdigit() else None
+
+    wait_for(f"job {job}'s requeue", requeued)
+    ended = wait_for(f"accounting to record job {job}'s requeue", requeue_end)
+    wait_for("the second of the requeue to pass", lambda: time.time() >= ended + 1, every=0.05)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
+
+
 def squeue_state(job: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
@@ -119,13 +144,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint_without_gaps(tmp_path, cifar
         wait_for("the first epoch", lambda: "epoch 1/4 done" in log_of(sweep_dir, job), every=0.05)
         # What Slurm does before the time limit or on preemption (--signal=USR2@...): signal the job's tasks.
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
-
-        def requeued() -> bool:
-            info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-            return "Restarts=1" in info and "JobState=PENDING" in info
-        wait_for("the requeue", requeued)
-        # Slurm holds a requeued job for ~2 minutes before it may start again; let it start now.
-        subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
+        release_requeued(job)
         out, err = driver.communicate(timeout=600)
     finally:
         driver.kill()
@@ -278,12 +297,7 @@ def test_shared_stages_run_once_as_jobs_before_the_points_and_a_signalled_stage_
                  every=0.05, guard_s=900)  # three of its four epochs are left when the signal arrives
         ddpm = [j for j in sacct_jobs("clsp-diffusion") if j["id"] not in before][0]["id"]
         subprocess.run(["scancel", "--signal=USR2", ddpm], check=True)
-
-        def requeued() -> bool:
-            info = subprocess.run(["scontrol", "show", "job", ddpm], capture_output=True, text=True).stdout
-            return "Restarts=1" in info and "JobState=PENDING" in info
-        wait_for("the DDPM job's requeue", requeued)
-        subprocess.run(["scontrol", "update", f"jobid={ddpm}", "starttime=now"], check=True)  # skip Slurm's hold
+        release_requeued(ddpm)
         out, err = driver.communicate(timeout=1500)
     finally:
         driver.kill()
