@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 FINAL = ("completed", "skipped", "failed", "diverged", "pruned")
 
-# The overrides of every point this driver saw fail, in the order it saw them: the sweep's summary
+# The overrides of every point this driver saw fail (record_missing), in order: the sweep's summary
 # (hydra_plugins/harness_callbacks) still exits 1 from these when the store is held too long to read.
 failed_points: list[str] = []
 
@@ -157,6 +157,8 @@ def record_missing(cfg: DictConfig, overrides: Sequence[str], error: str, log_pa
     `world_size`: the job's process count (it can be in the run key); None: this process's."""
     import os
 
+    failed_points.append(" ".join(filter_overrides(overrides)))
+
     from harness.jobs.config import run_key
     from harness.store import SWEEP_ENV, Store, StoreBusy, last_row, mark_lost, read_done, utcnow
 
@@ -248,7 +250,6 @@ class LocalLauncher(Launcher):
             if ret.status != JobStatus.COMPLETED:
                 error = first_line(ret._return_value)
                 log.error(f"point #{initial_job_idx + i} failed: {error}")
-                failed_points.append(" ".join(filter_overrides(ret.overrides or [])))
                 record_missing(cfg, ret.overrides or [], error, ret.working_dir)
                 results[i] = _returned(ret.overrides or [], None)
         return results[:asked]
@@ -488,6 +489,5 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         if stored is not None and stored["status"] != "failed":
             return _returned(overrides, stored["objective"])
         log.error(f"point #{first_idx + i} (job {job.job_id}) failed: {error}; log: {job.paths.stderr}")
-        failed_points.append(" ".join(filter_overrides(overrides)))
         record_missing(cfg, overrides, error, str(job.paths.stderr), world_size)
         return _returned(overrides, None)
