@@ -80,6 +80,12 @@ def test_an_lr_that_is_not_finite_and_positive_is_refused(value, shown, allowed)
     assert refused(f"trainer.lr={value}") == f"invalid config: trainer.lr = {shown} is not allowed: expected {allowed}"
 
 
+def test_a_negative_summary_wait_is_refused():
+    assert refused("store.summary_wait_s=-1") == \
+        "invalid config: store.summary_wait_s = -1 is not allowed: expected a number >= 0 or null"
+    validate(compose(["store.summary_wait_s=0"]))
+
+
 def test_a_seed_must_fit_the_stores_32_bit_column():
     assert refused("seed=3000000000") == \
         "invalid config: seed = 3000000000 is not allowed: expected an integer >= 0 and <= 2147483647"
