@@ -57,13 +57,16 @@ def read_until(stream, when: Callable[[str], bool]) -> str:
     return text
 
 
-def wait_for(what: str, check: Callable[[], object], every: float = 0.1, guard_s: float = HANG_GUARD_S):
+def wait_for(what: str, check: Callable[[], object], every: float = 0.1, guard_s: float = HANG_GUARD_S,
+             explain: Callable[[], str] | None = None):
     """Poll `check` until it returns something true (an event outside our processes: a file, a Slurm
-    state), and return it; `guard_s` is a hang guard, not a timing assumption."""
+    state), and return it; `guard_s` is a hang guard, not a timing assumption. `explain` says, when the
+    guard runs out, what the system around the test looked like (a Slurm job's state, its node's)."""
     deadline = time.monotonic() + guard_s
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"gave up waiting for {what} after {guard_s:.0f} s (hung?)")
+    raise AssertionError(f"gave up waiting for {what} after {guard_s:.0f} s (hung?)"
+                         + (f"\n{explain()}" if explain else ""))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -64,6 +65,32 @@ def job_ids(sweep_dir: Path) -> list[str]:
     return arrays or names
 
 
+def cluster_report() -> str:
+    """The cluster as a hang message shows it: nodes with their state and reason, the queue with each
+    job's reason, and the daemons the CI keeper started again (.ci/system.d/slurm.sh)."""
+    def out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"({' '.join(cmd)}: {e})"
+    keeper = Path("/tmp/harness-slurm/log/keeper.log")
+    return "\n".join(["nodes: " + out(["sinfo", "-h", "-N", "-o", "%N %T %E"]).replace("\n", "; "),
+                      "queue: " + out(["squeue", "-h", "-o", "%i %T %r %N"]).replace("\n", "; "),
+                      "daemons started again: " + (keeper.read_text().strip() if keeper.exists() else "none")])
+
+
+def wait(what: str, check: Callable[[], object], driver: subprocess.Popen | None = None, **kwargs):
+    """`wait_for` with the cluster's state in its hang message; with `driver`, a sweep driver that ends
+    first fails the wait at once with its last lines (the event can no longer come)."""
+    def checked():
+        value = check()
+        if not value and driver is not None and driver.poll() is not None:
+            raise AssertionError(f"the sweep driver ended (exit {driver.returncode}) before {what}:\n"
+                                 f"{driver.stderr.read()[-3000:]}\n{cluster_report()}")
+        return value
+    return wait_for(what, checked, explain=cluster_report, **kwargs)
+
+
 UNFINISHED = ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "COMPLETING", "RESIZING")
 
 
@@ -74,11 +101,18 @@ def ended_states(job: str) -> list[str]:
         found = subprocess.run(["sacct", "-j", job, "-X", "-D", "-n", "-o", "State"], capture_output=True,
                                text=True).stdout.split()
         return found if found and found[-1] not in UNFINISHED else None
-    return wait_for(f"accounting to record job {job}'s end", states)
+    return wait(f"accounting to record job {job}'s end", states)
 
 
-def release_requeued(job: str) -> None:
-    """Once `job` is requeued, let it start now instead of after Slurm's hold (about two minutes).
+def restarts(job: str) -> int:
+    """How many times Slurm has requeued `job` (a node failure requeues a job too)."""
+    info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return int(info.split("Restarts=", 1)[1].split()[0]) if "Restarts=" in info else 0
+
+
+def release_requeued(job: str, restarts_before: int) -> None:
+    """Once `job` is requeued (again, after `restarts_before` requeues), let it start now instead of
+    after Slurm's hold (about two minutes).
 
     A node refuses to launch a job in the wall-clock second in which the job's credential was revoked
     (the requeue's kill; slurmd logs "Job credential revoked", the job fails at once), so the release
@@ -86,17 +120,17 @@ def release_requeued(job: str) -> None:
     of Slurm's, whatever the machine's speed (a loaded machine released the job within it)."""
     def requeued() -> bool:
         info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-        return "Restarts=1" in info and "JobState=PENDING" in info
+        return restarts(job) > restarts_before and "JobState=PENDING" in info
 
     def requeue_end() -> float | None:
         rows = subprocess.run(["sacct", "-j", job, "-X", "-D", "-n", "-P", "-o", "State,End"], capture_output=True,
                               text=True).stdout.split()
         ends = [row.split("|")[1] for row in rows if row.startswith("REQUEUED|")]
-        return datetime.fromisoformat(ends[0]).timestamp() if ends and ends[0][:1].isdigit() else None
+        return datetime.fromisoformat(ends[-1]).timestamp() if ends and ends[-1][:1].isdigit() else None
 
-    wait_for(f"job {job}'s requeue", requeued)
-    ended = wait_for(f"accounting to record job {job}'s requeue", requeue_end)
-    wait_for("the second of the requeue to pass", lambda: time.time() >= ended + 1, every=0.05)
+    wait(f"job {job}'s requeue", requeued)
+    ended = wait(f"accounting to record job {job}'s requeue", requeue_end)
+    wait("the second of the requeue to pass", lambda: time.time() >= ended + 1, every=0.05)
     subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
 
 
@@ -139,12 +173,13 @@ def test_a_requeued_job_resumes_from_its_checkpoint_without_gaps(tmp_path, cifar
                    "dataset.train_size=1024")
     try:
         sweep_dir = tmp_path / "a"
-        job = wait_for("the job", lambda: (job_ids(sweep_dir) or [None])[0])
+        job = wait("the job", lambda: (job_ids(sweep_dir) or [None])[0], driver)
         # Three epochs are left when the signal is sent: the job is still training when it arrives.
-        wait_for("the first epoch", lambda: "epoch 1/4 done" in log_of(sweep_dir, job), every=0.05)
+        wait("the first epoch", lambda: "epoch 1/4 done" in log_of(sweep_dir, job), driver, every=0.05)
         # What Slurm does before the time limit or on preemption (--signal=USR2@...): signal the job's tasks.
+        before = restarts(job)
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
-        release_requeued(job)
+        release_requeued(job, before)
         out, err = driver.communicate(timeout=600)
     finally:
         driver.kill()
@@ -166,18 +201,19 @@ def test_a_cancelled_point_fails_with_a_reason_and_a_rerun_trains_only_it(tmp_pa
     driver = start(tmp_path, "a", *overrides)
     try:
         sweep_dir = tmp_path / "a"
-        jobs = wait_for("both jobs", lambda: len(job_ids(sweep_dir)) == 2 and job_ids(sweep_dir))
+        jobs = wait("both jobs", lambda: len(job_ids(sweep_dir)) == 2 and job_ids(sweep_dir), driver)
         # Seed 1's first epoch (its checkpoint and metrics rows) is done: freeze the job where it is, so
         # the cancel lands mid-run however fast the machine trains the three epochs left.
-        wait_for("seed 1's first epoch", lambda: "epoch 1/4 done" in log_of(sweep_dir, jobs[1]), every=0.05)
+        wait("seed 1's first epoch", lambda: "epoch 1/4 done" in log_of(sweep_dir, jobs[1]), driver,
+             every=0.05)
         subprocess.run(["scontrol", "suspend", jobs[1]], check=True)
-        wait_for("the suspension", lambda: squeue_state(jobs[1]) == "SUSPENDED")
+        wait("the suspension", lambda: squeue_state(jobs[1]) == "SUSPENDED")
         assert "epoch 4/4 done" not in log_of(sweep_dir, jobs[1])
         subprocess.run(["scancel", jobs[1]], check=True)
         # The driver finds the cancelled job at its next poll (not after seed 0's job) and marks its run
         # lost at once, long before store.lost_after_s (900 s) could.
         store = Store(tmp_path / "r.duckdb")
-        wait_for("the cancelled run to be marked lost", lambda: store.query(
+        wait("the cancelled run to be marked lost", lambda: store.query(
             "SELECT error FROM runs WHERE seed = 1 AND status = 'lost'"), guard_s=600)
         out, err = driver.communicate(timeout=600)
     finally:
@@ -231,7 +267,7 @@ def test_a_tuned_sweep_prunes_and_continues_after_its_driver_is_killed(tmp_path,
     driver = start(tmp_path, "a", *tune)
     try:
         # Kill the driver while its second batch is in flight (2 trials told, 2 more asked).
-        wait_for("the second batch", lambda: len(trials()) >= 4, guard_s=600)
+        wait("the second batch", lambda: len(trials()) >= 4, driver, guard_s=600)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     finally:
@@ -292,12 +328,13 @@ def test_shared_stages_run_once_as_jobs_before_the_points_and_a_signalled_stage_
                    "trainer.epochs=1", "positives.diffusion.epochs=4", "positives.diffusion.checkpoint_every=1")
     try:
         # The DDPM's job saved its first training state: send what Slurm sends before the time limit.
-        wait_for("the DDPM's first saved state",
-                 lambda: list((tmp_path / "r.duckdb.artifacts" / "diffusion").glob("*.partial/train_state.pt")),
-                 every=0.05, guard_s=900)  # three of its four epochs are left when the signal arrives
+        wait("the DDPM's first saved state",
+             lambda: list((tmp_path / "r.duckdb.artifacts" / "diffusion").glob("*.partial/train_state.pt")),
+             driver, every=0.05, guard_s=900)  # three of its four epochs are left when the signal arrives
         ddpm = [j for j in sacct_jobs("clsp-diffusion") if j["id"] not in before][0]["id"]
+        before = restarts(ddpm)
         subprocess.run(["scancel", "--signal=USR2", ddpm], check=True)
-        release_requeued(ddpm)
+        release_requeued(ddpm, before)
         out, err = driver.communicate(timeout=1500)
     finally:
         driver.kill()

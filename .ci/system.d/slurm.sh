@@ -124,9 +124,31 @@ EOF
 # slurmdbd reads slurmdbd.conf from the folder of $SLURM_CONF.
 pgrep -x slurmdbd >/dev/null || /usr/sbin/slurmdbd
 for _ in $(seq 1 120); do sacctmgr -n show cluster >/dev/null 2>&1 && break; sleep 0.5; done
-pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld -f "$SLURM_CONF"
+# slurmctld and each slurmd run in the foreground (-D) under a keeper that starts them again when
+# they die of a signal other than a clean stop (HUP, INT, TERM, PIPE), as systemd's Restart=on-abort
+# does for munged. Why: this Debian build's slurmd once aborted with "double free or corruption" in
+# munge_decode while unpacking a job credential (a core in $ROOT/log); a node whose slurmd is gone
+# answers nothing until SlurmdTimeout (300 s) marks it DOWN, and a test's job on it never starts.
+# Running jobs outlive a slurmd restart (their slurmstepd is a process of its own).
+# keep NAME COMMAND...: detached from this shell, its output and restarts in $ROOT/log. An exit of
+# 128 + HUP, INT, PIPE or TERM is a clean stop; an exit without a signal (a bad config) is not looped.
+keep() {
+  local name=$1; shift
+  setsid -f bash -c '
+    name=$1; log=$2; shift 2
+    while :; do
+      "$@" >>"$log/$name.out" 2>&1 && exit 0
+      rc=$?
+      case $rc in 129|130|141|143) exit "$rc" ;; esac
+      [ "$rc" -gt 128 ] || exit "$rc"
+      echo "[$(date -Is)] $name died of signal $((rc - 128)); starting it again" >>"$log/keeper.log"
+      sleep 1
+    done' keep "$name" "$ROOT/log" "$@" </dev/null >/dev/null 2>&1
+}
+pgrep -x slurmctld >/dev/null || keep slurmctld /usr/sbin/slurmctld -D -f "$SLURM_CONF"
 for i in $(seq 1 $NODES); do
-  [ -f "$ROOT/run/slurmd-n$i.pid" ] && kill -0 "$(cat "$ROOT/run/slurmd-n$i.pid")" 2>/dev/null || /usr/sbin/slurmd -f "$SLURM_CONF" -N "n$i"
+  [ -f "$ROOT/run/slurmd-n$i.pid" ] && kill -0 "$(cat "$ROOT/run/slurmd-n$i.pid")" 2>/dev/null ||
+    keep "slurmd-n$i" /usr/sbin/slurmd -D -f "$SLURM_CONF" -N "n$i"
 done
 for _ in $(seq 1 120); do
   [ "$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)" -ge $NODES ] && break
