@@ -214,3 +214,44 @@ def test_sweep_floor_runs_the_floor_beside_the_sweep_and_the_page_ranks_against_
         prepare(con)
         # The floor row beside the trained one in the ranking (one protocol, the smoke preset's k=20).
         assert sorted(c["epochs"] for c in configurations(con)) == [0, 1]
+
+
+def test_points_that_differ_in_values_share_one_composition_and_equal_hydras_own():
+    """PointConfigs composes a defaults tree once and applies each point's plain values to a copy: every
+    point's config (the hydra node too) equals what Hydra composes for it alone, and a point Hydra
+    refuses is refused with Hydra's own error."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from harness.jobs.sweeps import CONF, PointConfigs, register_sweeps
+
+    register_sweeps()
+    points = [["method=simclr", "weighting=scorecl", "seed=0", "trainer.lr=0.3"],
+              ["method=simclr", "weighting=scorecl", "seed=1", "trainer.lr=0.1"],  # the same tree: derived
+              ["method=vicreg", "weighting=none", "seed=1", 'claim="a table\'s cell"'],
+              ["seed=2", "+extra.note=1", "method.temperature=0.5"],
+              ["trainer.lr=0.2", "++trainer.lr=0.4"],  # a value and a prefixed override on one key: Hydra's order
+              ["trainer.lr=0.2", "method=byol", "trainer={epochs: 7}"],  # a dict value merges as Hydra merges
+              ["seed=3", "hydra.job.name=x"],
+              ["launcher=slurm", "launcher.nodes=2", "seed=4"],  # a group and a value inside it: derived
+              ["launcher=slurm", "launcher.nodes=2", "seed=5"]]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("config", ["sweep=scorecl_all"], RunMode.MULTIRUN)
+        hydras = loader.load_sweep_config
+        ours = PointConfigs(loader)
+        for point in points:
+            assert (OmegaConf.to_container(ours(master, point), resolve=False)
+                    == OmegaConf.to_container(hydras(master, point), resolve=False)), point
+        assert len(ours.trees) == 6  # the nine points' distinct trees (the ++ point was composed whole)
+        derived = ours(master, ["method=simclr", "weighting=scorecl", "seed=9"])
+        assert OmegaConf.is_struct(derived) and derived.seed == 9 and derived.hydra.overrides.task[-1] == "seed=9"
+        for bad in (["trainer.no_such_key=1"], ["seed=1", "trainer.lr.deeper=1"]):
+            with pytest.raises(ConfigCompositionException) as theirs:
+                hydras(master, bad)
+            with pytest.raises(ConfigCompositionException) as mine:
+                ours(master, bad)
+            assert str(mine.value) == str(theirs.value)

@@ -169,6 +169,75 @@ def job_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
+class PointConfigs:
+    """Hydra's ``load_sweep_config`` for a sweep's points, with one composition per defaults tree.
+
+    Hydra composes each point from the YAML files (about 0.3 s), and a driver asks for each point more
+    than once (the sweeper checks the batch, the launcher composes it, the local launcher once more):
+    40 s of a 54-point preview, 20 s before a 64-task array is submitted. Points that differ only in
+    plain values (``seed=3``, ``trainer.lr=0.1``) share their defaults tree, so the tree is composed
+    once, from the point's other overrides (groups, ``+``/``~``, ``hydra.*``), and each point's values
+    are applied to a copy by Hydra's own override code, as ``load_configuration`` applies them after
+    composing. A point whose values cannot be applied so is composed in full: its error is Hydra's.
+    """
+
+    def __init__(self, loader: Any):
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        self.loader, self.compose = loader, loader.load_sweep_config
+        self.parser = OverridesParser.create()
+        self.trees: dict[tuple[str, ...], DictConfig] = {}
+
+    @staticmethod
+    def install(loader: Any) -> None:
+        """Serve `loader.load_sweep_config` (every caller of this driver's loader) through one of these."""
+        if not isinstance(loader.load_sweep_config, PointConfigs):
+            loader.load_sweep_config = PointConfigs(loader)
+
+    def is_value(self, override: Any) -> bool:
+        from hydra.core.override_parser.types import OverrideType, ValueType
+
+        return (override.type == OverrideType.CHANGE and override.package is None
+                and override.value_type == ValueType.ELEMENT and not override.is_hydra_override()
+                and not self.loader.repository.group_exists(override.key_or_group))
+
+    def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        import copy
+
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+        from omegaconf import open_dict
+
+        parsed = self.parser.parse_overrides(list(sweep_overrides))
+        values = [o for o in parsed if self.is_value(o)]
+        others = [o for o in parsed if not self.is_value(o)]
+        # Config overrides among the others (`++trainer.lr=`, `~key`) are applied in the same pass as the
+        # values; on a related key their order matters, so Hydra composes that point. Group choices
+        # (`launcher=slurm` beside `launcher.nodes=2`) are settled before any value is applied.
+        keys = [o.key_or_group for o in others if not self.loader.repository.group_exists(o.key_or_group)]
+        if not values or any(_related(v.key_or_group, k) for v in values for k in keys):
+            return self.compose(master_config, list(sweep_overrides))
+        tree = tuple(o.input_line for o in others)
+        if tree not in self.trees:
+            self.trees[tree] = self.compose(master_config, list(tree))
+        cfg = copy.deepcopy(self.trees[tree])
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        except Exception:  # noqa: BLE001 - Hydra composes it again and raises its own error
+            return self.compose(master_config, list(sweep_overrides))
+        task = [o for o in parsed if not o.is_hydra_override()]
+        with open_dict(cfg.hydra):
+            cfg.hydra.overrides.task = [o.input_line for o in task]
+            dirname = cfg.hydra.job.config.override_dirname
+            cfg.hydra.job.override_dirname = get_overrides_dirname(
+                overrides=task, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys)
+        return cfg
+
+
+def _related(a: str, b: str) -> bool:
+    """Whether config keys `a` and `b` are the same node or one holds the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
 def compose_sweep_points(loader: Any, master: DictConfig, job_overrides: Sequence[Sequence[str]],
                          config_dirs: Sequence[Path] = ()) -> list[DictConfig]:
     """Each point's job config, composed by Hydra's config `loader` from the sweep's `master` config (the
@@ -179,4 +248,5 @@ def compose_sweep_points(loader: Any, master: DictConfig, job_overrides: Sequenc
                                for p in unknown_options(list(overrides), list(config_dirs))))
     if found:
         raise ConfigError(*found[0], more=[ConfigError(*p) for p in found[1:]])
+    PointConfigs.install(loader)
     return [job_config(loader.load_sweep_config(master, list(o))) for o in job_overrides]

@@ -227,8 +227,11 @@ class LocalLauncher(Launcher):
         self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        from harness.jobs.sweeps import PointConfigs
+
         self.config = config
         self.hydra_context = hydra_context
+        PointConfigs.install(hydra_context.config_loader)  # before the sweeper checks its first batch
         self._basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -406,6 +409,12 @@ class SlurmLauncher(_SubmititSlurmLauncher):
     Its job side (`__call__`, and `checkpoint`, which submitit calls on the pre-timeout or
     preemption signal to requeue the job with the same arguments) is the parent's.
     """
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        from harness.jobs.sweeps import PointConfigs
+
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        PointConfigs.install(hydra_context.config_loader)  # before the sweeper checks its first batch
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
