@@ -177,9 +177,9 @@ def test_a_requeued_job_resumes_from_its_checkpoint_without_gaps(tmp_path, cifar
         # Three epochs are left when the signal is sent: the job is still training when it arrives.
         wait("the first epoch", lambda: "epoch 1/4 done" in log_of(sweep_dir, job), driver, every=0.05)
         # What Slurm does before the time limit or on preemption (--signal=USR2@...): signal the job's tasks.
-        before = restarts(job)
+        requeues = restarts(job)
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
-        release_requeued(job, before)
+        release_requeued(job, requeues)
         out, err = driver.communicate(timeout=600)
     finally:
         driver.kill()
@@ -332,9 +332,9 @@ def test_shared_stages_run_once_as_jobs_before_the_points_and_a_signalled_stage_
              lambda: list((tmp_path / "r.duckdb.artifacts" / "diffusion").glob("*.partial/train_state.pt")),
              driver, every=0.05, guard_s=900)  # three of its four epochs are left when the signal arrives
         ddpm = [j for j in sacct_jobs("clsp-diffusion") if j["id"] not in before][0]["id"]
-        before = restarts(ddpm)
+        requeues = restarts(ddpm)
         subprocess.run(["scancel", "--signal=USR2", ddpm], check=True)
-        release_requeued(ddpm, before)
+        release_requeued(ddpm, requeues)
         out, err = driver.communicate(timeout=1500)
     finally:
         driver.kill()
