@@ -261,3 +261,33 @@ def test_output_piped_into_head_ends_quietly(tmp_path):
         proc = subprocess.run(f"{sys.executable} -m {' '.join(command)} --db {store.path} | head -1", shell=True,
                               cwd=REPO, env=harness_env(), capture_output=True, text=True, timeout=120)
         assert proc.stdout.count("\n") == 1 and proc.stderr == "", (command, proc.stderr[-2000:])
+
+
+def test_the_key_check_reads_a_cached_key_set_and_a_changed_config_file_composes_again(tmp_path, monkeypatch):
+    """mistyped_keys keeps the composed keys under the config files' fingerprint: a second command reads
+    them, a torn cache file is composed again, and an edited option file is never judged by stale keys."""
+    import os
+    import time
+
+    from harness.jobs.config import mistyped_keys
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    option = tmp_path / "conf" / "method" / "mine.yaml"
+    option.parent.mkdir(parents=True)
+    option.write_text("# @package _global_\nmethod:\n  _target_: methods.simclr.SimCLR\n  name: mine\n"
+                      "  temperature: 0.3\n  proj_hidden_dim: 64\n  proj_output_dim: 32\n")
+    dirs = [tmp_path / "conf"]
+    asked = ["method=mine", "method.temperature=0.5", "method.momentum=0.9"]
+    refused = ["method.momentum=0.9: method.momentum is not a config key; did you mean method.name?"]
+    assert mistyped_keys(asked, dirs) == refused
+    cached = list((tmp_path / "cache" / "config-keys").glob("*.json"))
+    assert len(cached) == 1
+    assert mistyped_keys(asked, dirs) == refused
+    cached[0].write_text(cached[0].read_text()[:20])  # torn
+    assert mistyped_keys(asked, dirs) == refused
+    # The option gains the key: the same command is now accepted (its file's size and time changed).
+    option.write_text(option.read_text() + "  momentum: 0.99\n")
+    later = time.time() + 5
+    os.utime(option, (later, later))
+    assert mistyped_keys(asked, dirs) == []
+    assert len(list((tmp_path / "cache" / "config-keys").glob("*.json"))) == 2

@@ -405,16 +405,14 @@ def mistyped_keys(overrides: list[str], config_dirs: list[Path] | tuple[Path, ..
             keys.append((key, value))
     if not keys:
         return []
-    try:
-        cfg = compose(chosen, config_dirs, with_hydra=True)
-    except Exception:  # noqa: BLE001 - a command Hydra cannot compose: Hydra's own run says why
+    composed = composed_keys(chosen, config_dirs)
+    if composed is None:  # a command Hydra cannot compose: Hydra's own run says why
         return []
-    swept |= {str(k).split(".")[0] for k in (OmegaConf.select(cfg, "hydra.sweeper.params") or {})}
-    known = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
-    missing = object()
+    known, params = composed
+    swept |= {k.split(".")[0] for k in params}
     lines = []
     for key, value in keys:
-        if key.split(".")[0] in swept or OmegaConf.select(cfg, key, default=missing) is not missing:
+        if key.split(".")[0] in swept or key in known:
             continue
         close = difflib.get_close_matches(key, [k for k in known if not k.startswith("hydra.")], n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "see `python -m harness --cfg job` for every key"
@@ -423,15 +421,65 @@ def mistyped_keys(overrides: list[str], config_dirs: list[Path] | tuple[Path, ..
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
-    """Every key of a nested config as a dotted name (groups and leaves)."""
-    if not isinstance(node, dict):
-        return []
+    """Every key of a nested config as a dotted name (groups, leaves, and list items by index)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     out = []
-    for k, v in node.items():
+    for k, v in items:
         name = f"{prefix}{k}"
         out.append(name)
         out += _dotted_keys(v, name + ".")
     return out
+
+
+def config_files_fingerprint(config_dirs: Sequence[Path] = ()) -> str:
+    """A hash of what composing reads: every config file's path, size and time (harness/conf, the sweep
+    presets, `--config-dir` folders, our Hydra plugins) and the versions of Hydra and its launcher."""
+    from importlib import metadata
+
+    from harness.jobs.sweeps import CONF, sweep_folders
+
+    plugins = Path(__file__).resolve().parents[2] / "hydra_plugins"
+    digest = hashlib.sha256()
+    for root in (CONF, *sweep_folders(), plugins, *config_dirs):
+        for path in sorted(Path(root).rglob("*")) if Path(root).is_dir() else []:
+            if path.suffix in (".yaml", ".yml", ".py"):
+                stat = path.stat()
+                digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    for package in ("hydra-core", "hydra-submitit-launcher", "omegaconf"):
+        try:
+            digest.update(f"{package}={metadata.version(package)}\n".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{package}=none\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def composed_keys(chosen: list[str], config_dirs: Sequence[Path] = ()) -> tuple[set[str], list[str]] | None:
+    """(every dotted key, the sweeper's swept keys) of the config the group choices `chosen` compose, or
+    None when Hydra cannot compose it. Composing costs about 0.5 s per command, so the keys are kept in
+    $HARNESS_CACHE/config-keys under the choices and the config files' fingerprint: a changed file or
+    package composes again."""
+    from harness.atomic import write_text_atomic
+
+    name = hashlib.sha256(json.dumps([chosen, [str(Path(d).absolute()) for d in config_dirs],
+                                      config_files_fingerprint(config_dirs)]).encode()).hexdigest()[:24]
+    cached = Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser() / "config-keys" / f"{name}.json"
+    try:
+        known, params = json.loads(cached.read_text())
+        return set(known), list(params)
+    except (OSError, ValueError, TypeError):  # not cached yet, or a torn or foreign file: compose
+        pass
+    try:
+        cfg = compose(chosen, config_dirs, with_hydra=True)
+    except Exception:  # noqa: BLE001 - Hydra's own run says why
+        return None
+    known = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
+    params = [str(k) for k in (OmegaConf.select(cfg, "hydra.sweeper.params") or {})]
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cached, json.dumps([known, params]))
+    except OSError:  # a read-only cache: compose each time
+        pass
+    return set(known), params
 
 
 def build_addons(cfg: DictConfig, feat_dim: int | None = None) -> list:
