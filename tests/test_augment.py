@@ -98,3 +98,20 @@ def test_the_cpu_jitter_of_large_images_a_few_at_a_time_equals_the_whole_batch(m
     whole = aug.color_jitter(x.clone(), p, torch.Generator().manual_seed(1))
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
     assert (whole - x).abs().max() > 0.05  # the jitter did change the images
+
+
+def test_the_cpu_blur_of_the_drawn_images_equals_blurring_the_whole_batch():
+    # On the CPU only the images whose coin came up are blurred (half the work at p=0.5); each equals its
+    # blur in the whole batch, as a GPU computes it, and the others are untouched.
+    from harness.core.data import augment as aug
+
+    x = torch.rand(9, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    p = Pipeline(jitter_p=0.0, grayscale=0.0, blur_p=0.5, blur_sigma=(0.1, 2.0), blur_kernel=23, solarize=0.0)
+    got = aug.photometric(x.clone(), p, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    coin = aug._coin(9, 0.5, g, x.device)
+    sigma = aug._uniform(9, 0.1, 2.0, g, x.device)
+    whole = torch.where(coin.view(-1, 1, 1, 1), aug.gaussian_blur(x, sigma, 23), x)
+    assert 0 < int(coin.sum()) < 9
+    torch.testing.assert_close(got, whole, rtol=0, atol=1e-6)
+    assert torch.equal(got[~coin], x[~coin]) and (got[coin] - x[coin]).abs().max() > 0.01
