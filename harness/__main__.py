@@ -64,8 +64,29 @@ def preview(cfg: DictConfig) -> None:
           " Drop dry_run=true to run it.")
 
 
+def mode_from_the_key_check(argv: list[str]) -> None:
+    """Before a run Hydra composes the whole config only to read `hydra.mode`, then composes it again to
+    run it (0.35 s of every command). The key check's cached composition (refuse_unknown_options) knows
+    the mode, so Hydra is given it; where it cannot tell (`hydra.mode` on the command line, another
+    `--config-name`, a config that does not compose) Hydra reads it itself."""
+    from hydra._internal.hydra import Hydra
+    from hydra.types import RunMode
+
+    from harness.jobs.config import hydra_mode
+    from harness.jobs.sweeps import split_argv
+
+    if any(a.startswith(("--config-name", "-cn", "--config-path", "-cp")) for a in argv):
+        return
+    overrides, config_dirs = split_argv(argv)
+    known = hydra_mode(overrides, config_dirs)
+    if known is not None:
+        mode = None if known[0] is None else RunMode[known[0]]
+        Hydra.get_mode = lambda self, config_name, overrides: mode
+
+
 if __name__ == "__main__":
     from harness.store import quiet_broken_pipe
 
     refuse_unknown_options(sys.argv[1:])
+    mode_from_the_key_check(sys.argv[1:])
     quiet_broken_pipe(main)

@@ -291,3 +291,27 @@ def test_the_key_check_reads_a_cached_key_set_and_a_changed_config_file_composes
     os.utime(option, (later, later))
     assert mistyped_keys(asked, dirs) == []
     assert len(list((tmp_path / "cache" / "config-keys").glob("*.json"))) == 2
+
+
+def test_hydra_is_given_the_mode_from_the_cached_composition_and_a_config_that_sets_it_is_obeyed(tmp_path,
+                                                                                               monkeypatch):
+    """`python -m harness` hands Hydra the config's hydra.mode from the key check's cached composition
+    instead of letting Hydra compose the config once more to read it: an option that sets
+    hydra.mode=MULTIRUN still makes a command without -m a sweep; a mode on the command line is Hydra's."""
+    from harness.jobs.config import hydra_mode
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    option = tmp_path / "conf" / "method" / "always_swept.yaml"
+    option.parent.mkdir(parents=True)
+    option.write_text("# @package _global_\ndefaults:\n  - simclr\n  - _self_\nhydra:\n  mode: MULTIRUN\n")
+    dirs = [tmp_path / "conf"]
+    assert hydra_mode(["method=always_swept"], dirs) == ("MULTIRUN",)
+    assert hydra_mode(["method=simclr"], dirs) == (None,)
+    assert hydra_mode(["method=simclr", "hydra.mode=MULTIRUN"], dirs) is None
+    common = (f"store.path={tmp_path}/r.duckdb", f"hydra.sweep.dir={tmp_path}/s", f"hydra.run.dir={tmp_path}/h",
+              "dry_run=true")
+    swept = run_harness("--config-dir", str(tmp_path / "conf"), "method=always_swept", *common, check=False)
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    assert "dry run: the config is valid" not in swept.stdout and "1 point" in swept.stdout + swept.stderr
+    single = run_harness("method=simclr", *common, check=False)
+    assert single.returncode == 0 and "dry run: the config is valid" in single.stdout, single.stderr[-3000:]

@@ -388,27 +388,13 @@ def mistyped_keys(overrides: list[str], config_dirs: list[Path] | tuple[Path, ..
     """
     import difflib
 
-    from harness.jobs.sweeps import group_options
-
-    groups = group_options(config_dirs)
-    chosen, swept, keys = [], set(), []
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or key.startswith(("+", "~", "hydra")):
-            continue
-        if key in groups:
-            if any(c in value for c in ",()["):
-                swept.add(key)
-            else:
-                chosen.append(override)
-        else:
-            keys.append((key, value))
+    chosen, swept, keys = group_choices(overrides, config_dirs)
     if not keys:
         return []
     composed = composed_keys(chosen, config_dirs)
     if composed is None:  # a command Hydra cannot compose: Hydra's own run says why
         return []
-    known, params = composed
+    known, params, _ = composed
     swept |= {k.split(".")[0] for k in params}
     lines = []
     for key, value in keys:
@@ -453,19 +439,19 @@ def config_files_fingerprint(config_dirs: Sequence[Path] = ()) -> str:
     return digest.hexdigest()[:20]
 
 
-def composed_keys(chosen: list[str], config_dirs: Sequence[Path] = ()) -> tuple[set[str], list[str]] | None:
-    """(every dotted key, the sweeper's swept keys) of the config the group choices `chosen` compose, or
-    None when Hydra cannot compose it. Composing costs about 0.5 s per command, so the keys are kept in
-    $HARNESS_CACHE/config-keys under the choices and the config files' fingerprint: a changed file or
-    package composes again."""
+def composed_keys(chosen: list[str], config_dirs: Sequence[Path] = ()) -> tuple[set[str], list[str], str | None] | None:
+    """(every dotted key, the sweeper's swept keys, hydra.mode) of the config the group choices `chosen`
+    compose, or None when Hydra cannot compose it. Composing costs about 0.4 s per command, so these are
+    kept in $HARNESS_CACHE/config-keys under the choices and the config files' fingerprint: a changed
+    file or package composes again."""
     from harness.atomic import write_text_atomic
 
     name = hashlib.sha256(json.dumps([chosen, [str(Path(d).absolute()) for d in config_dirs],
                                       config_files_fingerprint(config_dirs)]).encode()).hexdigest()[:24]
     cached = Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser() / "config-keys" / f"{name}.json"
     try:
-        known, params = json.loads(cached.read_text())
-        return set(known), list(params)
+        known, params, mode = json.loads(cached.read_text())
+        return set(known), list(params), mode
     except (OSError, ValueError, TypeError):  # not cached yet, or a torn or foreign file: compose
         pass
     try:
@@ -474,12 +460,43 @@ def composed_keys(chosen: list[str], config_dirs: Sequence[Path] = ()) -> tuple[
         return None
     known = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
     params = [str(k) for k in (OmegaConf.select(cfg, "hydra.sweeper.params") or {})]
+    mode = None if cfg.hydra.mode is None else str(cfg.hydra.mode.name)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(cached, json.dumps([known, params]))
+        write_text_atomic(cached, json.dumps([known, params, mode]))
     except OSError:  # a read-only cache: compose each time
         pass
-    return set(known), params
+    return set(known), params, mode
+
+
+def group_choices(overrides: list[str], config_dirs: Sequence[Path] = ()) -> tuple[list[str], set[str], list]:
+    """(the group overrides that pick one option, the groups swept over several, the other `key=value`
+    pairs) of a command's overrides; `+`, `~` and `hydra...` overrides are in none of them."""
+    from harness.jobs.sweeps import group_options
+
+    groups = group_options(config_dirs)
+    chosen, swept, keys = [], set(), []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or key.startswith(("+", "~", "hydra")):
+            continue
+        if key in groups:
+            if any(c in value for c in ",()["):
+                swept.add(key)
+            else:
+                chosen.append(override)
+        else:
+            keys.append((key, value))
+    return chosen, swept, keys
+
+
+def hydra_mode(overrides: list[str], config_dirs: Sequence[Path] = ()) -> tuple[str | None] | None:
+    """The config's hydra.mode as Hydra's get_mode reads it before a run (wrapped in a tuple; None when
+    it cannot be told without Hydra: an override names hydra.mode, or the config does not compose)."""
+    if any(o.lstrip("+~").startswith("hydra.mode") for o in overrides):
+        return None
+    composed = composed_keys(group_choices(overrides, config_dirs)[0], config_dirs)
+    return None if composed is None else (composed[2],)
 
 
 def build_addons(cfg: DictConfig, feat_dim: int | None = None) -> list:
