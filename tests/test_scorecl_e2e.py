@@ -101,13 +101,16 @@ METHODS = ["simclr", "simsiam", "wmse", "vicreg"]  # the paper's four bases; add
 def scorecl_sweep(tmp_path_factory):
     """One sweep over the methods (one process, one score net built once and shared) into one store; each
     test below checks its own method's run. What they check (finite losses, the weights' statistics per
-    epoch) does not need learning, so the runs are small: 512 images, 2 steps an epoch, 3 epochs."""
+    epoch) does not need learning, so the runs are small: 512 images, 2 steps an epoch, 3 epochs, and
+    projectors 512 wide (every one of the four has the key; on a CPU their 1024-2048 widths cost more
+    than the ConvNet)."""
     folder = tmp_path_factory.mktemp("scorecl_sweep")
     present = [m for m in METHODS if (REPO / "harness" / "conf" / "method" / f"{m}.yaml").exists()]
     store = folder / "results.duckdb"
     run_harness(*SMALL, f"method={','.join(present)}", f"store.path={store}", f"hydra.sweep.dir={folder}/sweep",
                 "dataset.train_size=512", "dataset.test_size=100", "trainer.batch_size=256", "trainer.epochs=3",
-                "-m", check=False, timeout=3600)  # each test reads its own outcome; 4 methods: 4 × the usual limit
+                "method.proj_hidden_dim=512", "-m",
+                check=False, timeout=3600)  # each test reads its own outcome; 4 methods: 4 × the usual limit
     return _store(store)
 
 

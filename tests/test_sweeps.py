@@ -255,3 +255,33 @@ def test_points_that_differ_in_values_share_one_composition_and_equal_hydras_own
             with pytest.raises(ConfigCompositionException) as mine:
                 ours(master, bad)
             assert str(mine.value) == str(theirs.value)
+
+
+def test_a_slurm_job_unpickles_the_composed_trees_when_they_are_few():
+    """The launcher (and its config loader) is pickled into every Slurm job: a task then derives its
+    config from the driver's tree instead of composing it, unless the sweep has more trees than
+    PointConfigs.CARRIED_TREES (each job's pickle would hold them all); either way the config is Hydra's."""
+    import pickle
+
+    import cloudpickle
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from harness.jobs.sweeps import CONF, PointConfigs, register_sweeps
+
+    register_sweeps()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        hydras = loader.load_sweep_config
+        master = loader.load_configuration("config", ["sweep=smoke"], RunMode.MULTIRUN)
+        PointConfigs.install(loader)
+        expected = OmegaConf.to_container(hydras(master, ["seed=3"]), resolve=False)
+        loader.load_sweep_config(master, ["seed=1"])
+        task = pickle.loads(cloudpickle.dumps(loader)).load_sweep_config
+        assert len(task.trees) == 1 and OmegaConf.to_container(task(master, ["seed=3"]), resolve=False) == expected
+        for method in ("byol", "vicreg", "simsiam", "wmse", "nnclr"):
+            loader.load_sweep_config(master, [f"method={method}", "seed=1"])
+        task = pickle.loads(cloudpickle.dumps(loader)).load_sweep_config
+        assert len(task.trees) == 0 and OmegaConf.to_container(task(master, ["seed=3"]), resolve=False) == expected
