@@ -242,6 +242,13 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     return y.view(n, ch, hgt, wid)
 
 
+def blur_drawn_on_cpu(x: torch.Tensor, drawn: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    """On the CPU, where work is the limit, blur only the images drawn (half the work at p=0.5): each gets
+    what blurring the whole batch would give it, since the filter is per image."""
+    chosen = drawn.nonzero().squeeze(1)
+    return x.index_copy(0, chosen, gaussian_blur(x[chosen], sigma[chosen], kernel)) if len(chosen) else x
+
+
 def photometric(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tensor:
     """Colour jitter, grayscale, blur and solarize of a float batch in [0, 1] (after its crop)."""
     n, dev = x.shape[0], x.device
@@ -254,10 +261,8 @@ def photometric(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tenso
         blur = _coin(n, p.blur_p, g, dev)
         sigma = _uniform(n, p.blur_sigma[0], p.blur_sigma[1], g, dev)
         kernel = p.blur_kernel or blur_kernel_for(x.shape[-1])
-        if dev.type == "cpu":  # work is the limit there: blur only the images drawn (half at p=0.5), each as
-            chosen = blur.nonzero().squeeze(1)  # it would be in the whole batch (the filter is per image)
-            if len(chosen):
-                x = x.index_copy(0, chosen, gaussian_blur(x[chosen], sigma[chosen], kernel))
+        if dev.type == "cpu":
+            x = blur_drawn_on_cpu(x, blur, sigma, kernel)
         else:  # on a GPU all of them, kept where drawn: no host sync for the indices
             x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma, kernel), x)
     if p.solarize > 0:
