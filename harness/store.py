@@ -681,9 +681,14 @@ def default_artifacts(store: Store) -> Path:
     return store.path.with_name(store.path.name + ".artifacts")
 
 
+def harness_cache() -> Path:
+    """This user's cache folder: $HARNESS_CACHE, else ~/.cache/harness (decoded datasets, config keys)."""
+    return Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser()
+
+
 def default_data_cache() -> Path:
     """Where decoded datasets are cached unless a config says otherwise ($HARNESS_CACHE, as the loader reads it)."""
-    return Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser() / "datasets"
+    return harness_cache() / "datasets"
 
 
 def run_state(folder: Path) -> tuple[str, str | None]:

@@ -445,10 +445,11 @@ def composed_keys(chosen: list[str], config_dirs: Sequence[Path] = ()) -> tuple[
     kept in $HARNESS_CACHE/config-keys under the choices and the config files' fingerprint: a changed
     file or package composes again."""
     from harness.atomic import write_text_atomic
+    from harness.store import harness_cache
 
     name = hashlib.sha256(json.dumps([chosen, [str(Path(d).absolute()) for d in config_dirs],
                                       config_files_fingerprint(config_dirs)]).encode()).hexdigest()[:24]
-    cached = Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser() / "config-keys" / f"{name}.json"
+    cached = harness_cache() / "config-keys" / f"{name}.json"
     try:
         known, params, mode = json.loads(cached.read_text())
         return set(known), list(params), mode
