@@ -267,6 +267,42 @@ def _build(root: Path, cache: Path, *extra: str, **popen) -> subprocess.Popen:
                             cwd=REPO, env=harness_env(), stderr=subprocess.PIPE, text=True, **popen)
 
 
+def _descendants(pid: int, depth: int) -> list[int]:
+    """Processes `depth` generations below `pid` (2: the build's workers, forked by its fork server)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    level = {pid}
+    for _ in range(depth):
+        level = {child for child, parent in parents.items() if parent in level}
+    return sorted(level)
+
+
+def test_an_encoding_worker_killed_stops_the_build_in_one_line_and_the_rerun_resumes(tree, store, tmp_path):
+    cache = tmp_path / "cache"
+    data_file, index_file = encoded.store_paths(_ds(tree, cache))
+    proc = _build(tree, cache, "--workers", "2")
+    # The event: a worker exists. No worker ends before it is told to stop, which happens only after every
+    # shard is back, so killing it fails the build wherever it is.
+    while not (workers := _descendants(proc.pid, 2)):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.005)
+    os.kill(workers[0], signal.SIGKILL)
+    err = proc.communicate()[1]
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert last.startswith("error: the encoded store's build of") and "an encoding worker died (killed by SIGKILL" \
+        in last and "shards are kept" in last, err
+    assert not index_file.exists()
+    done = _build(tree, cache, "--workers", "2")
+    err = done.communicate()[1]
+    assert done.returncode == 0, err
+    assert data_file.read_bytes() == encoded.store_paths(store[0])[0].read_bytes()
+
+
 def test_a_killed_build_and_a_full_disk_resume_and_finish_as_a_fresh_build(tree, store, tmp_path):
     import resource
 

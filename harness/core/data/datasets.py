@@ -15,14 +15,11 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import multiprocessing
 import os
 import pickle
 import shutil
 import sys
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from pathlib import Path
@@ -33,6 +30,7 @@ from PIL import Image
 
 from harness.atomic import atomic_file, lock_or_wait
 from harness.core.data import official
+from harness.core.data.workers import DecodeFailed, WorkerDied, map_in_processes
 from harness.core.progress import Progress
 from harness.errors import ConfigError
 
@@ -227,10 +225,6 @@ IMAGES_PER_PROCESS = 1000
 _OPEN_OUTPUTS: dict[str, np.ndarray] = {}  # per worker process: the output arrays it has opened
 
 
-class DecodeFailed(RuntimeError):
-    """Decoding a dataset stopped for a reason its one-line message says (a worker process died)."""
-
-
 def _decode_chunk(task: tuple[dict[str, str], list[tuple[str, int, bytes | str]], int | None]) -> list[str]:
     """Decode a chunk of (split, row, source) into row `row` of the split's preallocated .npy array
     (opened memory-mapped, so each worker writes its rows in place). Returns the images whose size
@@ -296,32 +290,18 @@ def _collect(items: list[tuple[str, str, bytes | str]], size: int | None, what: 
           flush=True)
     mismatched: list[str] = []
     done = 0
-    pool = None
-    if workers == 1:
-        results = map(_decode_chunk, chunks)
-    else:
-        # Not fork: a fork of a process that may hold CUDA or many threads is not safe. A fork server
-        # imports this module once and forks each worker from that clean process (spawn would import
-        # torch again in every worker: seconds each). A worker that dies (killed, out of memory)
-        # fails the decode with BrokenProcessPool instead of hanging it.
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        pool = ProcessPoolExecutor(workers, mp_context=context)
+    results = map(_decode_chunk, chunks) if workers == 1 else map_in_processes(_decode_chunk, chunks, workers, __name__)
     try:
-        if pool is not None:  # inside: a worker may die while the chunks are handed out
-            results = pool.map(_decode_chunk, chunks)
         for chunk, bad in zip(chunks, results):
             done += len(chunk[1])
             mismatched += bad
             progress.update(done, f"{done}/{total} images", final=done == total)
-    except BrokenProcessPool as e:
-        raise DecodeFailed(f"{what}: a decode worker died (killed, or out of memory) after {done} of {total} "
-                           "images; nothing was cached. Run again (with fewer dataset.decode_workers if memory "
-                           "is short)") from e
+    except WorkerDied as e:
+        raise DecodeFailed(f"{what}: a decode worker died ({e.how}: killed, or out of memory) after {done} of "
+                           f"{total} images; nothing was cached. Run again (with fewer dataset.decode_workers if "
+                           "memory is short)") from e
     finally:
         _OPEN_OUTPUTS.clear()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
     if mismatched:
         raise ValueError(f"{what}: images of different sizes with dataset.image_size=null: the first is "
                          f"{width}x{height}, but {', '.join(mismatched[:3])}"

@@ -26,11 +26,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import multiprocessing
 import os
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from harness.atomic import atomic_file, lock_or_wait
+from harness.core.data.workers import DecodeFailed, WorkerDied, map_in_processes
 from harness.core.progress import Progress
 from harness.errors import ConfigError
 
@@ -299,26 +299,20 @@ def build_store(root: Path, data_file: Path, index_file: Path, opts: EncodeOptio
           f"{opts.short_side or 'unchanged'})", file=sys.stderr, flush=True)
     progress = Progress("[data] encoding:", total, every=3.0)
     done = sum(len(s[1]) for s in shards) - sum(len(s[1]) for s in todo)
-    pool = None
+    results = (map(_encode_shard, todo) if workers == 1 or len(todo) == 1
+               else map_in_processes(_encode_shard, todo, workers, __name__))
     try:
-        if workers == 1 or len(todo) == 1:
-            results = map(_encode_shard, todo)
-        else:
-            # A fork server imports this module once and forks each worker from that clean process
-            # (as datasets._collect does); a dead worker fails the build instead of hanging it.
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            pool = ProcessPoolExecutor(workers, mp_context=context)
-            results = pool.map(_encode_shard, todo)
         for shard, _ in zip(todo, results):
             done += len(shard[1])
             progress.update(min(done, total), f"{min(done, total)}/{total} images", final=done >= total)
+    except WorkerDied as e:
+        kept = sum(1 for s in shards if Path(s[0]).exists())
+        raise DecodeFailed(f"the encoded store's build of {root} stopped: an encoding worker died ({e.how}: killed, "
+                           f"or out of memory); {kept} of {len(shards)} shards are kept in {building} and the next "
+                           "run resumes from them") from e
     except OSError as e:
         _stopped_by_disk(e, building, shards)
         raise
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
     _assemble(shards, items, classes, label, data_file, index_file, opts, root)
     shutil.rmtree(building, ignore_errors=True)
 
@@ -674,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                       "on_bad": args.on_bad}})
     try:
         print(ensure_store(ds, shard_images=args.shard_images))
-    except (ConfigError, BadImages) as e:
+    except (ConfigError, BadImages, DecodeFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -1,0 +1,122 @@
+"""Run a function over tasks in worker processes, and fail at once, in one line, when a worker dies.
+
+Why not concurrent.futures.ProcessPoolExecutor: on Python 3.11 a worker killed (by the OOM killer, by
+a user) while it held the pool's shared queue lock left the decode hanging forever in CI, and the
+pool's exit hook then held the whole interpreter at exit. Here each worker has a pipe of its own: the
+parent hands it one task at a time and waits on the pipes and the workers' exit sentinels together, so
+no lock is shared and a death is seen the moment it happens.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+
+class DecodeFailed(RuntimeError):
+    """Decoding or encoding a dataset stopped for a reason its one-line message says (a worker died)."""
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended before its work was done (killed, or out of memory); `how` says how."""
+
+    def __init__(self, exitcode: int | None):
+        if exitcode is not None and exitcode < 0:
+            try:
+                self.how = f"killed by {signal.Signals(-exitcode).name}"
+            except ValueError:
+                self.how = f"killed by signal {-exitcode}"
+        else:
+            self.how = f"exit code {exitcode}"
+        super().__init__(f"a worker process died ({self.how})")
+
+
+def _serve(conn: Connection, fn: Callable[[Any], Any]) -> None:
+    """A worker: run `fn` on each task the parent sends until it sends None; a task's exception is sent
+    back (the parent raises it) and the worker goes on."""
+    while (task := conn.recv()) is not None:
+        try:
+            conn.send((True, fn(task)))
+        except Exception as e:  # noqa: BLE001 - the parent raises it, with the task's context
+            try:
+                conn.send((False, e))
+            except Exception:  # noqa: BLE001 - an exception that does not pickle: its text still travels
+                conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+
+
+def map_in_processes(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int,
+                     preload: str) -> Iterator[Any]:
+    """`fn(task)` for each task, in task order, computed in `workers` processes forked from a fork server
+    that imported `preload` once (not fork: a fork of a process that may hold CUDA or many threads is not
+    safe; not spawn: each worker would import torch again, seconds each). `fn` must be a module-level
+    function of `preload`. Raises WorkerDied when a worker dies; a task's own exception is raised as is."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([preload])
+    procs: list[Any] = []
+    conns: list[Connection] = []
+    completed = False
+    try:
+        for _ in range(max(1, min(workers, len(tasks)))):
+            parent, child = context.Pipe()
+            proc = context.Process(target=_serve, args=(child, fn), daemon=True)
+            proc.start()
+            child.close()
+            procs.append(proc)
+            conns.append(parent)
+        queue = iter(range(len(tasks)))
+        busy: dict[Connection, int] = {}
+        finished: dict[int, Any] = {}
+        next_out = 0
+
+        def hand_out(conn: Connection) -> None:
+            index = next(queue, None)
+            if index is not None:
+                try:
+                    conn.send(tasks[index])
+                except OSError:  # its pipe is broken: it died
+                    by_conn[conn].join()
+                    raise WorkerDied(by_conn[conn].exitcode) from None
+                busy[conn] = index
+
+        by_sentinel = {proc.sentinel: proc for proc in procs}
+        by_conn = dict(zip(conns, procs))
+        for conn in conns:
+            hand_out(conn)
+        while busy:
+            for ready in wait([*busy, *by_sentinel]):
+                if ready in by_sentinel:  # a worker ended, and none ends before it is told to: it died
+                    by_sentinel[ready].join()
+                    raise WorkerDied(by_sentinel[ready].exitcode)
+                try:
+                    ok, value = ready.recv()
+                except (EOFError, OSError):  # its pipe closed or reset: it is dying
+                    by_conn[ready].join()
+                    raise WorkerDied(by_conn[ready].exitcode) from None
+                index = busy.pop(ready)
+                if not ok:
+                    raise value
+                finished[index] = value
+                hand_out(ready)
+            while next_out in finished:
+                yield finished.pop(next_out)
+                next_out += 1
+        completed = True
+    finally:
+        # Done: each worker is told to stop and exits at once. Stopped early (a death, a task's error, the
+        # caller gone): the others are killed, not left to finish work nobody will read.
+        for conn, proc in zip(conns, procs):
+            try:
+                conn.send(None) if completed else proc.kill()
+            except OSError:
+                pass
+        for proc in procs:
+            proc.join(timeout=10)  # a hang guard only
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in conns:
+            conn.close()
+
