@@ -6,10 +6,12 @@ checkout through PYTHONPATH (set by harness_env). Each test uses its own store a
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -125,13 +127,32 @@ def release_requeued(job: str, restarts_before: int) -> None:
     def requeue_end() -> float | None:
         rows = subprocess.run(["sacct", "-j", job, "-X", "-D", "-n", "-P", "-o", "State,End"], capture_output=True,
                               text=True).stdout.split()
-        ends = [row.split("|")[1] for row in rows if row.startswith("REQUEUED|")]
+        ends = [row.split("|")[1] for row in rows if row.startswith(("REQUEUED|", "NODE_FAIL|"))]
         return datetime.fromisoformat(ends[-1]).timestamp() if ends and ends[-1][:1].isdigit() else None
 
     wait(f"job {job}'s requeue", requeued)
     ended = wait(f"accounting to record job {job}'s requeue", requeue_end)
     wait("the second of the requeue to pass", lambda: time.time() >= ended + 1, every=0.05)
     subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
+
+
+def kill_job_processes(job: str) -> None:
+    """SIGKILL every process of `job` on this machine, its slurmstepd first (so that it reports nothing):
+    what a node that fails takes with it."""
+    def of_job(pid: Path) -> int:  # 2: the job's slurmstepd, 1: a process of the job, 0: neither
+        try:
+            if (pid / "cmdline").read_bytes().startswith(f"slurmstepd: [{job}.".encode()):
+                return 2
+            return int(f"SLURM_JOB_ID={job}".encode() in (pid / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            return 0
+    found = {int(p.name): of_job(p) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    for rank in (2, 1):
+        for pid in (pid for pid, kind in found.items() if kind == rank):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def squeue_state(job: str) -> str:
@@ -194,6 +215,77 @@ def test_a_requeued_job_resumes_from_its_checkpoint_without_gaps(tmp_path, cifar
     states = ended_states(job)
     assert "REQUEUED" in states and states[-1] == "COMPLETED"
     assert "1 completed" in err
+
+
+def test_a_job_requeued_by_a_node_failure_is_waited_for_not_collected_as_failed(tmp_path):
+    # A node fails under a running job: Slurm ends the attempt (NODE_FAIL) and requeues the job, and for
+    # a few seconds accounting says NODE_FAIL, so submitit calls the job done; the sweep driver must wait
+    # for the next attempt instead of recording the point failed (as it did before).
+    import submitit
+
+    from hydra_plugins.harness_launchers.launchers import as_they_end
+
+    flag = tmp_path / "finish"
+    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
+    executor.update_parameters(timeout_min=10, nodes=1, tasks_per_node=1)
+    job = executor.submit(submitit.helpers.CommandFunction(
+        ["bash", "-c", f"until [ -e {flag} ]; do sleep 0.05; done; echo finished"]))
+    node = None
+    try:
+        wait(f"job {job.job_id} to run", lambda: squeue_state(job.job_id) == "RUNNING")
+        node = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%N"], capture_output=True,
+                              text=True).stdout.strip()
+        requeues = restarts(job.job_id)
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=harness test: node failure"],
+                       check=True)
+        # A failed node takes the job's processes with it; left alive (the node's slurmd runs on here), the
+        # old attempt would meet the next one on the same node, which drains it ("Duplicate jobid").
+        kill_job_processes(job.job_id)
+
+        def accounting_says() -> str:
+            rows = subprocess.run(["sacct", "-j", job.job_id, "-X", "-n", "-o", "State"], capture_output=True,
+                                  text=True).stdout.split()
+            return rows[-1] if rows else ""
+        wait("accounting to record the node failure", lambda: accounting_says() == "NODE_FAIL", every=0.05)
+        # The trap, sprung at the event: accounting shows the failed attempt (for a few seconds).
+        assert job.done(force_check=True), f"submitit did not see the node failure ({job.state})"
+        collected: list[object] = []
+
+        def collect(_: int) -> object:
+            collected.append("collect called")  # at once: submitit itself waits 15 s for a late result file
+            try:
+                collected.append(job.result())
+            except Exception as e:  # noqa: BLE001 - what collecting too early raises is the failure
+                collected.append(e)
+            return collected[-1]
+
+        class Watched:
+            """The job, counting the driver's looks at it."""
+            looks = 0
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(job, name)
+
+            def done(self) -> bool:
+                Watched.looks += 1
+                return job.done()
+        driver = threading.Thread(target=as_they_end, args=({0: Watched()}, collect), daemon=True)
+        driver.start()
+        release_requeued(job.job_id, requeues)  # its node is back: its slurmd answers (ReturnToService=2)
+        wait(f"the driver's first look, and job {job.job_id} running again",
+             lambda: Watched.looks and squeue_state(job.job_id) == "RUNNING")
+        assert not collected, f"the driver collected the requeued job: {collected}"
+        flag.touch()
+        driver.join(timeout=300)  # a hang guard only: the result file ends the wait at the next poll
+        assert not driver.is_alive(), "the driver did not notice the job's end"
+    finally:
+        flag.touch()
+        states = ended_states(job.job_id)
+        if node:  # back by itself (ReturnToService=2) unless something drained it: the next tests need both
+            subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+    assert collected == ["collect called", "finished"]
+    assert "NODE_FAIL" in states
+    assert "drain" not in subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True).stdout
 
 
 def test_a_cancelled_point_fails_with_a_reason_and_a_rerun_trains_only_it(tmp_path, cifar10_cached):

@@ -372,19 +372,55 @@ def with_dependency(params: dict[str, Any], after: list[str]) -> dict[str, Any]:
 POLL_S = 1.0
 
 
+# Slurm's states of a job it still holds (squeue --states), and how long to wait before asking again
+# about a job that accounting called ended while the queue still held it.
+HELD_STATES = ("PENDING,RUNNING,REQUEUED,REQUEUE_HOLD,REQUEUE_FED,CONFIGURING,COMPLETING,RESIZING,SUSPENDED,"
+               "STAGE_OUT,SIGNALING")
+RECHECK_S = 30.0
+
+
+def still_queued(job_id: str) -> bool | None:
+    """Whether Slurm still holds job `job_id` (pending again after a requeue, running, completing); None
+    when squeue does not answer. Why: after a node failure Slurm requeues a job, and accounting shows the
+    ended attempt (NODE_FAIL) as the job's state until the next one starts, about two minutes later;
+    submitit then calls the job done, and it would be recorded failed while it is about to run again."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-t", HELD_STATES, "-o", "%T"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return False if "invalid job id" in out.stderr.lower() else None  # gone from the queue, or no answer
+    return bool(out.stdout.strip())
+
+
 def as_they_end(jobs: dict[int, Any], collect) -> list:
     """`collect(i)` for each job as soon as it has ended, in any order; the results in job order.
 
     Not in submission order: a job cancelled or killed while an earlier one still trains is found
-    (and its run marked lost) at the next poll, not when the earlier one ends.
+    (and its run marked lost) at the next poll, not when the earlier one ends. A job that ended without
+    a result while the queue still holds it (requeued) is waited for, asking the queue every RECHECK_S.
     """
     import time
 
     out: dict[int, Any] = {}
+    recheck: dict[int, float] = {}
     while len(out) < len(jobs):
         for i, job in jobs.items():
-            if i not in out and job.done():
-                out[i] = collect(i)
+            if i in out:
+                continue
+            has_result = Path(job.paths.result_pickle).exists()
+            if not has_result and time.monotonic() < recheck.get(i, 0.0):
+                continue
+            if not job.done():
+                continue
+            if not has_result and (held := still_queued(str(job.job_id))) is not False:
+                if i not in recheck:
+                    log.info(f"job {job.job_id} ended without a result but Slurm still holds it "
+                             f"({'requeued' if held else 'squeue did not answer'}): waiting for it")
+                recheck[i] = time.monotonic() + RECHECK_S
+                continue
+            out[i] = collect(i)
         if len(out) < len(jobs):
             time.sleep(POLL_S)
     return [out[i] for i in sorted(out)]
