@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import machine, versions  # noqa: E402
+from harness.atomic import write_text_atomic  # noqa: E402
 from harness.core import device_path, trainer  # noqa: E402
 from harness.core.data.datasets import ImageData  # noqa: E402
 from harness.core.distributed import DistInfo  # noqa: E402
@@ -74,6 +76,7 @@ class Check:
         self.sections: list[str] = []
         self.notes: list[str] = []
         self.failures: list[str] = []
+        self.methods = args.methods.split(",") if args.methods else list(METHODS)
         self.data = self.load_data()
 
     def load_data(self) -> ImageData:
@@ -161,7 +164,7 @@ def part_a_and_c(check: Check) -> None:
     """Every method, 20 steps (2 dry) under the sync check; peak memory of each."""
     batch, steps = (16, 1) if check.dry else (256, 20)
     rows = []
-    for method in METHODS:
+    for method in check.methods:
         cfg = check.config(method, batch, "trainer.epochs=1", "eval.every=0")
         with tempfile.TemporaryDirectory() as tmp:
             run = check.training(cfg, batch * steps, Path(tmp))
@@ -172,7 +175,8 @@ def part_a_and_c(check: Check) -> None:
                 with syncs_are_errors(check.dry):
                     sums, *_ = run.train_epoch(0)
                 loss = float(sums["loss"]) / steps
-            except RuntimeError as e:  # the sync debug mode's error names the op
+            except RuntimeError as e:  # the sync debug mode's error names the op; the traceback, the line
+                traceback.print_exc()
                 verdict, loss = f"SYNC: {str(e).splitlines()[0][:100]}", float("nan")
                 check.failures.append(f"{method}: {verdict}")
             peak = torch.cuda.max_memory_allocated() / 2**30 if not check.dry else float("nan")
@@ -324,7 +328,14 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop part (d) so the whole ends within this")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200 SXM)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
+    ap.add_argument("--parts", default="a,b,e,d", help="which parts, in this order (a rerun after a fix: --parts a)")
+    ap.add_argument("--methods", default="", help=f"part (a)'s methods, comma-separated (default: {','.join(METHODS)})")
     args = ap.parse_args()
+    parts = {"a": ("a, c", part_a_and_c), "b": ("b", part_b), "e": ("e", part_e), "d": ("d", part_d)}
+    unknown = [p for p in args.parts.split(",") if p not in parts] + [
+        m for m in args.methods.split(",") if args.methods and m not in METHODS]
+    if unknown:
+        ap.error(f"--parts/--methods: {', '.join(unknown)} is not one of {', '.join([*parts, *METHODS])}")
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; use --dry-run for the CPU path", file=sys.stderr)
         return 2
@@ -332,18 +343,29 @@ def main() -> int:
         device_path.COMPILE_BACKEND = "aot_eager"  # inductor's C++ build takes minutes on a CI CPU
     check = Check(args)
     started = time.monotonic()
-    part_a_and_c(check)
-    epoch_s = part_b(check)
-    part_d(check, epoch_s)
-    part_e(check)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    head = f"## gpu_check{' (dry run, CPU)' if args.dry_run else ''} — {when}\n\n{machine()}; {versions()}; " \
-           f"{time.monotonic() - started:.0f} s; data: {check.data.source}\n"
-    verdict = "\n".join(f"- FAILED {f}" for f in check.failures) or "All methods ran without a host sync in the step."
-    text = "\n".join([head, *check.notes, *check.sections, verdict, ""])
-    with args.out.open("a") as f:
-        f.write("\n" + text)
-    print(verdict)
+
+    def report() -> str:
+        head = f"## gpu_check{' (dry run, CPU)' if args.dry_run else ''} — {when}\n\n{machine()}; {versions()}; " \
+               f"{time.monotonic() - started:.0f} s; data: {check.data.source}\n"
+        verdict = ("\n".join(f"- FAILED {f}" for f in check.failures)
+                   or "All methods ran without a host sync in the step.")
+        return "\n".join([head, *check.notes, *check.sections, verdict, ""])
+
+    # Each part's failure is reported and the next part still runs, and the report is written after every
+    # part: device time is scarce, and a crash or time-out late in the check must not lose what came before.
+    before = args.out.read_text() if args.out.exists() else ""
+    epoch_s = float("inf")
+    for name, part in (parts[p] for p in args.parts.split(",")):
+        try:
+            result = part(check, epoch_s) if part is part_d else part(check)
+            epoch_s = result if part is part_b else epoch_s
+        except Exception as e:  # noqa: BLE001 - any failure is the check's finding, named in one line
+            traceback.print_exc()
+            first_line = str(e).splitlines()[0][:200] if str(e) else ""
+            check.failures.append(f"part ({name}): {type(e).__name__}: {first_line}")
+        write_text_atomic(args.out, before + "\n" + report())
+    print(report().rsplit("\n", 2)[-2])
     return 1 if check.failures else 0
 
 

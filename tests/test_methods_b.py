@@ -17,7 +17,7 @@ from torch import nn
 
 from harness.core.optim import param_groups
 from harness.jobs.config import ConfigError, compose, instantiate, validate
-from methods.all4one import All4One, feature_decorrelation, sinusoidal_positions
+from methods.all4one import All4One, feature_decorrelation, off_diagonal, sinusoidal_positions
 from methods.byol import BYOL, byol_pairs
 from methods.common import Queue, ema_update, infonce_queue_pairs, momentum_tau, nn_infonce_pairs
 from methods.mocov2 import MoCoV2
@@ -126,6 +126,13 @@ def test_feature_decorrelation_matches_the_formula():
     off = sum(c[r][s] ** 2 for c in (ca, cb) for r in range(5) for s in range(5) if r != s) / 40
     want = 10 * (0.5 * math.sqrt(on) + 0.5 * math.sqrt(off))
     assert abs(feature_decorrelation(m1, m2, z1, z2).item() - want) < TOL
+
+
+def test_off_diagonal_is_the_boolean_mask_selection_in_the_same_order():
+    # A view instead of c[~eye] (a host sync on a GPU): the same entries in the same order, any size.
+    for n in (1, 2, 3, 8):
+        c = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+        assert torch.equal(off_diagonal(c), c[~torch.eye(n, dtype=torch.bool)])
 
 
 def test_positional_encoding_is_the_sinusoid():

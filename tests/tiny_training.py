@@ -80,6 +80,16 @@ CPU_ONLY_BRANCHES = {
 }
 
 
+def is_mask_indexing(func, args) -> bool:
+    """`x[mask]` or `x[mask] = y`: on CPU the mask's nonzero runs inside the kernel, unseen by a dispatch
+    mode, while on a GPU it waits for the device to say how many entries the mask selects (gpu_check
+    found one in All4One's feature term that this counter had missed)."""
+    if func.__name__.split(".")[0] not in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        return False
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices or ())
+
+
 class HostSyncCounter(TorchDispatchMode):
     """Counts, by name, the entry points above called from the body of a training step (not from its
     logging point, nor from anything before or after the loop), and the aten ops that sync."""
@@ -102,6 +112,8 @@ class HostSyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.__name__.split(".")[0] in SYNCING_OPS and self.in_step():
             self.calls[f"aten.{func.__name__}"] += 1
+        elif is_mask_indexing(func, args) and self.in_step():
+            self.calls[f"aten.{func.__name__} with a boolean mask"] += 1
         return func(*args, **(kwargs or {}))
 
     @contextlib.contextmanager
