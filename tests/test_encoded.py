@@ -406,6 +406,46 @@ def test_a_one_epoch_run_on_the_encoded_tree_records_knn_and_the_imagenet_linear
     assert [r["dataset"] for r in Store(db).query("SELECT dataset FROM runs")] == ["imagenet100"]
 
 
+def test_the_score_networks_images_are_centre_crops_of_the_encoded_store_at_its_own_size(store):
+    from methods.scorecl.addon import ENCODED_SCORE_SIZE, score_net_images, score_net_size
+
+    ds, _ = store
+    split = encoded.load_encoded(ds)["train_x"]
+    net_cfg = OmegaConf.create({"image_size": None, "max_images": 8, "seed": 3})
+    x = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    assert (score_net_size(net_cfg, split), score_net_size(net_cfg, x)) == (ENCODED_SCORE_SIZE, 16)
+    images = score_net_images(split, 32, net_cfg, chunk=3)
+    # only the seeded max_images subset is decoded, as the evaluation view makes it at 32 px
+    chosen = torch.randperm(30, generator=torch.Generator().manual_seed(3))[:8]
+    assert torch.equal(images, encoded.centre_crops(split.decode(chosen, torch.device("cpu")), round(32 / 0.875), 32))
+    # decoded images are kept at their own size, resized to another
+    assert score_net_images(x, 16, net_cfg) is x
+    assert score_net_images(x, 8, net_cfg).shape == (5, 3, 8, 8)
+
+
+def test_scorecl_trains_on_the_encoded_tree_with_its_score_network_at_its_own_size(tree, tmp_path):
+    from harness.store import Store
+    from methods.scorecl.score_net import ScoreNet
+    from tests.conftest import run_harness
+
+    db = tmp_path / "r.duckdb"
+    common = ("dataset=imagenet100", f"dataset.root={tree}", f"dataset.cache_dir={tmp_path / 'cache'}",
+              "dataset.image_size=64", "dataset.eval_resize=73", "dataset.encode.short_side=256",
+              "augment=imagenet_symmetric", "augment.pipelines.base.size=64", "method=simclr", "backbone=convnet",
+              "weighting=scorecl_tiny", f"store.path={db}", "hydra.run.dir=${store.path}.hydra")
+    refused = run_harness(*common, "weighting.mode=joint", check=False)
+    assert refused.returncode == 2 and "weighting.mode = 'joint' is not allowed: expected pretrained with " \
+        "dataset.store=encoded" in refused.stderr, refused.stderr[-2000:]
+    done = run_harness(*common, "weighting.score_net.image_size=32", "trainer.epochs=1", "trainer.batch_size=10",
+                       "trainer.warmup_epochs=0", "eval.knn=[{k: 5, T: 0.1}]")
+    assert "[scorecl] score network from" in done.stderr
+    (folder,) = [f for f in (Path(f"{db}.artifacts") / "score_net").iterdir() if f.is_dir()]
+    assert ScoreNet.load(folder).unet.config.sample_size == 32  # the 64-px views were resized to it
+    metrics = {r["name"]: r["value"] for r in Store(db).query("SELECT name, value FROM metrics")}
+    # mean-normalised weights average 1 + alpha; the pairs were weighted differently
+    assert metrics["weight_mean"] == pytest.approx(2.0, abs=1e-4) and metrics["weight_std"] > 0
+
+
 @pytest.mark.parametrize("sweep", ["sce_imagenet", "sce_imagenet_multicrop"])
 def test_the_sce_imagenet_presets_preview_every_point(tree, tmp_path, sweep):
     from tests.conftest import run_harness

@@ -18,6 +18,11 @@ The score network is either ``pretrained`` (an artifact trained once per score-n
 training split, then frozen and shared by every job that needs it) or trained ``joint``ly: its
 DSM loss on the step's clean images, times ``joint_weight``, is added to the SSL loss, so the
 trainer's optimizer trains it with the method (and the checkpoint holds it).
+
+The score network works at one resolution, ``score_net.image_size`` (null: the decoded set's own size;
+64 on an encoded image store, whose images have no one size): it is trained on the training images at
+that size (an encoded store's centre crops, as the evaluation view makes them) and every view is resized
+to it (bilinear, antialiased) before it is scored. At CIFAR's 32 px with 32-px views nothing is resized.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -100,7 +106,8 @@ def pretrained_score_net(cfg: DictConfig, data=None, device: torch.device | None
     path = score_net_path(cfg)
     if artifact_done(path):
         return path
-    from harness.core.data.datasets import load_dataset, pretraining_view
+    from harness.core.data.datasets import pretraining_view
+    from harness.core.data.encoded import load_dataset
 
     net_cfg = cfg.weighting.score_net
     data = data if data is not None else pretraining_view(load_dataset(cfg.dataset))
@@ -108,16 +115,61 @@ def pretrained_score_net(cfg: DictConfig, data=None, device: torch.device | None
         device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
 
     def build(folder):
-        net = ScoreNet.create(net_cfg, int(data.train_x.shape[-1]))
-        train_score_net(net, data.train_x, net_cfg, device).cpu().save(folder)
+        size = score_net_size(net_cfg, data.train_x)
+        net = ScoreNet.create(net_cfg, size)
+        train_score_net(net, score_net_images(data.train_x, size, net_cfg), net_cfg, device).cpu().save(folder)
 
     return build_once(path, build, config=score_net_identity(cfg), what="score network",
                       seed=int(net_cfg.seed), timeout_s=lock_timeout_s(cfg))  # score_net.seed: the UNet's init too
 
 
-def _views_to_unit_range(view: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """A method's view (normalised with the dataset's mean/std) → the score net's [-1, 1]."""
-    return (view.float() * std + mean) * 2.0 - 1.0
+ENCODED_SCORE_SIZE = 64  # score_net.image_size's default on an encoded store (see the module's docstring)
+
+
+def score_net_size(net_cfg, train_x) -> int:
+    """The score network's resolution: score_net.image_size, else the decoded training images' size,
+    else (an encoded store, images of many sizes) ENCODED_SCORE_SIZE."""
+    if net_cfg.get("image_size") is not None:
+        return int(net_cfg.image_size)
+    return int(train_x.shape[-1]) if isinstance(train_x, torch.Tensor) else ENCODED_SCORE_SIZE
+
+
+def score_net_images(train_x, size: int, net_cfg, chunk: int = 512) -> torch.Tensor:
+    """The uint8 N×3×size×size images the score network trains on. Decoded images are resized only when
+    `size` differs from theirs; an encoded store's images are decoded as centre crops (shorter side to
+    size/0.875, the evaluation view's ratio), only the seeded subset of score_net.max_images of them."""
+    if isinstance(train_x, torch.Tensor):
+        if train_x.shape[-1] == size and train_x.shape[-2] == size:
+            return train_x  # train_score_net takes its max_images subset itself, as it always has
+        return torch.cat([resize_uint8(train_x[i:i + chunk], size) for i in range(0, len(train_x), chunk)])
+    from harness.core.data.encoded import EncodedSplit
+    from harness.core.progress import Progress
+
+    if net_cfg.get("max_images") and len(train_x) > int(net_cfg.max_images):
+        gen = torch.Generator().manual_seed(int(net_cfg.seed))
+        train_x = train_x.take_rows(torch.randperm(len(train_x), generator=gen)[:int(net_cfg.max_images)])
+    at_size = EncodedSplit(train_x.index_file, train_x.rows, size, round(size / 0.875))
+    progress = Progress("[score_net] decoding its training images", len(at_size))
+    out = []
+    for start in range(0, len(at_size), chunk):
+        out.append(at_size[start:start + chunk].to("cpu"))
+        if progress.due(final=start + chunk >= len(at_size)):
+            progress.report(min(start + chunk, len(at_size)), f"{min(start + chunk, len(at_size))}/{len(at_size)} "
+                            f"images at {size} px")
+    return torch.cat(out)
+
+
+def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _views_to_unit_range(view: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int) -> torch.Tensor:
+    """A method's view (normalised with the dataset's mean/std) → the score net's [-1, 1] at its size."""
+    x = (view.float() * std + mean) * 2.0 - 1.0
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
 
 
 class ScoreCL(nn.Module):
@@ -156,9 +208,9 @@ class ScoreCL(nn.Module):
     # ------------------------------------------------------------------ hooks
     def setup(self, data, info: distributed.DistInfo) -> None:
         self.to(info.device)
-        image_size = int(data.train_x.shape[-1])
+        self.size = score_net_size(self.net_cfg, data.train_x)
         if self.mode == "joint":
-            self.net = ScoreNet.create(self.net_cfg, image_size).to(info.device)
+            self.net = ScoreNet.create(self.net_cfg, self.size).to(info.device)
             if info.world_size > 1:  # the trainer's DDP wraps only the method: average this net's gradients too
                 self._ddp = [nn.parallel.DistributedDataParallel(
                     self.net, device_ids=[info.device.index] if info.device.type == "cuda" else None)]
@@ -175,14 +227,15 @@ class ScoreCL(nn.Module):
         net = self.net if self.mode == "joint" else self._frozen[0]
         v1, v2 = batch.views[0], batch.views[1]
         with torch.no_grad():
-            s1 = net.score(_views_to_unit_range(v1, self.mean, self.std), self.sigma)
-            s2 = net.score(_views_to_unit_range(v2, self.mean, self.std), self.sigma)
+            s1 = net.score(_views_to_unit_range(v1, self.mean, self.std, self.size), self.sigma)
+            s2 = net.score(_views_to_unit_range(v2, self.mean, self.std, self.size), self.sigma)
             d = score_difference(s1, s2, self.statistic)
             w = pair_weights(d, self.alpha, self.normalize, self.clip, self.renormalize)
             self._accumulate(w, d)
         out = AddonOut(weights=w)
         if self.mode == "joint":
-            dsm = dsm_loss(self._ddp[0] if self._ddp else net, to_unit_range(batch.images), net.sigma_levels)
+            images = batch.images if batch.images.shape[-1] == self.size else resize_uint8(batch.images, self.size)
+            dsm = dsm_loss(self._ddp[0] if self._ddp else net, to_unit_range(images), net.sigma_levels)
             out.loss = self.joint_weight * dsm
             out.logs["dsm_loss"] = dsm.detach()
         return out

@@ -27,6 +27,7 @@ def scorecl_errors(cfg: DictConfig) -> list[ConfigError | None]:
         _number(cfg, f"{net}.num_sigmas", low=1, integer=True),
         _number(cfg, f"{net}.epochs", low=1, integer=True),
         _number(cfg, f"{net}.max_images", low=1, integer=True, optional=True),
+        _number(cfg, f"{net}.image_size", low=8, integer=True, optional=True),
         _number(cfg, f"{net}.batch_size", low=1, integer=True),
         _number(cfg, f"{net}.lr", low=0, strict_low=True),
         _number(cfg, f"{net}.ema", low=0, high=0.999999),

@@ -123,9 +123,10 @@ def config_errors(cfg) -> list[ConfigError]:
     if cfg.get("positives") and float(cfg.positives.get("ratio", 0) or 0) > 0:
         errors.append(ConfigError("positives.ratio", cfg.positives.ratio, "0 with dataset.store=encoded (CLSP's "
                                   "synthetic set is made from decoded images of one size)"))
-    if cfg.get("weighting") and cfg.weighting.get("name", "none") != "none":
-        errors.append(ConfigError("weighting", cfg.weighting.name, "none with dataset.store=encoded (the score "
-                                  "network is trained on decoded images of one size)"))
+    if cfg.get("weighting") and cfg.weighting.get("mode") == "joint":
+        errors.append(ConfigError("weighting.mode", "joint", "pretrained with dataset.store=encoded (joint mode "
+                                  "trains the score network on each step's images, which an encoded store "
+                                  "decodes whole, of many sizes)"))
     return errors
 
 
