@@ -297,7 +297,7 @@ def _collect(items: list[tuple[str, str, bytes | str]], size: int | None, what: 
             mismatched += bad
             progress.update(done, f"{done}/{total} images", final=done == total)
     except WorkerDied as e:
-        raise DecodeFailed(f"{what}: a decode worker died ({e.how}: killed, or out of memory) after {done} of "
+        raise DecodeFailed(f"{what}: a decode worker died ({e.how}) after {done} of "
                            f"{total} images; nothing was cached. Run again (with fewer dataset.decode_workers if "
                            "memory is short)") from e
     finally:

@@ -308,8 +308,8 @@ def build_store(root: Path, data_file: Path, index_file: Path, opts: EncodeOptio
             progress.update(min(done, total), f"{min(done, total)}/{total} images", final=done >= total)
     except WorkerDied as e:
         kept = sum(1 for s in shards if Path(s[0]).exists())
-        raise DecodeFailed(f"the encoded store's build of {root} stopped: an encoding worker died ({e.how}: killed, "
-                           f"or out of memory); {kept} of {len(shards)} shards are kept in {building} and the next "
+        raise DecodeFailed(f"the encoded store's build of {root} stopped: an encoding worker died ({e.how}); "
+                           f"{kept} of {len(shards)} shards are kept in {building} and the next "
                            "run resumes from them") from e
     except OSError as e:
         _stopped_by_disk(e, building, shards)

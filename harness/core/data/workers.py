@@ -26,11 +26,13 @@ class WorkerDied(RuntimeError):
     def __init__(self, exitcode: int | None):
         if exitcode is not None and exitcode < 0:
             try:
-                self.how = f"killed by {signal.Signals(-exitcode).name}"
+                name = signal.Signals(-exitcode).name
             except ValueError:
-                self.how = f"killed by signal {-exitcode}"
-        else:
-            self.how = f"exit code {exitcode}"
+                name = f"signal {-exitcode}"
+            # SIGKILL comes from a user or from the kernel when memory runs out; the others from a user
+            self.how = f"killed by {name}" + (", by a user or when memory ran out" if name == "SIGKILL" else "")
+        else:  # its own error, printed by the worker above this line
+            self.how = f"it exited with code {exitcode}; its error is printed above"
         super().__init__(f"a worker process died ({self.how})")
 
 
