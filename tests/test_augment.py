@@ -115,3 +115,20 @@ def test_the_cpu_blur_of_the_drawn_images_equals_blurring_the_whole_batch():
     assert 0 < int(coin.sum()) < 9
     torch.testing.assert_close(got, whole, rtol=0, atol=1e-6)
     assert torch.equal(got[~coin], x[~coin]) and (got[coin] - x[coin]).abs().max() > 0.01
+
+
+def test_cpu_grayscale_and_solarize_of_the_drawn_images_equal_the_whole_batchs():
+    # As the blur: on the CPU only the drawn images are made grey or solarized; each equals what the GPU's
+    # whole-batch form gives it, bit for bit, and the others are untouched.
+    from harness.core.data import augment as aug
+
+    x = torch.rand(16, 3, 24, 20, generator=torch.Generator().manual_seed(1))
+    p = Pipeline(jitter_p=0.0, grayscale=0.5, blur_p=0.0, solarize=0.5)
+    got = aug.photometric(x.clone(), p, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    gray, sol = aug._coin(16, 0.5, g, x.device).view(-1, 1, 1, 1), aug._coin(16, 0.5, g, x.device).view(-1, 1, 1, 1)
+    whole = torch.where(gray, aug.grayscale(x).expand_as(x), x)
+    whole = torch.where(sol & (whole >= 0.5), 1.0 - whole, whole)
+    assert torch.equal(got, whole)
+    neither = ~(gray | sol).view(-1)
+    assert 0 < int(neither.sum()) < 16 and torch.equal(got[neither], x[neither])

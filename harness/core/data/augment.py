@@ -242,32 +242,43 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     return y.view(n, ch, hgt, wid)
 
 
-def blur_drawn_on_cpu(x: torch.Tensor, drawn: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
-    """On the CPU, where work is the limit, blur only the images drawn (half the work at p=0.5): each gets
-    what blurring the whole batch would give it, since the filter is per image."""
+def on_drawn_on_cpu(x: torch.Tensor, drawn: torch.Tensor, op) -> torch.Tensor:
+    """On the CPU, where work is the limit, `op(images, chosen)` only on the images drawn (half the blur's
+    work at p=0.5, a tenth of the solarize's at 0.1): each gets what `op` on the whole batch would give
+    it, since every photometric operation is per image. A GPU computes all and keeps the drawn ones
+    (indices would wait for the GPU)."""
     chosen = drawn.nonzero().squeeze(1)
-    return x.index_copy(0, chosen, gaussian_blur(x[chosen], sigma[chosen], kernel)) if len(chosen) else x
+    return x.index_copy(0, chosen, op(x[chosen], chosen)) if len(chosen) else x
+
+
+def _solarized(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0.5, 1.0 - x, x)
 
 
 def photometric(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tensor:
     """Colour jitter, grayscale, blur and solarize of a float batch in [0, 1] (after its crop)."""
     n, dev = x.shape[0], x.device
+    cpu = dev.type == "cpu"
     if p.jitter_p > 0:
         x = color_jitter(x, p, g)
     if p.grayscale > 0:
-        gray = _coin(n, p.grayscale, g, dev).view(-1, 1, 1, 1)
-        x = torch.where(gray, grayscale(x).expand_as(x), x)
+        gray = _coin(n, p.grayscale, g, dev)
+        if cpu:
+            x = on_drawn_on_cpu(x, gray, lambda images, _: grayscale(images).expand_as(images))
+        else:
+            x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
     if p.blur_p > 0:
         blur = _coin(n, p.blur_p, g, dev)
         sigma = _uniform(n, p.blur_sigma[0], p.blur_sigma[1], g, dev)
         kernel = p.blur_kernel or blur_kernel_for(x.shape[-1])
-        if dev.type == "cpu":
-            x = blur_drawn_on_cpu(x, blur, sigma, kernel)
-        else:  # on a GPU all of them, kept where drawn: no host sync for the indices
+        if cpu:
+            x = on_drawn_on_cpu(x, blur, lambda images, chosen: gaussian_blur(images, sigma[chosen], kernel))
+        else:
             x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma, kernel), x)
     if p.solarize > 0:
-        sol = _coin(n, p.solarize, g, dev).view(-1, 1, 1, 1)
-        x = torch.where(sol & (x >= 0.5), 1.0 - x, x)
+        sol = _coin(n, p.solarize, g, dev)
+        x = on_drawn_on_cpu(x, sol, lambda images, _: _solarized(images)) if cpu else torch.where(
+            sol.view(-1, 1, 1, 1), _solarized(x), x)
     return x
 
 
