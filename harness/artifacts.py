@@ -98,6 +98,8 @@ def dataset_identity(ds: DictConfig) -> dict:
         from harness.core.data.datasets import folder_manifest
 
         ident["folder_manifest"] = folder_manifest(str(ds.get("root")))
+    if ds.get("store") == "encoded":  # re-encoded images (quality, side cap), not the decoded squares
+        ident["store"] = {"encoded": _plain(ds.get("encode")) or {}}
     return ident
 
 

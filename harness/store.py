@@ -199,6 +199,13 @@ NOT_IN_RUN_KEY = (
     "positives.stages",
 )
 
+# Options added after runs were recorded, whose null default does what the code did before them: left
+# out of the run key while null, so every earlier run keeps its key (and is not trained again).
+NOT_IN_RUN_KEY_WHEN_NULL = (
+    "weighting.score_net.image_size",  # ScoreCL's score network at the decoded images' own size
+    "positives.diffusion.image_size",  # CLSP's DDPM and synthetic set at the decoded images' own size
+)
+
 # Set in the environment of every job of one sweep (the sweep_summary callback, the launchers).
 SWEEP_ENV = "HARNESS_SWEEP_ID"
 

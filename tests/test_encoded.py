@@ -407,13 +407,13 @@ def test_a_one_epoch_run_on_the_encoded_tree_records_knn_and_the_imagenet_linear
 
 
 def test_the_score_networks_images_are_centre_crops_of_the_encoded_store_at_its_own_size(store):
-    from methods.scorecl.addon import ENCODED_SCORE_SIZE, score_net_images, score_net_size
+    from methods.scorecl.addon import score_net_images, score_net_size
 
     ds, _ = store
     split = encoded.load_encoded(ds)["train_x"]
     net_cfg = OmegaConf.create({"image_size": None, "max_images": 8, "seed": 3})
     x = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
-    assert (score_net_size(net_cfg, split), score_net_size(net_cfg, x)) == (ENCODED_SCORE_SIZE, 16)
+    assert (score_net_size(net_cfg, split), score_net_size(net_cfg, x)) == (encoded.ADDON_SIZE_ON_ENCODED, 16)
     images = score_net_images(split, 32, net_cfg, chunk=3)
     # only the seeded max_images subset is decoded, as the evaluation view makes it at 32 px
     chosen = torch.randperm(30, generator=torch.Generator().manual_seed(3))[:8]
@@ -423,8 +423,11 @@ def test_the_score_networks_images_are_centre_crops_of_the_encoded_store_at_its_
     assert score_net_images(x, 8, net_cfg).shape == (5, 3, 8, 8)
 
 
-def test_scorecl_trains_on_the_encoded_tree_with_its_score_network_at_its_own_size(tree, tmp_path):
+def test_scorecl_and_clsp_train_on_the_encoded_tree_with_their_networks_at_their_own_sizes(tree, tmp_path):
+    # Both add-ons in one run: ScoreCL's score network at 32 px, CLSP's DDPM and synthetic set at 16 px,
+    # the method's views at 64 px (resized for the score, cropped and resized up for the synthetic views).
     from harness.store import Store
+    from methods.clsp.diffusion import load_model
     from methods.scorecl.score_net import ScoreNet
     from tests.conftest import run_harness
 
@@ -436,14 +439,21 @@ def test_scorecl_trains_on_the_encoded_tree_with_its_score_network_at_its_own_si
     refused = run_harness(*common, "weighting.mode=joint", check=False)
     assert refused.returncode == 2 and "weighting.mode = 'joint' is not allowed: expected pretrained with " \
         "dataset.store=encoded" in refused.stderr, refused.stderr[-2000:]
-    done = run_harness(*common, "weighting.score_net.image_size=32", "trainer.epochs=1", "trainer.batch_size=10",
-                       "trainer.warmup_epochs=0", "eval.knn=[{k: 5, T: 0.1}]")
-    assert "[scorecl] score network from" in done.stderr
-    (folder,) = [f for f in (Path(f"{db}.artifacts") / "score_net").iterdir() if f.is_dir()]
-    assert ScoreNet.load(folder).unet.config.sample_size == 32  # the 64-px views were resized to it
+    done = run_harness(*common, "weighting.score_net.image_size=32", "positives=clsp_tiny", "positives.ratio=0.5",
+                       "positives.diffusion.image_size=16", "positives.diffusion.epochs=1", "trainer.epochs=1",
+                       "trainer.batch_size=10", "trainer.warmup_epochs=0", "eval.knn=[{k: 5, T: 0.1}]")
+    assert "[scorecl] score network from" in done.stderr and "[clsp] synthetic set" in done.stderr
+    artifacts = Path(f"{db}.artifacts")
+    (score_net,) = [f for f in (artifacts / "score_net").iterdir() if f.is_dir()]
+    assert ScoreNet.load(score_net).unet.config.sample_size == 32
+    (ddpm,) = [f for f in (artifacts / "diffusion").iterdir() if f.is_dir() and not f.name.endswith(".partial")]
+    assert load_model(str(ddpm))[0].config.sample_size == 16
+    (synthetic,) = [f for f in (artifacts / "synthetic").iterdir() if f.is_dir()]
+    assert np.load(synthetic / "candidates.npy", mmap_mode="r").shape == (30, 2, 16, 16, 3)
     metrics = {r["name"]: r["value"] for r in Store(db).query("SELECT name, value FROM metrics")}
-    # mean-normalised weights average 1 + alpha; the pairs were weighted differently
+    # mean-normalised weights average 1 + alpha; the pairs were weighted differently; half got a synthetic one
     assert metrics["weight_mean"] == pytest.approx(2.0, abs=1e-4) and metrics["weight_std"] > 0
+    assert metrics["synthetic_share"] == pytest.approx(0.5, abs=0.02) and math.isfinite(metrics["loss_synthetic"])
 
 
 @pytest.mark.parametrize("sweep", ["sce_imagenet", "sce_imagenet_multicrop"])

@@ -170,3 +170,29 @@ def test_cifar_keys_with_synchronised_batchnorm_keep_their_old_form(monkeypatch)
         _drop(tree, dotted)
     old = hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
     assert run_key(cfg) == old[:16]
+
+
+@pytest.mark.parametrize("group,field", [("weighting=scorecl", "weighting.score_net.image_size"),
+                                         ("positives=clsp", "positives.diffusion.image_size")])
+def test_an_add_on_image_size_left_null_keeps_the_keys_runs_had_before_the_option(group, field):
+    """The option came after runs were recorded: while null (the decoded images' own size, what the code
+    did before) neither the run key nor the artifact key holds it; set, both change."""
+    import hashlib
+    import json
+
+    from harness.artifacts import config_hash
+    from harness.jobs.config import NOT_IN_RUN_KEY, _drop, to_container
+    from methods.clsp.diffusion import model_identity
+    from methods.scorecl.addon import score_net_identity
+
+    cfg = compose([group])
+    tree = to_container(cfg)
+    for dotted in (*NOT_IN_RUN_KEY, field):
+        _drop(tree, dotted)
+    old = hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    assert run_key(cfg, 1) == old[:16]
+    sized = compose([group, f"{field}=32"])
+    assert run_key(sized, 1) != run_key(cfg, 1)
+    artifact = score_net_identity if group.startswith("weighting") else model_identity
+    assert "image_size" not in json.dumps(artifact(cfg))
+    assert config_hash(artifact(sized)) != config_hash(artifact(cfg))

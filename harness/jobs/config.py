@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import ConfigError
 from harness.jobs import loggers
-from harness.store import NOT_IN_RUN_KEY
+from harness.store import NOT_IN_RUN_KEY, NOT_IN_RUN_KEY_WHEN_NULL
 
 
 def to_container(cfg: DictConfig) -> dict:
@@ -78,6 +78,9 @@ def run_key(cfg: DictConfig, world_size: int | None = None) -> str:
     tree = experiment_config(cfg, world_size)
     for dotted in NOT_IN_RUN_KEY:
         _drop(tree, dotted)
+    for dotted in NOT_IN_RUN_KEY_WHEN_NULL:
+        if OmegaConf.select(cfg, dotted, default=None) is None:
+            _drop(tree, dotted)
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

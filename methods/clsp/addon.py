@@ -117,8 +117,9 @@ class SyntheticPositives:
         print(f"[clsp] synthetic set {folder}; anchors | candidates grid in {target / 'clsp_grid.png'}",
               file=sys.stderr, flush=True)
 
-    def synthetic_views(self, image_ids: torch.Tensor) -> torch.Tensor:
-        """One random candidate of each training image (full-split positions), augmented and normalised."""
+    def synthetic_views(self, image_ids: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """One random candidate of each training image (full-split positions), augmented and normalised,
+        as views of `size` (the method's view's; None: the candidates' own)."""
         rows = self.row_of[image_ids]
         pick = torch.randint(self.candidates.shape[1], (len(rows),), generator=self.generator,
                              device=rows.device)
@@ -127,7 +128,7 @@ class SyntheticPositives:
         else:
             images = self.candidates[rows, pick].permute(0, 3, 1, 2)
         with torch.autocast(rows.device.type, enabled=False):
-            return (augment(images, self.pipeline, self.generator) - self.mean) / self.std
+            return (augment(images, self.pipeline, self.generator, size) - self.mean) / self.std
 
     def step(self, batch: Batch) -> AddonOut:
         n = len(batch.index)
@@ -136,9 +137,10 @@ class SyntheticPositives:
         if k == 0:
             return AddonOut()
         selected = torch.randperm(n, generator=self.generator, device=batch.index.device)[:k]
-        views = self.synthetic_views(batch.index[selected]).to(batch.views[0].dtype)
+        anchor_views = batch.views[self.view]
+        views = self.synthetic_views(batch.index[selected], anchor_views.shape[-1]).to(anchor_views.dtype)
         if self.mode == "similarity":
-            term = similarity_term(batch.method, batch.views[self.view][selected], views)
+            term = similarity_term(batch.method, anchor_views[selected], views)
         else:
             hook = getattr(batch.method, "synthetic_positive_loss", None)
             if hook is None:

@@ -22,6 +22,7 @@ def clsp_errors(cfg: DictConfig) -> list[ConfigError | None]:
         _choice(cfg, f"{p}.mode", MODES),
         _number(cfg, f"{p}.view", low=0, high=len(cfg.augment.views) - 1, integer=True),
         _number(cfg, f"{p}.candidates", low=1, integer=True),
+        _number(cfg, f"{p}.diffusion.image_size", low=8, integer=True, optional=True),
         _number(cfg, f"{p}.sampler.steps", low=1, integer=True),
         _number(cfg, f"{p}.sampler.eta", low=0, high=1),
         _number(cfg, f"{p}.sampler.weight", low=0, high=1),

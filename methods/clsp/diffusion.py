@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from harness.artifacts import artifact_path, build_once, dataset_identity, lock_timeout_s
 from harness.core import tv  # noqa: F401  (makes torchvision, and so diffusers, importable on a CPU torch)
 from harness.core.checkpoint import load_checkpoint, save_checkpoint
+from harness.core.data.encoded import ADDON_SIZE_ON_ENCODED, is_encoded
 from harness.core.ema import ema_update
 from harness.core.optim import Adam
 from harness.core.progress import Progress
@@ -249,6 +250,10 @@ def model_identity(cfg) -> dict:
     if d.get("hub_id"):
         return {"hub_id": str(d.hub_id)}
     recipe = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k not in _NOT_IN_MODEL_KEY}
+    if recipe.get("image_size") is None:  # the decoded images' own size: left out, as before the option
+        recipe.pop("image_size", None)
+        if is_encoded(cfg.dataset):
+            recipe["image_size"] = ADDON_SIZE_ON_ENCODED
     return {"train": recipe, "data": dataset_identity(cfg.dataset)}
 
 

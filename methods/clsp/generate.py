@@ -49,7 +49,8 @@ from harness.artifacts import (
     with_absolute_artifacts,
 )
 from harness.atomic import atomic_file, write_text_atomic
-from harness.core.data.datasets import ImageData, load_dataset, pretraining_view
+from harness.core.data.datasets import ImageData, pretraining_view
+from harness.core.data.encoded import addon_image_size, at_size, load_dataset, take
 from harness.core.progress import Progress
 from harness.jobs.stages import Resources, Stage
 from methods.clsp.diffusion import (
@@ -123,20 +124,21 @@ def run_shard(cfg: DictConfig, shard: int, shards: int, data: ImageData | None =
             return out
         p = cfg.positives
         data = data if data is not None else pretraining_view(load_dataset(cfg.dataset))
+        images = generation_images(cfg, data)
         device = generation_device(cfg)
-        unet, trained = load_model(diffusion_model(cfg, data.train_x, device))
+        unet, trained = load_model(diffusion_model(cfg, images, device))
         unet = unet.to(device).eval()
         scheduler = ddim_scheduler(trained, p.sampler)
         k, seed = int(p.candidates), int(p.generate.seed)
-        start, stop = shard_range(len(data.train_x), shard, shards)
+        start, stop = shard_range(len(images), shard, shards)
         ids = data.train_index.tolist()
-        h, w = data.train_x.shape[-2:]
+        h, w = images.shape[-2:]
         result = np.empty((stop - start, k, h, w, 3), dtype=np.uint8)
         per_call = max(1, int(p.sampler.batch_size) // k)
         progress = Progress(label, stop, first=start, every=log_every)
         for b in range(start, stop, per_call):
             e = min(b + per_call, stop)
-            anchors = data.train_x[b:e].to(device)
+            anchors = images[b:e].to(device)
             result[b - start:e - start] = generate_candidates(unet, scheduler, anchors, ids[b:e], k, p.sampler,
                                                               seed).cpu().numpy()
             progress.update(e, f"{e - start}/{stop - start} images (×{k} candidates)", final=e == stop)
@@ -206,7 +208,8 @@ def synthetic_set(cfg: DictConfig, data: ImageData, device: torch.device) -> Pat
     path = synthetic_path(cfg)
     if (path / MANIFEST).exists():
         return path
-    diffusion_model(cfg, data.train_x, device)  # trained once here, before the shard processes need it
+    images = generation_images(cfg, data)
+    diffusion_model(cfg, images, device)  # trained once here, before the shard processes need it
     shards = int(cfg.positives.generate.shards)
     parts = parts_dir(path)
 
@@ -216,16 +219,16 @@ def synthetic_set(cfg: DictConfig, data: ImageData, device: torch.device) -> Pat
             print(f"[clsp] {shards - len(todo)} of {shards} shards already done", file=sys.stderr, flush=True)
         if todo:
             run_shards_locally(cfg, todo, shards)
-        k, (h, w) = int(cfg.positives.candidates), data.train_x.shape[-2:]
+        k, (h, w) = int(cfg.positives.candidates), images.shape[-2:]
         out = np.lib.format.open_memmap(tmp / "candidates.npy", mode="w+", dtype=np.uint8,
-                                        shape=(len(data.train_x), k, h, w, 3))
+                                        shape=(len(images), k, h, w, 3))
         for i in range(shards):
-            start, stop = shard_range(len(data.train_x), i, shards)
+            start, stop = shard_range(len(images), i, shards)
             out[start:stop] = np.load(shard_file(parts, i, shards))
         out.flush()
         np.save(tmp / "index.npy", data.train_index.numpy().astype(np.int64))
-        rows = np.linspace(0, len(data.train_x) - 1, min(8, len(data.train_x))).round().astype(int)
-        save_grid(tmp / "grid.png", data.train_x[rows], np.asarray(out[rows]))
+        rows = np.linspace(0, len(images) - 1, min(8, len(images))).round().astype(int)
+        save_grid(tmp / "grid.png", take(images, rows), np.asarray(out[rows]))
         del out
 
     build_once(path, assemble, config=synthetic_identity(cfg), what="synthetic set", timeout_s=lock_timeout_s(cfg))
@@ -242,9 +245,18 @@ def generation_device(cfg: DictConfig) -> torch.device:
     return resolve_device(str(cfg.positives.generate.device))
 
 
+def generation_images(cfg: DictConfig, data: ImageData):
+    """The training images at the DDPM's side (positives.diffusion.image_size): what it trains on, the
+    anchors its candidates are made from, and so the synthetic set's size (uint8 N×3×S×S, or an encoded
+    split that decodes them so)."""
+    size = addon_image_size(OmegaConf.select(cfg, "positives.diffusion.image_size", default=None), data.train_x)
+    return at_size(data.train_x, size)
+
+
 def stage_diffusion_model(cfg: DictConfig) -> str:
     """The DDPM stage's build: train (or find) the diffusion model."""
-    return diffusion_model(cfg, pretraining_view(load_dataset(cfg.dataset)).train_x, generation_device(cfg))
+    return diffusion_model(cfg, generation_images(cfg, pretraining_view(load_dataset(cfg.dataset))),
+                           generation_device(cfg))
 
 
 def build_synthetic_set(cfg: DictConfig) -> str:

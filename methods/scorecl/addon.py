@@ -40,6 +40,8 @@ from torch import nn
 from harness.artifacts import artifact_done, artifact_path, build_once, dataset_identity, lock_timeout_s
 from harness.core import distributed
 from harness.core.addons import AddonOut, Batch
+from harness.core.data.encoded import ADDON_SIZE_ON_ENCODED, addon_image_size, at_size, is_encoded, resize_uint8
+from harness.core.progress import Progress
 from harness.jobs.stages import Resources, Stage
 from methods.scorecl.checks import SCORECL_NORMALIZATIONS, SCORECL_STATISTICS, scorecl_errors
 from methods.scorecl.score_net import ScoreNet, dsm_loss, to_unit_range, train_score_net
@@ -92,8 +94,14 @@ def pair_weights(d: torch.Tensor, alpha: float, normalize: str, clip: tuple[floa
 
 
 def score_net_identity(cfg: DictConfig) -> dict:
-    """What decides the pretrained score network: its own settings and the training split."""
-    return {"score_net": cfg.weighting.score_net, "data": dataset_identity(cfg.dataset)}
+    """What decides the pretrained score network: its own settings (its size as resolved; a null size on
+    decoded images is left out, as before the option) and the training split."""
+    net = OmegaConf.to_container(cfg.weighting.score_net, resolve=True)
+    if net.get("image_size") is None:
+        net.pop("image_size", None)
+        if is_encoded(cfg.dataset):
+            net["image_size"] = ADDON_SIZE_ON_ENCODED
+    return {"score_net": net, "data": dataset_identity(cfg.dataset)}
 
 
 def score_net_path(cfg: DictConfig) -> Path:
@@ -123,51 +131,36 @@ def pretrained_score_net(cfg: DictConfig, data=None, device: torch.device | None
                       seed=int(net_cfg.seed), timeout_s=lock_timeout_s(cfg))  # score_net.seed: the UNet's init too
 
 
-ENCODED_SCORE_SIZE = 64  # score_net.image_size's default on an encoded store (see the module's docstring)
-
-
 def score_net_size(net_cfg, train_x) -> int:
-    """The score network's resolution: score_net.image_size, else the decoded training images' size,
-    else (an encoded store, images of many sizes) ENCODED_SCORE_SIZE."""
-    if net_cfg.get("image_size") is not None:
-        return int(net_cfg.image_size)
-    return int(train_x.shape[-1]) if isinstance(train_x, torch.Tensor) else ENCODED_SCORE_SIZE
+    """The score network's resolution (score_net.image_size; see harness/core/data/encoded.py)."""
+    return addon_image_size(net_cfg.get("image_size"), train_x)
 
 
 def score_net_images(train_x, size: int, net_cfg, chunk: int = 512) -> torch.Tensor:
     """The uint8 N×3×size×size images the score network trains on. Decoded images are resized only when
-    `size` differs from theirs; an encoded store's images are decoded as centre crops (shorter side to
-    size/0.875, the evaluation view's ratio), only the seeded subset of score_net.max_images of them."""
+    `size` differs from theirs; an encoded store's images are decoded as centre crops at `size`, only the
+    seeded subset of score_net.max_images of them."""
     if isinstance(train_x, torch.Tensor):
-        if train_x.shape[-1] == size and train_x.shape[-2] == size:
-            return train_x  # train_score_net takes its max_images subset itself, as it always has
-        return torch.cat([resize_uint8(train_x[i:i + chunk], size) for i in range(0, len(train_x), chunk)])
-    from harness.core.data.encoded import EncodedSplit
-    from harness.core.progress import Progress
-
+        return at_size(train_x, size)  # train_score_net takes its max_images subset itself, as it always has
     if net_cfg.get("max_images") and len(train_x) > int(net_cfg.max_images):
         gen = torch.Generator().manual_seed(int(net_cfg.seed))
         train_x = train_x.take_rows(torch.randperm(len(train_x), generator=gen)[:int(net_cfg.max_images)])
-    at_size = EncodedSplit(train_x.index_file, train_x.rows, size, round(size / 0.875))
-    progress = Progress("[score_net] decoding its training images", len(at_size))
+    images = at_size(train_x, size)
+    progress = Progress("[score_net] decoding its training images", len(images))
     out = []
-    for start in range(0, len(at_size), chunk):
-        out.append(at_size[start:start + chunk].to("cpu"))
-        if progress.due(final=start + chunk >= len(at_size)):
-            progress.report(min(start + chunk, len(at_size)), f"{min(start + chunk, len(at_size))}/{len(at_size)} "
-                            f"images at {size} px")
+    for start in range(0, len(images), chunk):
+        out.append(images[start:start + chunk].to("cpu"))
+        done = min(start + chunk, len(images))
+        if progress.due(final=done == len(images)):
+            progress.report(done, f"{done}/{len(images)} images at {size} px")
     return torch.cat(out)
 
 
-def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _views_to_unit_range(view: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int) -> torch.Tensor:
+def _views_to_unit_range(view: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                         size: int | None) -> torch.Tensor:
     """A method's view (normalised with the dataset's mean/std) → the score net's [-1, 1] at its size."""
     x = (view.float() * std + mean) * 2.0 - 1.0
-    if x.shape[-1] != size or x.shape[-2] != size:
+    if size is not None and (x.shape[-1] != size or x.shape[-2] != size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x
 
@@ -202,6 +195,7 @@ class ScoreCL(nn.Module):
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self._frozen: list[ScoreNet] = []  # pretrained: kept out of the module tree (not optimised, not saved)
+        self.size: int | None = None  # the score network's side, set by setup (None: the views' own)
         self._ddp = None
         self._reset()
 
@@ -234,7 +228,8 @@ class ScoreCL(nn.Module):
             self._accumulate(w, d)
         out = AddonOut(weights=w)
         if self.mode == "joint":
-            images = batch.images if batch.images.shape[-1] == self.size else resize_uint8(batch.images, self.size)
+            images = batch.images if self.size in (None, batch.images.shape[-1]) else resize_uint8(batch.images,
+                                                                                                  self.size)
             dsm = dsm_loss(self._ddp[0] if self._ddp else net, to_unit_range(images), net.sigma_levels)
             out.loss = self.joint_weight * dsm
             out.logs["dsm_loss"] = dsm.detach()

@@ -120,9 +120,6 @@ def config_errors(cfg) -> list[ConfigError]:
         if ds.get(field) == "auto":
             errors.append(ConfigError(f"dataset.{field}", "auto", "3 numbers with dataset.store=encoded (auto is "
                                       "computed from a decoded cache)"))
-    if cfg.get("positives") and float(cfg.positives.get("ratio", 0) or 0) > 0:
-        errors.append(ConfigError("positives.ratio", cfg.positives.ratio, "0 with dataset.store=encoded (CLSP's "
-                                  "synthetic set is made from decoded images of one size)"))
     if cfg.get("weighting") and cfg.weighting.get("mode") == "joint":
         errors.append(ConfigError("weighting.mode", "joint", "pretrained with dataset.store=encoded (joint mode "
                                   "trains the score network on each step's images, which an encoded store "
@@ -616,6 +613,43 @@ class EncodedBatches:
             if i + 1 < len(steps):
                 pending = self.pool.submit(load, steps[i + 1])
             yield step, order[start(step):][:size].to(self.device, non_blocking=True), images
+
+
+# The side of the images an add-on's own network works at (ScoreCL's score network, CLSP's DDPM and
+# its synthetic set) on an encoded store, when its config leaves it null: an encoded store's images
+# have many sizes, and at the views' 224 px ImageNet-100 alone would be 19 GB of decoded images.
+ADDON_SIZE_ON_ENCODED = 64
+
+
+def addon_image_size(configured, images) -> int:
+    """The side an add-on's network works at: its configured size, else the decoded images' own, else
+    (an encoded split) ADDON_SIZE_ON_ENCODED."""
+    if configured is not None:
+        return int(configured)
+    return ADDON_SIZE_ON_ENCODED if isinstance(images, EncodedSplit) else int(images.shape[-1])
+
+
+def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 N×3×H×W resized to size×size (bilinear, antialiased), uint8."""
+    return F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def at_size(images, size: int, chunk: int = 512):
+    """Training images as an add-on's network sees them, size×size uint8: a decoded tensor as it is when
+    the size is its own, else resized; an encoded split as the same images whose `.to(device)` (and
+    slices') decode centre crops at `size` (shorter side to size/0.875, the evaluation view's ratio)."""
+    if isinstance(images, EncodedSplit):
+        return EncodedSplit(images.index_file, images.rows, size, round(size / 0.875))
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return torch.cat([resize_uint8(images[i:i + chunk], size) for i in range(0, len(images), chunk)])
+
+
+def take(images, rows) -> torch.Tensor:
+    """Images `rows` (positions) of a decoded tensor or an encoded split, as a uint8 tensor on the CPU."""
+    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    return images.take_rows(rows).to("cpu") if isinstance(images, EncodedSplit) else images[rows]
 
 
 def index_sizes(split: EncodedSplit) -> torch.Tensor:
