@@ -471,14 +471,17 @@ def test_the_sce_imagenet_presets_preview_every_point(tree, tmp_path, sweep):
     assert (cfg.trainer.epochs, len(cfg.augment.views)) == ((100, 2) if sweep == "sce_imagenet" else (200, 6))
 
 
+def cfg_overrides(tree: Path, cache: Path) -> list[str]:
+    return ["dataset=imagenet", f"dataset.root={tree}", f"dataset.cache_dir={cache}", "dataset.train_size=100000"]
+
+
 def test_the_memory_check_knows_the_encoded_sizes(tree, store, tmp_path):
     from harness.core.data.datasets import SplitCounts
     from harness.core.data.residency import memory_needs
     from harness.jobs.config import compose
 
     counts = SplitCounts([1300] * 1000, [50] * 1000, "ImageNet-1k's counts")
-    cfg = compose(["dataset=imagenet", f"dataset.root={tree}", f"dataset.cache_dir={tmp_path}",
-                   "dataset.train_size=100000"])
+    cfg = compose(cfg_overrides(tree, tmp_path))
     needs = memory_needs(cfg, counts, encoded.estimated_image_bytes(cfg.dataset), [], torch.device("cpu"))
     # not built (another cache folder): the estimate at 288 px, quality 90 (about 34 KB an image):
     # ImageNet-1k under 60 GB, and a subset is a view of the mapped bytes, not a copy
@@ -486,6 +489,16 @@ def test_the_memory_check_knows_the_encoded_sizes(tree, store, tmp_path):
     ds, index_file = store  # built: the measured size
     index, _ = encoded.open_store(str(index_file))
     assert encoded.estimated_image_bytes(ds) == index["bytes"] // len(index["sizes"])
+    # CLSP's candidates are decoded images at the DDPM's side (64 px unless set), mapped beside the store
+    from methods.clsp.addon import SyntheticPositives
+
+    image = encoded.estimated_image_bytes(cfg.dataset)
+    for size, side in ((None, 64), (32, 32)):
+        clsp = compose([*cfg_overrides(tree, tmp_path), "positives=clsp", "positives.ratio=0.5",
+                        f"positives.diffusion.image_size={'null' if size is None else size}"])
+        with_clsp = memory_needs(clsp, counts, image, [SyntheticPositives], torch.device("cpu"))
+        assert with_clsp.host_shared == needs.host_shared  # on the CPU each process loads them
+        assert with_clsp.host_private - needs.host_private == 8 * 100_000 * 3 * side * side
 
 
 def test_subsets_and_a_hold_out_of_an_encoded_set_are_views_of_the_same_bytes(store):

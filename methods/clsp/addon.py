@@ -34,10 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from harness.core import distributed
 from harness.core.addons import AddonOut, Batch
 from harness.core.data.augment import Pipeline, augment
+from harness.core.data.encoded import ADDON_SIZE_ON_ENCODED, is_encoded
 from methods.clsp.checks import MODES, clsp_errors
 
 
@@ -65,11 +67,18 @@ class SyntheticPositives:
         return clsp_stages(cfg)
 
     @staticmethod
-    def dataset_copies(cfg) -> float:
-        """The memory budget's hook (harness/core/data/residency.py): the candidate set is K more
-        copies of the training images, held where the training set is (dataset.residency)."""
+    def held_bytes(cfg, n_images: int, image_bytes: int) -> int:
+        """The memory budget's hook (harness/core/data/residency.py): the candidate set, K images per
+        training image at the DDPM's side (`image_bytes`, a decoded training image's, while that side is
+        theirs), held where the training set is (dataset.residency)."""
         positives = cfg.get("positives") or {}
-        return float(positives.get("candidates", 0) or 0) if float(positives.get("ratio", 0) or 0) > 0 else 0.0
+        if float(positives.get("ratio", 0) or 0) <= 0:
+            return 0
+        size = OmegaConf.select(cfg, "positives.diffusion.image_size", default=None)
+        if size is None and is_encoded(cfg.dataset):
+            size = ADDON_SIZE_ON_ENCODED
+        per_image = image_bytes if size is None else 3 * int(size) ** 2
+        return int(positives.get("candidates", 0) or 0) * n_images * per_image
 
     def __init__(self, cfg, ratio: float = 0.5, weight: float = 1.0, mode: str = "similarity", view: int = 0,
                  candidates: int = 8, diffusion=None, sampler=None, generate=None, stages=None):

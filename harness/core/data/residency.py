@@ -36,10 +36,11 @@ def gb(n: float) -> str:
     return f"{n / GB:,.1f} GB"
 
 
-def addon_copies(cfg, addon_classes: list[type]) -> float:
-    """How many more copies of the training set the add-ons hold beside it (class hook
-    ``dataset_copies(cfg)``; CLSP: its K candidates per image)."""
-    return float(sum(getattr(c, "dataset_copies", lambda _: 0)(cfg) for c in addon_classes))
+def addon_bytes(cfg, addon_classes: list[type], n_images: int, image_bytes: int) -> int:
+    """Bytes the add-ons hold beside a training set of `n_images` images of `image_bytes` each, where the
+    set is held (class hook ``held_bytes(cfg, n_images, image_bytes)``; CLSP: its K candidates per image,
+    at its own image size)."""
+    return int(sum(getattr(c, "held_bytes", lambda *_: 0)(cfg, n_images, image_bytes) for c in addon_classes))
 
 
 def free_device_memory(device: torch.device) -> int | None:
@@ -140,7 +141,8 @@ def memory_errors(cfg, counts, addon_classes: list[type]) -> list[ConfigError]:
     if wanted == "device" and device.type == "cuda":
         free = free_device_memory(device)
         if needs.device > free:
-            what = "the training set and its add-on copies" if addon_copies(cfg, addon_classes) else "the training set"
+            held = addon_bytes(cfg, addon_classes, 1, image)
+            what = "the training set and what its add-ons hold" if held else "the training set"
             errors.append(ConfigError("dataset.residency", "device", f"host or auto: {what} need {gb(needs.device)} "
                                       f"on each GPU, {device} has {gb(free)} free"))
     available = _host_available()
@@ -168,9 +170,15 @@ def memory_needs(cfg, counts, image: int, addon_classes: list[type], device: tor
         residency = ds.get("residency", "auto") if device.type == "cuda" else "device"
         residency = "host" if residency == "auto" else residency
         n_train = int(ds.get("train_size") or (n_train_split - int(ds.get("val_size") or 0)))
-        on_device = n_train * image if residency == "device" and device.type == "cuda" else 0
-        pinned = 2 * int(cfg.trainer.batch_size) * image if device.type == "cuda" else 0  # a step's bytes, twice
-        return MemoryNeeds(on_device, pinned, (n_train_split + n_test_split) * image, residency)
+        # What the add-ons hold (CLSP's candidates, decoded at their own size) goes where the set goes: to
+        # each GPU, mapped and shared by the node (host), or loaded by each process (the CPU's "device").
+        held = addon_bytes(cfg, addon_classes, n_train, image)
+        on_gpu = residency == "device" and device.type == "cuda"
+        on_device = n_train * image + held if on_gpu else 0
+        shared = (n_train_split + n_test_split) * image + (held if residency == "host" else 0)
+        private = 2 * int(cfg.trainer.batch_size) * image if device.type == "cuda" else 0  # a step's bytes, twice
+        private += held if residency == "device" and not on_gpu else 0
+        return MemoryNeeds(on_device, private, shared, residency)
     val = int(ds.get("val_size") or 0)
     n_train = int(ds.get("train_size") or (n_train_split - val))
     n_test = int(ds.get("test_size") or n_test_split)
@@ -182,7 +190,7 @@ def memory_needs(cfg, counts, image: int, addon_classes: list[type], device: tor
     from harness.core.data.official import unlabeled_count
 
     unlabeled = unlabeled_count(ds)  # STL-10's: trained on (and copied by add-ons) beside the labelled split
-    train_bytes = int((n_train + unlabeled) * image * (1 + addon_copies(cfg, addon_classes)))
+    train_bytes = (n_train + unlabeled) * image + addon_bytes(cfg, addon_classes, n_train + unlabeled, image)
     wanted = ds.get("residency", "auto")
     residency = "device" if device.type != "cuda" else wanted
     if residency == "auto":
@@ -276,8 +284,8 @@ def resolve(cfg, images: torch.Tensor, device: torch.device, addons: list, verbo
     ds = cfg.dataset
     wanted = ds.get("residency", "auto") or "auto"
     fraction = float(ds.get("device_memory_fraction", DEFAULT_DEVICE_FRACTION))
-    copies = addon_copies(cfg, [type(a) for a in addons])
-    set_bytes = int(images.nbytes * (1 + copies))  # an encoded split's nbytes: its JPEG bytes
+    n = len(images)  # an encoded split's nbytes: its JPEG bytes
+    set_bytes = int(images.nbytes) + addon_bytes(cfg, [type(a) for a in addons], n, int(images.nbytes) // max(n, 1))
     residency, why = choose(wanted, device, set_bytes, fraction)
     if verbose:
         print(f"[data] residency={residency}: {why}", file=sys.stderr, flush=True)
