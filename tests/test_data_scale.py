@@ -313,3 +313,17 @@ def test_subsets_are_one_mapped_file_that_every_rank_shares(tmp_path):
     rank = ranks[0]
     assert torch.equal(rank.train_x, full.train_x[rank.train_index])  # the same images as a copy would hold
     assert len(rank.train_x) == 8 and len(rank.val_x) == 4 and len(rank.test_x) == 8
+
+
+def test_a_script_without_a_main_guard_decodes_with_workers_that_do_not_run_it_again(tmp_path):
+    # Fork-server workers re-run the parent's script before their first task; a script that loads a data
+    # set without `if __name__ == "__main__":` then hung (each worker waited for its parent's decode lock).
+    # The workers now start with __main__ left out: the script runs once, the tasks run in the workers.
+    script = tmp_path / "unguarded.py"
+    script.write_text("from harness.core.data.workers import map_in_processes\n"
+                      "print('script ran', flush=True)\n"
+                      "print(list(map_in_processes(abs, [-1, -2, 3, -4], 2, 'harness.core.data.workers')))\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=harness_env(), capture_output=True,
+                          text=True, timeout=300)  # a hang guard only
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["script ran", "[1, 2, 3, 4]"]

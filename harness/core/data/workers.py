@@ -9,8 +9,11 @@ no lock is shared and a death is seen the moment it happens.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
+import sys
+import types
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -49,6 +52,27 @@ def _serve(conn: Connection, fn: Callable[[Any], Any]) -> None:
                 conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
 
 
+@contextlib.contextmanager
+def _main_left_out(fn: Callable[[Any], Any]) -> Iterator[None]:
+    """Start workers that do not run the parent's __main__ again. A fork-server worker, like a spawned one,
+    re-runs the script that started the parent (as __mp_main__) before its first task; in a script without
+    an `if __name__ == "__main__":` guard that loads a dataset, each worker then loaded it again, waited for
+    the decode lock its own parent held, and the decode hung. The tasks' functions live in `preload`'s
+    module, so a worker needs nothing of __main__: while a worker starts, __main__ is a bare module. Not
+    when the function is __main__'s own (`python -m harness.core.data.encoded`, a guarded module): the
+    worker must import it to find the function."""
+    main = sys.modules.get("__main__")
+    if getattr(fn, "__module__", None) == "__main__":
+        yield
+        return
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
 def map_in_processes(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int,
                      preload: str) -> Iterator[Any]:
     """`fn(task)` for each task, in task order, computed in `workers` processes forked from a fork server
@@ -64,7 +88,8 @@ def map_in_processes(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: in
         for _ in range(max(1, min(workers, len(tasks)))):
             parent, child = context.Pipe()
             proc = context.Process(target=_serve, args=(child, fn), daemon=True)
-            proc.start()
+            with _main_left_out(fn):
+                proc.start()
             child.close()
             procs.append(proc)
             conns.append(parent)
