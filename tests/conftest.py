@@ -37,6 +37,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         _without_cifar()
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`), which tests may run beside which.
+
+    Slurm tests share one two-node cluster and some take a node down, so they run one after another
+    on one worker. Every other test goes with its own module, so that a module's fixture (a trained
+    backbone, a generated tree) is built once rather than once per worker.
+    """
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def harness_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
