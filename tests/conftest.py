@@ -11,6 +11,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist the workers share the cores: each worker's torch, and each job it starts, gets its
+# share of them. Two workers with two threads each on two cores spin against each other (torch's
+# threads wait busily): the learning check's fixture took 674 s instead of 143.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+THREADS = max(1, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
 
 def cifar_archive() -> Path | None:
     from harness.core.data.datasets import default_archive
@@ -37,23 +44,31 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         _without_cifar()
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`--dist loadgroup`), which tests may run beside which.
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
 
-    Slurm tests share one two-node cluster and some take a node down, so they run one after another
-    on one worker. Every other test goes with its own module, so that a module's fixture (a trained
-    backbone, a generated tree) is built once rather than once per worker.
+    torch.set_num_threads(THREADS)  # in case torch was imported before OMP_NUM_THREADS was set above
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with Slurm tests first, then files with slow tests, then the rest, each file's tests in their
+    own order. pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands out files in this order as
+    workers come free, so the long files start early and the run does not end waiting on one of them.
     """
+    def rank(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("slow") else 2
+
+    first = {}
     for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        module = item.nodeid.split("::")[0]
+        first[module] = min(first.get(module, 2), rank(item))
+    items.sort(key=lambda item: first[item.nodeid.split("::")[0]])  # stable: each file keeps its order
 
 
 def harness_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("OMP_NUM_THREADS", str(THREADS))
     env.update(extra)
     return env
 

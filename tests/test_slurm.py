@@ -2,11 +2,16 @@
 
 Jobs are submitted from this environment: sbatch exports it, so the jobs' python imports this
 checkout through PYTHONPATH (set by harness_env). Each test uses its own store and sweep folder.
+
+Every test that submits Slurm jobs lives in this file: pytest-xdist (`--dist loadfile`, pyproject.toml)
+runs one file's tests on one worker, one after another, so they never compete for the cluster's two
+nodes, and a test that takes a node down never does so under another test's jobs.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,8 +27,9 @@ import pytest
 
 from harness.jobs import tuning
 from harness.store import Store
-from tests.conftest import REPO, harness_env, requires_cifar, run_harness
+from tests.conftest import REPO, Holder, harness_env, requires_cifar, run_harness
 from tests.events import wait_for
+from tests.test_store_cluster import read_only_rows
 
 
 def _cluster_answers() -> str | None:
@@ -464,3 +470,36 @@ def test_shared_stages_run_once_as_jobs_before_the_points_and_a_signalled_stage_
     share = store.query("SELECT value FROM metrics WHERE name = 'synthetic_share'")
     assert len(share) == 2 and all(abs(r["value"] - 0.5) < 0.02 for r in share)
     assert len(store.query("SELECT value FROM metrics WHERE name = 'weight_mean'")) == 2  # ScoreCL weighted both
+
+
+def test_a_64_task_job_array_completes_while_the_database_is_held_and_every_row_arrives(tmp_path, cifar10_cached):
+    db = tmp_path / "r.duckdb"
+    Store(db).ingest()
+    points = 64
+    # Each task as small as the config allows: 128 training images of which 64 are held out for validation
+    # (one step of the smoke preset's batch of 64), 64 test images, one epoch, one CPU thread. What is checked
+    # is the rows, not what was learnt: a task's cost is then mostly its start (Python, torch, the config).
+    sweep = ("sweep=smoke", "launcher=slurm", "launcher.gpus_per_node=0", "launcher.timeout_min=30",
+             "dataset.train_size=128", "dataset.val_size=64", "dataset.test_size=64", "trainer.epochs=1",
+             "hydra.sweeper.params={}", f"seed=range(0,{points})",
+             f"store.path={db}", f"hydra.sweep.dir={tmp_path}/a", "store.summary_wait_s=0", "-m")
+    holder = Holder(db)  # held for the whole sweep: a job that opened the database would wait, then fail
+    try:
+        out = subprocess.run([sys.executable, "-m", "harness", *sweep], cwd=REPO, env=harness_env(OMP_NUM_THREADS="1"),
+                             capture_output=True, text=True, timeout=3600)
+    finally:
+        holder.release()
+    assert out.returncode == 0, out.stderr[-4000:]
+    tasks = [p.name for p in (tmp_path / "a" / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)]
+    assert len(tasks) == points and len({t.split("_")[0] for t in tasks}) == 1  # one job array of 64 tasks
+    assert len(list((tmp_path / "r.duckdb.runs").glob("*/done.json"))) == points
+    assert "ingest them with: python -m harness.store ingest" in out.stderr  # the driver could not ingest
+
+    Store(db).ingest()
+    assert read_only_rows(db, "SELECT status, count(*) FROM runs GROUP BY status") == [("completed", points)]
+    assert read_only_rows(db, "SELECT count(DISTINCT seed) FROM runs") == [(points,)]
+    per_run = read_only_rows(db, "SELECT DISTINCT n FROM (SELECT run_id, count(*) AS n FROM metrics GROUP BY run_id)")
+    assert len(per_run) == 1 and per_run[0][0] > 0  # every run has all its metric rows
+    assert read_only_rows(db, "SELECT count(*) FROM evals") == [(points * 2,)]  # val and test per run
+    assert read_only_rows(db, "SELECT status, count(*) FROM sweep_points GROUP BY status") == [("completed", points)]
+    assert Store(db).pending() == 0 and Store(db).rejected() == 0

@@ -1,6 +1,7 @@
 """The store as a cluster uses it: jobs only append files, ingesters index them (issue 14).
 
-Real DuckDB, real harness runs and, for the job array, the local 2-node Slurm cluster.
+Real DuckDB and real harness runs. The 64-task job array on the local Slurm cluster is in test_slurm.py,
+with every other test that submits Slurm jobs.
 """
 
 from __future__ import annotations
@@ -175,48 +176,3 @@ def test_sigkill_before_the_first_checkpoint_leaves_no_running_row(tmp_path, cif
     assert store.query("SELECT count(*) AS n FROM runs WHERE status = 'running'")[0]["n"] == 0
     marker = json.loads(next(runs.glob("*/done.json")).read_text())
     assert store.query("SELECT run_id FROM runs WHERE status = 'completed'")[0]["run_id"] == marker["run_id"]
-
-
-def _cluster_answers() -> str | None:
-    from tests.test_slurm import WHY
-
-    return WHY
-
-
-@requires_cifar
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_a_64_task_job_array_completes_while_the_database_is_held_and_every_row_arrives(tmp_path, cifar10_cached):
-    why = _cluster_answers()
-    if why is not None:
-        pytest.skip(why)
-    db = tmp_path / "r.duckdb"
-    Store(db).ingest()
-    points = 64
-    # Each task as small as the config allows: 128 training images of which 64 are held out for validation
-    # (one step of the smoke preset's batch of 64), 64 test images, one epoch, one CPU thread. What is checked
-    # is the rows, not what was learnt: a task's cost is then mostly its start (Python, torch, the config).
-    sweep = ("sweep=smoke", "launcher=slurm", "launcher.gpus_per_node=0", "launcher.timeout_min=30",
-             "dataset.train_size=128", "dataset.val_size=64", "dataset.test_size=64", "trainer.epochs=1",
-             "hydra.sweeper.params={}", f"seed=range(0,{points})",
-             f"store.path={db}", f"hydra.sweep.dir={tmp_path}/a", "store.summary_wait_s=0", "-m")
-    holder = Holder(db)  # held for the whole sweep: a job that opened the database would wait, then fail
-    try:
-        out = subprocess.run([sys.executable, "-m", "harness", *sweep], cwd=REPO, env=harness_env(OMP_NUM_THREADS="1"),
-                             capture_output=True, text=True, timeout=3600)
-    finally:
-        holder.release()
-    assert out.returncode == 0, out.stderr[-4000:]
-    tasks = [p.name for p in (tmp_path / "a" / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)]
-    assert len(tasks) == points and len({t.split("_")[0] for t in tasks}) == 1  # one job array of 64 tasks
-    assert len(list((tmp_path / "r.duckdb.runs").glob("*/done.json"))) == points
-    assert "ingest them with: python -m harness.store ingest" in out.stderr  # the driver could not ingest
-
-    Store(db).ingest()
-    assert read_only_rows(db, "SELECT status, count(*) FROM runs GROUP BY status") == [("completed", points)]
-    assert read_only_rows(db, "SELECT count(DISTINCT seed) FROM runs") == [(points,)]
-    per_run = read_only_rows(db, "SELECT DISTINCT n FROM (SELECT run_id, count(*) AS n FROM metrics GROUP BY run_id)")
-    assert len(per_run) == 1 and per_run[0][0] > 0  # every run has all its metric rows
-    assert read_only_rows(db, "SELECT count(*) FROM evals") == [(points * 2,)]  # val and test per run
-    assert read_only_rows(db, "SELECT status, count(*) FROM sweep_points GROUP BY status") == [("completed", points)]
-    assert Store(db).pending() == 0 and Store(db).rejected() == 0
