@@ -51,18 +51,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with Slurm tests first, then files with slow tests, then the rest, each file's tests in their
-    own order. pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands out files in this order as
-    workers come free, so the long files start early and the run does not end waiting on one of them.
+    """Files with Slurm tests first, then files by how many slow tests they hold, most first, each file's
+    tests in their own order. pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands out files in
+    this order as workers come free, so the long files start early and the run does not end waiting on
+    one of them.
     """
-    def rank(item: pytest.Item) -> int:
-        return 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("slow") else 2
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
 
-    first = {}
+    slurm, slow = set(), {}
     for item in items:
-        module = item.nodeid.split("::")[0]
-        first[module] = min(first.get(module, 2), rank(item))
-    items.sort(key=lambda item: first[item.nodeid.split("::")[0]])  # stable: each file keeps its order
+        slurm.update([module(item)] if item.get_closest_marker("slurm") else [])
+        slow[module(item)] = slow.get(module(item), 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: (module(item) not in slurm, -slow[module(item)]))  # stable: files keep their order
 
 
 def harness_env(**extra: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from harness.jobs.config import compose, run_key
-from tests.conftest import REPO, harness_env, requires_cifar
+from tests.conftest import REPO, THREADS, harness_env, requires_cifar
 
 
 def image_folder(root: Path, size: int = 32, mode: str = "RGB", classes: int = 3, train: int = 12,
@@ -44,7 +44,7 @@ def image_folder(root: Path, size: int = 32, mode: str = "RGB", classes: int = 3
 
 
 def tiny(store: Path, cache: Path, *extra: str) -> list[str]:
-    return ["trainer.epochs=1", "trainer.warmup_epochs=0", "trainer.num_threads=2", "eval.every=0",
+    return ["trainer.epochs=1", "trainer.warmup_epochs=0", f"trainer.num_threads={THREADS}", "eval.every=0",
             f"store.path={store}", f"dataset.cache_dir={cache}", *extra]
 
 
@@ -110,7 +110,7 @@ def test_transfer_from_a_cifar10_subset_to_an_image_folder_is_stored_shown_and_e
                    "eval.linear.epochs=2", "eval.linear.augment=none",
                    f"eval.transfer=[{{name:imagefolder,root:{folder}}},{{name:imagefolder,root:{broken}}}]",
                    "trainer.epochs=1",
-                   "trainer.warmup_epochs=0", "trainer.num_threads=2", "eval.every=0", f"store.path={store}"])
+                   "trainer.warmup_epochs=0", f"trainer.num_threads={THREADS}", "eval.every=0", f"store.path={store}"])
     run(cfg)
     key = run_key(cfg)
     assert "[transfer] imagefolder:broken failed (" in capfd.readouterr().err

@@ -11,7 +11,7 @@ from harness.core.evaluate import LINEAR_DEFAULTS, linear_lr_factor, linear_prob
 from harness.core.optim import build_optimizer
 from harness.jobs.config import ConfigError, compose, validate
 from harness.store import Store
-from tests.conftest import requires_cifar, run_harness
+from tests.conftest import THREADS, requires_cifar, run_harness
 
 
 def test_pad_crop_flip_shifts_and_mirrors_each_image_like_random_crop_with_zero_padding():
@@ -91,7 +91,7 @@ def test_linear_probe_and_online_linear_on_a_trained_convnet(tmp_path, cifar10_c
     run_harness("store.keep_checkpoints=all",  # the test reads the optimizer state afterwards
                 "method=simsiam", "backbone=convnet", "dataset.train_size=2000", "dataset.test_size=500",
                 "trainer.batch_size=256", "trainer.epochs=2", "trainer.warmup_epochs=0", "trainer.optimizer=adam",
-                "trainer.lr=5e-4", "trainer.classifier_lr=1e-2", "eval.every=0", "trainer.num_threads=2",
+                "trainer.lr=5e-4", "trainer.classifier_lr=1e-2", "eval.every=0", f"trainer.num_threads={THREADS}",
                 "eval.online_linear=true", "eval.linear.enabled=true", "eval.linear.epochs=30",
                 "eval.linear.copies=4", f"store.path={db}", "hydra.run.dir=${store.path}.hydra", timeout=1800)
     store = Store(db)

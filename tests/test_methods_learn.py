@@ -28,12 +28,12 @@ import pytest
 import torch
 
 from harness.store import Store
-from tests.conftest import requires_cifar, run_harness
+from tests.conftest import THREADS, requires_cifar, run_harness
 
 pytestmark = [requires_cifar, pytest.mark.slow]
 
 COMMON = ("backbone=convnet", "dataset.test_size=1000", "trainer.epochs=3", "trainer.warmup_epochs=0",
-          "trainer.optimizer=adam", "trainer.lr=1e-3", "eval.every=0", "trainer.num_threads=2")
+          "trainer.optimizer=adam", "trainer.lr=1e-3", "eval.every=0", f"trainer.num_threads={THREADS}")
 # Measured with the papers' heads (4,000/1,000 images, random init 30.1): SimSiam at Adam 1e-3 31.1,
 # 3e-3 26.0, 5e-4 34.6; VICReg at 1e-3 28.8, 3e-4 40.3. Lower lrs suit the non-contrastive losses'
 # 45-step budget. W-MSE at 1e-3 30.9 (+0.8: too thin once the seeds' streams moved), 5e-4 31.9, 3e-4 33.7.

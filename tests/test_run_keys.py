@@ -18,7 +18,7 @@ from PIL import Image
 from harness.artifacts import dataset_identity
 from harness.core.data.datasets import folder_manifest
 from harness.jobs.config import compose, run_key
-from tests.conftest import requires_cifar
+from tests.conftest import THREADS, requires_cifar
 
 TRAIN_NAMES = ("loss", "loss_pair", "online_linear_loss", "online_linear_train_acc", "weight_mean", "weight_std",
                "score_diff_mean", "knn_top1", "online_linear_top1")
@@ -34,7 +34,7 @@ def test_a_run_that_builds_an_artifact_trains_as_one_that_reuses_it(tmp_path, ca
     store = tmp_path / "results.duckdb"
     cfg = compose(["backbone=convnet", "weighting=scorecl_tiny", "eval.online_linear=true", "eval.every=1",
                    "dataset.train_size=256", "dataset.test_size=100", "trainer.batch_size=128",
-                   "trainer.epochs=1", "trainer.warmup_epochs=0", "trainer.num_threads=2", "force=true",
+                   "trainer.epochs=1", "trainer.warmup_epochs=0", f"trainer.num_threads={THREADS}", "force=true",
                    f"store.path={store}"])
     run(cfg)
     assert "[artifact] building score network" in capfd.readouterr().err
@@ -107,7 +107,7 @@ def test_two_image_folders_are_two_runs_and_both_stay_on_the_page(tmp_path):
 
     store = tmp_path / "results.duckdb"
     tiny = ["backbone=convnet", "trainer.batch_size=8", "trainer.epochs=1", "trainer.warmup_epochs=0",
-            "trainer.num_threads=2", "eval.knn=[{k: 5, T: 0.1}]", f"store.path={store}",
+            f"trainer.num_threads={THREADS}", "eval.knn=[{k: 5, T: 0.1}]", f"store.path={store}",
             f"dataset.cache_dir={tmp_path / 'cache'}"]
     for name, seed in (("a", 0), ("b", 1)):
         run(folder_cfg(image_folder(tmp_path / name, seed=seed), *tiny))
