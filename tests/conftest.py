@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.core.data.workers import usable_cores
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Under pytest-xdist the workers share the cores: each worker's torch, and each job it starts, gets its
 # share of them. Two workers with two threads each on two cores spin against each other (torch's
 # threads wait busily): the learning check's fixture took 674 s instead of 143.
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-THREADS = max(1, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+THREADS = max(1, usable_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
@@ -59,9 +60,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]
 
-    slurm, slow = set(), {}
+    slurm = {module(item) for item in items if item.get_closest_marker("slurm")}
+    slow: dict[str, int] = {}
     for item in items:
-        slurm.update([module(item)] if item.get_closest_marker("slurm") else [])
         slow[module(item)] = slow.get(module(item), 0) + bool(item.get_closest_marker("slow"))
     items.sort(key=lambda item: (module(item) not in slurm, -slow[module(item)]))  # stable: files keep their order
 

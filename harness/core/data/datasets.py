@@ -30,7 +30,7 @@ from PIL import Image
 
 from harness.atomic import atomic_file, lock_or_wait
 from harness.core.data import official
-from harness.core.data.workers import DecodeFailed, WorkerDied, map_in_processes
+from harness.core.data.workers import DecodeFailed, WorkerDied, map_in_processes, usable_cores
 from harness.core.progress import Progress
 from harness.errors import ConfigError
 
@@ -218,7 +218,7 @@ def decode_workers(ds) -> int:
     configured = ds.get("decode_workers")
     if configured:
         return int(configured)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 IMAGES_PER_PROCESS = 1000

@@ -26,7 +26,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from harness.atomic import atomic_file, lock_or_wait
-from harness.core.data.workers import DecodeFailed, WorkerDied, map_in_processes
+from harness.core.data.workers import DecodeFailed, WorkerDied, map_in_processes, usable_cores
 from harness.core.progress import Progress
 from harness.errors import ConfigError
 
@@ -408,8 +407,7 @@ def set_decode_threads(n: int) -> None:
 
 def _threads() -> ThreadPoolExecutor:
     if not _THREADS:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        _THREADS.append(ThreadPoolExecutor(max(1, n), thread_name_prefix="jpeg-decode"))
+        _THREADS.append(ThreadPoolExecutor(usable_cores(), thread_name_prefix="jpeg-decode"))
     return _THREADS[0]
 
 

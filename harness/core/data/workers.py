@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
 import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which Slurm and taskset narrow), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class DecodeFailed(RuntimeError):
