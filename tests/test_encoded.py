@@ -188,11 +188,12 @@ def test_views_of_whole_images_have_each_recipes_size_and_blur_follows_the_size(
     from harness.core.data.augment import blur_kernel_for
 
     assert (blur_kernel_for(224), blur_kernel_for(96), blur_kernel_for(32)) == (23, 9, 3)
-    # identity settings return the resized whole image
+    # identity settings return the resized whole image (on the CPU resized in uint8: within a grey level)
     plain = Pipeline(crop_scale=(1.0, 1.0), crop_ratio=(0.1, 10.0), flip=0.0, jitter_p=0.0, grayscale=0.0)
     out = augment_images(images[:1], plain, torch.Generator().manual_seed(0), 48)
     ref = torch.nn.functional.interpolate(images[0][None].float(), size=(48, 48), mode="bilinear", antialias=True)
-    assert torch.allclose(out * 255, ref.clamp(0, 255), atol=1e-3)
+    assert (out * 255 - ref.clamp(0, 255)).abs().max() <= 1.0 + 1e-3
+    assert (out * 255 - ref.clamp(0, 255)).abs().mean() < 0.3
 
 
 def test_training_batches_and_evaluation_centre_crops(store):

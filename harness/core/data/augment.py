@@ -1,126 +1,33 @@
-"""View pipelines applied to whole batches of uint8 images on the training device.
+"""View pipelines applied to whole batches of uint8 images on the training device, and ViewMaker,
+which makes a method's views of each batch.
 
-One code path for CPU and GPU and no per-image Python loop: every random parameter is drawn for
-the whole batch at once, and each operation is applied to all images with per-image parameters
-(a per-image sampling grid for the crop and flip, broadcast factors for colour jitter, a grouped
-convolution for blur). Parameters follow the distributions of torchvision's per-image transforms
-with the same settings (RandomResizedCrop, ColorJitter in random order, RandomGrayscale,
-GaussianBlur, RandomSolarize, RandomHorizontalFlip).
+No per-image Python loop: every random parameter is drawn for the whole batch at once (recipe.py),
+and each operation is applied to all images with per-image parameters (a per-image sampling grid for
+the crop and flip, broadcast factors for colour jitter, a grouped convolution for blur). One exception,
+for speed: whole decoded images of different sizes (an encoded set) on the CPU get their views from
+augment_cpu.py, one image at a time in uint8, with the same draws.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    """One view's augmentation settings (probabilities and strengths)."""
-
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale: float = 0.2
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel: int | None = 13  # None: follows the view size (blur_kernel_for)
-    solarize: float = 0.0
-    size: int | None = None  # the view's side in pixels (None: the input's); multi-crop views differ
-
-    @classmethod
-    def from_config(cls, cfg: Mapping) -> Pipeline:
-        crop, jitter, blur = cfg.get("crop", {}), cfg.get("jitter", {}), cfg.get("blur", {})
-        d = cls()
-        return cls(
-            crop_scale=tuple(crop.get("scale", d.crop_scale)),
-            crop_ratio=tuple(crop.get("ratio", d.crop_ratio)),
-            flip=float(cfg.get("flip", d.flip)),
-            jitter_p=float(jitter.get("p", d.jitter_p)),
-            brightness=float(jitter.get("brightness", d.brightness)),
-            contrast=float(jitter.get("contrast", d.contrast)),
-            saturation=float(jitter.get("saturation", d.saturation)),
-            hue=float(jitter.get("hue", d.hue)),
-            grayscale=float(cfg.get("grayscale", d.grayscale)),
-            blur_p=float(blur.get("p", d.blur_p)),
-            blur_sigma=tuple(blur.get("sigma", d.blur_sigma)),
-            # Unset: the kernel follows the view size (blur_kernel_for); CIFAR's recipes set 13.
-            blur_kernel=int(blur["kernel_size"]) if blur.get("kernel_size") else None,
-            solarize=float(cfg.get("solarize", d.solarize)),
-            size=int(cfg["size"]) if cfg.get("size") else None,
-        )
-
-
-def blur_kernel_for(size: int) -> int:
-    """The blur kernel of a `size` px view when the recipe sets none: the odd size nearest 10% of the
-    view, as SimCLR's and the ImageNet recipes' 23 at 224 (9 at 96)."""
-    k = int(0.1 * size)
-    return k + 1 if k % 2 == 0 else k
-
-
-def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=device) * (high - low) + low
-
-
-def _coin(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=device) < p
-
-
-def sample_crops(n: int, height, width, scale, ratio, g: torch.Generator, device, attempts: int = 10):
-    """RandomResizedCrop's parameters for n images: (top, left, h, w) as float tensors.
-
-    Like torchvision: up to 10 tries of (area, log-uniform aspect); the first that fits wins;
-    if none fits, a centre crop with the aspect clamped to `ratio`. `height` and `width` are one
-    size for the whole batch (ints) or each image's own (tensors of n): crops of whole images of
-    different sizes follow the same rule on each image's own size.
-    """
-    per_image = isinstance(height, torch.Tensor)
-    if per_image:
-        height, width = height.to(device).float().view(n, 1), width.to(device).float().view(n, 1)
-    area = height * width
-    target = area * _uniform(n * attempts, scale[0], scale[1], g, device).view(n, attempts)
-    log_r = _uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), g, device).view(n, attempts)
-    aspect = torch.exp(log_r)
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = torch.argmax(fits.int(), dim=1)  # index of the first fitting try (0 if none)
-    rows = torch.arange(n, device=device)
-    w, h, found = w[rows, first], h[rows, first], fits.any(dim=1)
-    # Fallback: the whole image cropped to the nearest allowed aspect, centred.
-    if per_image:
-        height, width = height.view(n), width.view(n)
-        in_ratio = width / height
-        fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
-        fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
-    else:
-        in_ratio = width / height
-        if in_ratio < ratio[0]:
-            fw, fh = width, round(width / ratio[0])
-        elif in_ratio > ratio[1]:
-            fh, fw = height, round(height * ratio[1])
-        else:
-            fw, fh = width, height
-        fw, fh = torch.full_like(w, fw), torch.full_like(h, fh)
-    w = torch.where(found, w, fw)
-    h = torch.where(found, h, fh)
-    # torch.randint(0, H - h + 1) per image: floor(U * (H - h + 1)).
-    top = torch.floor(torch.rand(n, generator=g, device=device) * (height - h + 1))
-    left = torch.floor(torch.rand(n, generator=g, device=device) * (width - w + 1))
-    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
-    return top, left, h, w
+from harness.core.data import augment_cpu
+from harness.core.data.recipe import (  # noqa: F401 - _coin, _uniform: the tests draw as the pipeline does
+    GRAY_WEIGHTS,
+    JitterDraws,
+    Pipeline,
+    _coin,
+    _uniform,
+    blur_kernel_for,
+    draw_jitter,
+    draw_photometric,
+    gaussian_weights,
+    sample_crops,
+)
 
 
 def crop_flip_resize(x: torch.Tensor, top, left, h, w, flip: torch.Tensor, out: int) -> torch.Tensor:
@@ -164,7 +71,12 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tensor:
-    """ColorJitter applied with probability p.jitter_p, its four operations in per-image random order.
+    """ColorJitter applied with probability p.jitter_p, its four operations in per-image random order."""
+    return jittered(x, draw_jitter(x.shape[0], p, g, x.device), p.hue > 0)
+
+
+def jittered(x: torch.Tensor, d: JitterDraws, hue_on: bool) -> torch.Tensor:
+    """A float batch jittered with its draws `d`.
 
     Brightness, contrast and saturation are all blends ``f·x + (1 − f)·target`` (target 0, the
     image's mean grey, its grey), so each of the four steps does one blend for every image whose
@@ -173,27 +85,17 @@ def color_jitter(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tens
     (work is the limit there); on a GPU for all, kept where chosen (no host sync for the indices).
     """
     n, dev = x.shape[0], x.device
-    apply = _coin(n, p.jitter_p, g, dev)
-    ones = torch.ones(n, device=dev)
-    zeros = torch.zeros(n, device=dev)
-    # Factors as torchvision draws them; an image that skips jitter gets identity factors.
-    b = torch.where(apply, _uniform(n, max(0.0, 1 - p.brightness), 1 + p.brightness, g, dev), ones)
-    c = torch.where(apply, _uniform(n, max(0.0, 1 - p.contrast), 1 + p.contrast, g, dev), ones)
-    s = torch.where(apply, _uniform(n, max(0.0, 1 - p.saturation), 1 + p.saturation, g, dev), ones)
-    hshift = torch.where(apply, _uniform(n, -p.hue, p.hue, g, dev), zeros)
-    order = torch.argsort(torch.rand(n, 4, generator=g, device=dev), dim=1)  # a random permutation per image
-    blend_factors = torch.stack([b, c, s, ones], dim=1)  # by operation: brightness, contrast, saturation, hue
     pixels = x.shape[-1] * x.shape[-2]
     if dev.type != "cpu" or pixels < CPU_CHUNK_PIXELS // 4:  # CIFAR's small images: the whole batch at once
-        return _jitter_steps(x, apply, order, blend_factors, hshift, p.hue > 0)
+        return _jitter_steps(x, d.apply, d.order, d.blend_factors, d.hshift, hue_on)
     # On the CPU, large images a few at a time (about one 224 px image's pixels): their planes and the
     # hue's temporaries stay in the core's cache, which the whole batch does not fit, and a step whose
     # images all skip a blend or need no grey skips that work (twice as fast at 224 px). Every
     # operation is per image, so the values are the whole batch's (bit for bit on one thread; with more,
     # the contrast's mean may round differently in its last bit).
     chunk = max(1, CPU_CHUNK_PIXELS // pixels)
-    return torch.cat([_jitter_steps(x[i:i + chunk], apply[i:i + chunk], order[i:i + chunk],
-                                    blend_factors[i:i + chunk], hshift[i:i + chunk], p.hue > 0)
+    return torch.cat([_jitter_steps(x[i:i + chunk], d.apply[i:i + chunk], d.order[i:i + chunk],
+                                    d.blend_factors[i:i + chunk], d.hshift[i:i + chunk], hue_on)
                       for i in range(0, n, chunk)])
 
 
@@ -232,10 +134,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     """Separable Gaussian blur with a per-image sigma, reflect-padded like torchvision."""
     n, ch, hgt, wid = x.shape
     half = kernel // 2
-    pos = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
-    weights = torch.exp(-0.5 * (pos.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    weights = weights / weights.sum(dim=1, keepdim=True)  # n × k
-    weights = weights.repeat_interleave(ch, dim=0)  # (n·ch) × k
+    weights = gaussian_weights(sigma.to(x.dtype), kernel).repeat_interleave(ch, dim=0)  # (n·ch) × k
     y = F.pad(x.reshape(1, n * ch, hgt, wid), (half, half, half, half), mode="reflect")
     y = F.conv2d(y, weights.view(n * ch, 1, 1, kernel), groups=n * ch)
     y = F.conv2d(y, weights.view(n * ch, 1, kernel, 1), groups=n * ch)
@@ -257,28 +156,25 @@ def _solarized(x: torch.Tensor) -> torch.Tensor:
 
 def photometric(x: torch.Tensor, p: Pipeline, g: torch.Generator) -> torch.Tensor:
     """Colour jitter, grayscale, blur and solarize of a float batch in [0, 1] (after its crop)."""
-    n, dev = x.shape[0], x.device
-    cpu = dev.type == "cpu"
-    if p.jitter_p > 0:
-        x = color_jitter(x, p, g)
-    if p.grayscale > 0:
-        gray = _coin(n, p.grayscale, g, dev)
+    d = draw_photometric(x.shape[0], p, g, x.device)
+    cpu = x.device.type == "cpu"
+    if d.jitter is not None:
+        x = jittered(x, d.jitter, p.hue > 0)
+    if d.gray is not None:
         if cpu:
-            x = on_drawn_on_cpu(x, gray, lambda images, _: grayscale(images).expand_as(images))
+            x = on_drawn_on_cpu(x, d.gray, lambda images, _: grayscale(images).expand_as(images))
         else:
-            x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
-    if p.blur_p > 0:
-        blur = _coin(n, p.blur_p, g, dev)
-        sigma = _uniform(n, p.blur_sigma[0], p.blur_sigma[1], g, dev)
+            x = torch.where(d.gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+    if d.blur is not None:
         kernel = p.blur_kernel or blur_kernel_for(x.shape[-1])
+        sigma = d.sigma
         if cpu:
-            x = on_drawn_on_cpu(x, blur, lambda images, chosen: gaussian_blur(images, sigma[chosen], kernel))
+            x = on_drawn_on_cpu(x, d.blur, lambda images, chosen: gaussian_blur(images, sigma[chosen], kernel))
         else:
-            x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma, kernel), x)
-    if p.solarize > 0:
-        sol = _coin(n, p.solarize, g, dev)
-        x = on_drawn_on_cpu(x, sol, lambda images, _: _solarized(images)) if cpu else torch.where(
-            sol.view(-1, 1, 1, 1), _solarized(x), x)
+            x = torch.where(d.blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma, kernel), x)
+    if d.solarize is not None:
+        x = on_drawn_on_cpu(x, d.solarize, lambda images, _: _solarized(images)) if cpu else torch.where(
+            d.solarize.view(-1, 1, 1, 1), _solarized(x), x)
     return x
 
 
@@ -297,10 +193,31 @@ def augment_images(images: list[torch.Tensor], p: Pipeline, g: torch.Generator, 
                    boxes: torch.Generator | None = None) -> torch.Tensor:
     """One augmented view of whole images of different sizes (decoded JPEGs): each image's
     RandomResizedCrop is drawn on its own height and width and resized to out×out (bilinear,
-    antialiased, as torchvision's tensor Resize), then the batch is flipped and coloured together.
+    antialiased, as torchvision's tensor Resize), then flipped and coloured.
     The crop boxes are drawn from `boxes`, a CPU generator (default: `g`, when it is one): the host
     needs them to slice each image, and drawing them on a GPU would wait for the GPU.
-    Returns float N×3×out×out in [0, 1]."""
+    Returns float N×3×out×out in [0, 1]. On the CPU: augment_cpu's per-image uint8 path, same draws."""
+    if per_image_on_cpu(images, [out_size]):
+        return augment_cpu.views_of_images(images, [p], [out_size], g, boxes or g)[0]
+    return augment_images_batched(images, p, g, out_size, boxes)
+
+
+# From this view side up, whole images on the CPU get their views one image at a time in uint8
+# (augment_cpu.py); below it the per-image Python work costs more than the batched float pipeline's
+# arithmetic (measured, two threads: 2,600 vs 3,400 images/s at 32 px, even at 48, 1,900 vs 580 at 96).
+PER_IMAGE_FROM_PX = 48
+
+
+def per_image_on_cpu(images, sizes) -> bool:
+    """Whether views of `images` are made by augment_cpu: whole images on the CPU, views of 48 px or more."""
+    on_cpu = isinstance(images, list) and images[0].device.type == "cpu"
+    return on_cpu and max(s or 0 for s in sizes) >= PER_IMAGE_FROM_PX
+
+
+def augment_images_batched(images: list[torch.Tensor], p: Pipeline, g: torch.Generator, out_size: int,
+                           boxes: torch.Generator | None = None) -> torch.Tensor:
+    """augment_images as one float batch on the images' device (the GPU's path): one resize per image,
+    then the batch is flipped and coloured together."""
     n, dev = len(images), images[0].device
     hw = torch.tensor([tuple(x.shape[-2:]) for x in images], dtype=torch.float32)
     top, left, h, w = (t.long().tolist() for t in sample_crops(n, hw[:, 0], hw[:, 1], p.crop_scale, p.crop_ratio,
@@ -347,8 +264,14 @@ class ViewMaker:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __call__(self, x) -> list[torch.Tensor]:
-        if isinstance(x, list):  # whole decoded images of different sizes
-            return [self.normalize(augment_images(x, p, self.generator, p.size or self.view_size, self.boxes))
+        sizes = [p.size or self.view_size for p in self.pipelines]
+        if per_image_on_cpu(x, sizes):  # whole images on the CPU: one image at a time, in uint8
+            views = augment_cpu.views_of_images(x, self.pipelines, sizes, self.generator, self.boxes,
+                                                self.mean.flatten().tolist(), self.std.flatten().tolist())
+            return [v.contiguous(memory_format=torch.channels_last) if self.channels_last else v for v in views]
+        if isinstance(x, list):  # whole decoded images of different sizes: one float batch
+            return [self.normalize(augment_images_batched(x, p, self.generator, p.size or self.view_size,
+                                                          self.boxes))
                     for p in self.pipelines]
         return [self.normalize(augment(x, p, self.generator, p.size)) for p in self.pipelines]
 

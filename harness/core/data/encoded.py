@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from harness.atomic import atomic_file, lock_or_wait
-from harness.core.data.workers import DecodeFailed, WorkerDied, map_in_processes, usable_cores
+from harness.core.data.workers import DecodeFailed, WorkerDied, image_threads, map_in_processes, set_image_threads
 from harness.core.progress import Progress
 from harness.errors import ConfigError
 
@@ -390,45 +390,36 @@ def _torchvision_decoder() -> bool:
     return _DECODER_CHECKED[0]
 
 
-def _pil_decode(data: np.ndarray | torch.Tensor, draft: tuple[int, int] | None = None) -> torch.Tensor:
-    img = Image.open(io.BytesIO(np.asarray(data).tobytes()))  # a mapped view or a slice of a pinned buffer
-    if draft:
-        img.draft("RGB", draft)
-    return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)  # a writable copy
+def decode_jpeg_cpu(data: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """One JPEG's pixels as a 3×H×W uint8 tensor (a view of H×W×3 memory, as every CPU decoder gives),
+    by OpenCV's libjpeg-turbo: the same pixels as PIL's decode (tested), in about half its time (no PIL
+    image in between)."""
+    import cv2
 
-
-_THREADS: list[ThreadPoolExecutor] = []
+    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)
+    array = cv2.imdecode(np.asarray(data), rgb if rgb is not None else cv2.IMREAD_COLOR)
+    if array is None:
+        raise ValueError("not a JPEG that OpenCV can decode")
+    if rgb is None:
+        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def set_decode_threads(n: int) -> None:
-    """Decode with `n` threads on the CPU (default: one per core this process may use)."""
-    _THREADS[:] = [ThreadPoolExecutor(max(1, n), thread_name_prefix="jpeg-decode")]
-
-
-def _threads() -> ThreadPoolExecutor:
-    if not _THREADS:
-        _THREADS.append(ThreadPoolExecutor(usable_cores(), thread_name_prefix="jpeg-decode"))
-    return _THREADS[0]
+    """Decode (and make the CPU's views) with `n` threads (default: one per core this process may use)."""
+    set_image_threads(n)
 
 
 def decode_batch(blobs: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     """Decode a batch of JPEG byte arrays to 3×H×W uint8 tensors on `device`: nvJPEG in one batched
-    call on CUDA, libjpeg-turbo from a thread pool on the CPU."""
+    call on CUDA, libjpeg-turbo (OpenCV's) from the image threads on the CPU."""
     if device.type == "cuda" and _torchvision_decoder():
         from harness.core.tv import torchvision
 
         # a tensor is passed as it is (a slice of a pinned buffer); a view of the mapped file is copied
         tensors = [b if isinstance(b, torch.Tensor) else torch.from_numpy(np.array(b)) for b in blobs]
         return torchvision.io.decode_jpeg(tensors, mode=torchvision.io.ImageReadMode.RGB, device=device)
-    if _torchvision_decoder():
-        from harness.core.tv import torchvision
-
-        def one(b):
-            b = b if isinstance(b, torch.Tensor) else torch.from_numpy(np.array(b))
-            return torchvision.io.decode_jpeg(b, mode=torchvision.io.ImageReadMode.RGB)
-    else:
-        one = _pil_decode
-    images = list(_threads().map(one, blobs))
+    images = list(image_threads().map(decode_jpeg_cpu, blobs))
     return [x.to(device, non_blocking=True) for x in images] if device.type != "cpu" else images
 
 

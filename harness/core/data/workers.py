@@ -1,4 +1,5 @@
-"""Run a function over tasks in worker processes, and fail at once, in one line, when a worker dies.
+"""Run a function over tasks in worker processes, and fail at once, in one line, when a worker dies;
+and the one pool of threads that decodes and augments each batch's images.
 
 Why not concurrent.futures.ProcessPoolExecutor: on Python 3.11 a worker killed (by the OOM killer, by
 a user) while it held the pool's shared queue lock left the decode hanging forever in CI, and the
@@ -16,6 +17,7 @@ import signal
 import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -23,6 +25,24 @@ from typing import Any
 def usable_cores() -> int:
     """The cores this process may run on (its affinity, which Slurm and taskset narrow), else all."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_IMAGE_THREADS: list[ThreadPoolExecutor] = []
+
+
+def set_image_threads(n: int) -> None:
+    """Decode and augment images with `n` threads (default: one per usable core)."""
+    _IMAGE_THREADS[:] = [ThreadPoolExecutor(max(1, n), thread_name_prefix="image-work")]
+
+
+def image_threads() -> ThreadPoolExecutor:
+    """The threads that decode JPEGs and make the CPU's views, one image per task: libjpeg-turbo, OpenCV
+    and torch's kernels release the GIL, so the threads use every core without a process each. One pool
+    for both, so the next batch's decode and this batch's views share the cores instead of doubling
+    the threads on them."""
+    if not _IMAGE_THREADS:
+        set_image_threads(usable_cores())
+    return _IMAGE_THREADS[0]
 
 
 class DecodeFailed(RuntimeError):
