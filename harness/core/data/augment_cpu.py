@@ -70,7 +70,10 @@ class ImageDraws:
         self.gray = d.gray.tolist() if d.gray is not None else off
         self.blur = d.blur.tolist() if d.blur is not None else off
         if d.blur is not None:
-            self.kernels = gaussian_weights(d.sigma.double(), p.blur_kernel or blur_kernel_for(size)).float().numpy()
+            kernels = gaussian_weights(d.sigma.double(), p.blur_kernel or blur_kernel_for(size))
+            # The far taps of a small sigma underflow to float32 denormals, which make the filter 3x
+            # slower; below 1e-12 a tap cannot move a uint8 result, so it is 0.
+            self.kernels = torch.where(kernels < 1e-12, 0.0, kernels).float().numpy()
         self.solarize = d.solarize.tolist() if d.solarize is not None else off
 
 
@@ -111,11 +114,12 @@ def _view(cv2, image: torch.Tensor, i: int, d: ImageDraws, out: np.ndarray, mean
     normalise ((x/255 − mean) / std)."""
     size = out.shape[-1]
     top, left, h, w = d.boxes[i]
-    # The crop's antialiased bilinear resize, as torchvision's on tensors, done on uint8 (torch's kernel
-    # for 3-channel interleaved pixels, which a decoded image is).
-    crop = image[None, :, top:top + h, left:left + w]
+    # The crop's antialiased bilinear resize, as torchvision's on tensors, done on uint8 by torch's kernel
+    # for interleaved (channels-last) pixels: the crop is made channels-last first (a crop of a decoded
+    # image is not, once narrower than it), which makes the resize 2.7x faster and its output H×W×3.
+    crop = image[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
     v = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    v = np.ascontiguousarray(v[0].permute(1, 2, 0).numpy())
+    v = np.ascontiguousarray(v[0].permute(1, 2, 0).numpy())  # already contiguous: no copy
     if d.flip[i]:
         v = cv2.flip(v, 1)
     if d.jitter[i]:
