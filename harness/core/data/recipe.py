@@ -174,4 +174,7 @@ def gaussian_weights(sigma: torch.Tensor, kernel: int) -> torch.Tensor:
     half = kernel // 2
     pos = torch.arange(-half, half + 1, device=sigma.device, dtype=sigma.dtype)
     weights = torch.exp(-0.5 * (pos.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    return weights / weights.sum(dim=1, keepdim=True)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    # The far taps of a small sigma are float32 denormals, which make a CPU filter several times slower
+    # (measured 3x on OpenCV's); under 1e-12 a tap moves no result, so it is 0.
+    return torch.where(weights < 1e-12, 0.0, weights)
