@@ -74,7 +74,7 @@ SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "u
 # Functions with a CPU-only branch that syncs on purpose, and why it does not run on a GPU.
 CPU_ONLY_BRANCHES = {
     # Hue for just the chosen images on CPU (work is the limit there); on a GPU torch.where for all.
-    "color_jitter",
+    "jittered",
     # Grayscale, blur and solarize for just the drawn images on CPU, for the same reason; photometric's
     # GPU branch computes all and keeps the drawn ones.
     "on_drawn_on_cpu",
