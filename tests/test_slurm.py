@@ -165,6 +165,22 @@ def squeue_state(job: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
+def held_reason(job: str) -> str:
+    """Why Slurm holds `job` pending for good ("launch failed requeued held": only `scontrol release` starts
+    it again), or "" when it does not."""
+    reason = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], capture_output=True,
+                            text=True).stdout.strip()
+    return reason.split("|", 1)[1] if reason.startswith("PENDING|") and "held" in reason.lower() else ""
+
+
+def not_held(job: str) -> bool:
+    """True unless `job` is held for good, which fails a wait for it at once (the event can no longer come)."""
+    reason = held_reason(job)
+    if reason:
+        raise AssertionError(f"job {job} is held ({reason}), it will not run again\n{cluster_report()}")
+    return True
+
+
 def log_of(sweep_dir: Path, job: str) -> str:
     files = list((sweep_dir / ".submitit" / job).glob("*_log.err"))
     return files[0].read_text(errors="replace") if files else ""
@@ -231,22 +247,27 @@ def test_a_job_requeued_by_a_node_failure_is_waited_for_not_collected_as_failed(
 
     from hydra_plugins.harness_launchers.launchers import as_they_end
 
-    flag = tmp_path / "finish"
+    started, flag = tmp_path / "started", tmp_path / "finish"
     executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
     executor.update_parameters(timeout_min=10, nodes=1, tasks_per_node=1)
     job = executor.submit(submitit.helpers.CommandFunction(
-        ["bash", "-c", f"until [ -e {flag} ]; do sleep 0.05; done; echo finished"]))
+        ["bash", "-c", f"touch {started}; until [ -e {flag} ]; do sleep 0.05; done; echo finished"]))
     node = None
     try:
-        wait(f"job {job.job_id} to run", lambda: squeue_state(job.job_id) == "RUNNING")
+        # Its command running, not only squeue's RUNNING: a slurmstepd killed while it still sets the job up
+        # leaves the job's script in the node's spool, and the next attempt then fails to launch ("File
+        # exists") and is held for good (seen once, when the kill came 40 ms after the launch).
+        wait(f"job {job.job_id}'s command to start", started.exists)
         node = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%N"], capture_output=True,
                               text=True).stdout.strip()
         requeues = restarts(job.job_id)
+        # A failed node takes the job's processes with it, before anything could report or write: killed
+        # first, since Slurm, told the node is down, would signal them (SIGTERM) through the node's slurmd
+        # (alive here) and the job would write a failed result. Left alive, the old attempt would also meet
+        # the next one on the same node, which drains it ("Duplicate jobid").
+        kill_job_processes(job.job_id)
         subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=harness test: node failure"],
                        check=True)
-        # A failed node takes the job's processes with it; left alive (the node's slurmd runs on here), the
-        # old attempt would meet the next one on the same node, which drains it ("Duplicate jobid").
-        kill_job_processes(job.job_id)
 
         def accounting_says() -> str:
             rows = subprocess.run(["sacct", "-j", job.job_id, "-X", "-n", "-o", "State"], capture_output=True,
@@ -279,13 +300,15 @@ def test_a_job_requeued_by_a_node_failure_is_waited_for_not_collected_as_failed(
         driver.start()
         release_requeued(job.job_id, requeues)  # its node is back: its slurmd answers (ReturnToService=2)
         wait(f"the driver's first look, and job {job.job_id} running again",
-             lambda: Watched.looks and squeue_state(job.job_id) == "RUNNING")
+             lambda: not_held(job.job_id) and Watched.looks and squeue_state(job.job_id) == "RUNNING")
         assert not collected, f"the driver collected the requeued job: {collected}"
         flag.touch()
         driver.join(timeout=300)  # a hang guard only: the result file ends the wait at the next poll
         assert not driver.is_alive(), "the driver did not notice the job's end"
     finally:
         flag.touch()
+        if held_reason(job.job_id):  # it would never end by itself: the test has failed already
+            subprocess.run(["scancel", job.job_id], capture_output=True)
         states = ended_states(job.job_id)
         if node:  # back by itself (ReturnToService=2) unless something drained it: the next tests need both
             subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
